@@ -1,0 +1,35 @@
+"""flax_dotattn: Keras's dot-product (Luong-style) ``Attention`` for JAX and Flax.
+
+Public API:
+
+* :func:`dot_attention`: the pure function (``jit``/``vmap``/``grad`` friendly).
+* :class:`DotAttention`: a Flax Linen module owning the learned scalars.
+* :class:`DotAttentionConfig`, :func:`load_config`, :func:`save_config`: hyper-parameters
+  that round-trip through dict/JSON/YAML and Keras configs.
+* :func:`params_from_keras`, :func:`params_to_keras`: weight conversion with Keras.
+* :func:`make_causal_mask`, :func:`attention_scores`: building blocks.
+"""
+
+from flax_dotattn._src.attention import attention_scores as attention_scores
+from flax_dotattn._src.attention import dot_attention as dot_attention
+from flax_dotattn._src.config import DotAttentionConfig as DotAttentionConfig
+from flax_dotattn._src.config import load_config as load_config
+from flax_dotattn._src.config import save_config as save_config
+from flax_dotattn._src.keras_interop import params_from_keras as params_from_keras
+from flax_dotattn._src.keras_interop import params_to_keras as params_to_keras
+from flax_dotattn._src.linen import DotAttention as DotAttention
+from flax_dotattn._src.masks import make_causal_mask as make_causal_mask
+
+__version__ = "0.1.0"
+
+__all__ = (
+    "DotAttention",
+    "DotAttentionConfig",
+    "attention_scores",
+    "dot_attention",
+    "load_config",
+    "make_causal_mask",
+    "params_from_keras",
+    "params_to_keras",
+    "save_config",
+)

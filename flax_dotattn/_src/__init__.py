@@ -1,0 +1,1 @@
+"""Private implementation modules of flax_dotattn; import from the package instead."""

@@ -1,0 +1,271 @@
+"""Input validation for the attention functions.
+
+Every check here is static (shapes, dtypes and Python values only), so it costs nothing
+under ``jax.jit`` and fires at trace time. Each error names the argument and states the
+expected and the received shape, dtype or value. Shape glossary: see
+:mod:`flax_dotattn._src.masks`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SCORE_MODES = ("dot", "concat")
+PARAM_NAMES = ("scale", "concat_score_weight")
+IMPLEMENTATIONS = (None, "xla")
+
+
+class AttentionInputs(NamedTuple):
+    """Validated, normalised inputs shared by every implementation."""
+
+    query: jax.Array  # [..., Tq, D]
+    key: jax.Array  # [..., Tv, D]
+    value: jax.Array  # [..., Tv, Dv]
+    query_mask: jax.Array | None  # bool [..., Tq]
+    value_mask: jax.Array | None  # bool [..., Tv]
+    scale: jax.Array | None  # []
+    concat_score_weight: jax.Array | None  # []
+    dtype: jnp.dtype  # dtype of the inputs (and of the outputs)
+    compute_dtype: jnp.dtype  # float32 for float16/bfloat16 inputs
+
+
+def _fail(message: str) -> None:
+    raise ValueError(message)
+
+
+def _is_tracer_or_array(x: Any) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray, np.generic))
+
+
+def check_static_bool(name: str, value: Any) -> bool:
+    """Returns ``value`` if it is a Python bool, else raises a ValueError."""
+    if not isinstance(value, (bool, np.bool_)):
+        _fail(
+            f"{name} must be a Python bool (it is static under jit); "
+            f"received {name}={value!r} of type {type(value).__name__}."
+        )
+    return bool(value)
+
+
+def check_choice(name: str, value: Any, choices: Sequence[Any]) -> Any:
+    """Returns ``value`` if it is one of ``choices``, else raises a ValueError."""
+    if not any(value is c or (isinstance(value, str) and value == c) for c in choices):
+        _fail(f"{name} must be one of {tuple(choices)!r}; received {name}={value!r}.")
+    return value
+
+
+def check_dropout_rate(rate: Any) -> float:
+    """Returns ``rate`` as a float if it is a number in ``[0, 1)``."""
+    if isinstance(rate, bool) or not isinstance(rate, (int, float, np.floating, np.integer)):
+        _fail(
+            "dropout_rate must be a Python float in [0, 1); "
+            f"received dropout_rate={rate!r} of type {type(rate).__name__}."
+        )
+    rate = float(rate)
+    if not 0.0 <= rate < 1.0:
+        _fail(f"dropout_rate must be in [0, 1); received dropout_rate={rate!r}.")
+    return rate
+
+
+def check_float_array(name: str, x: Any, layout: str) -> jax.Array:
+    """Converts ``x`` to a JAX array and checks it is a real floating array of rank >= 2."""
+    if not _is_tracer_or_array(x):
+        _fail(
+            f"{name} must be an array of shape {layout}; "
+            f"received a {type(x).__name__}."
+        )
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        _fail(
+            f"{name} must have a real floating dtype (float16, bfloat16, float32 or "
+            f"float64); received dtype {x.dtype}."
+        )
+    if x.ndim < 2:
+        _fail(
+            f"{name} must have rank >= 2 with shape {layout}; "
+            f"received shape {tuple(x.shape)} (rank {x.ndim})."
+        )
+    return x
+
+
+def _check_mask(name: str, mask: Any, expected: tuple[int, ...], layout: str) -> jax.Array:
+    if not _is_tracer_or_array(mask):
+        _fail(
+            f"{name} must be None or an array of shape {layout} = {expected}; "
+            f"received a {type(mask).__name__}."
+        )
+    mask = jnp.asarray(mask)
+    if not (
+        mask.dtype == jnp.bool_
+        or jnp.issubdtype(mask.dtype, jnp.integer)
+        or jnp.issubdtype(mask.dtype, jnp.floating)
+    ):
+        _fail(
+            f"{name} must be bool, or numeric where nonzero means keep; "
+            f"received dtype {mask.dtype}."
+        )
+    chex.assert_shape(
+        mask,
+        expected,
+        exception_type=ValueError,
+        custom_message=(
+            f"{name} must have shape {layout} = {expected}; "
+            f"received shape {tuple(mask.shape)}"
+        ),
+    )
+    return mask if mask.dtype == jnp.bool_ else mask != 0
+
+
+def check_masks(
+    masks: Any, query_shape: tuple[int, ...], value_shape: tuple[int, ...]
+) -> tuple[jax.Array | None, jax.Array | None]:
+    """Validates ``masks = (query_mask, value_mask)`` and returns them as bool arrays."""
+    if masks is None:
+        return None, None
+    if _is_tracer_or_array(masks) or not isinstance(masks, Sequence) or len(masks) != 2:
+        received = (
+            f"an array of shape {tuple(jnp.shape(masks))}"
+            if _is_tracer_or_array(masks)
+            else f"{type(masks).__name__}"
+            + (f" of length {len(masks)}" if isinstance(masks, Sequence) else "")
+        )
+        _fail(
+            "masks must be None or a pair (query_mask, value_mask), each None or an "
+            f"array; received {received}."
+        )
+    query_mask, value_mask = masks
+    if query_mask is not None:
+        query_mask = _check_mask("query_mask", query_mask, query_shape[:-1], "[..., Tq]")
+    if value_mask is not None:
+        value_mask = _check_mask("value_mask", value_mask, value_shape[:-1], "[..., Tv]")
+    return query_mask, value_mask
+
+
+def check_params(params: Any, score_mode: str) -> tuple[jax.Array | None, jax.Array | None]:
+    """Validates the params mapping and returns ``(scale, concat_score_weight)``."""
+    if params is None:
+        params = {}
+    if not isinstance(params, Mapping):
+        _fail(
+            "params must be None or a mapping with optional keys "
+            f"{PARAM_NAMES!r}; received a {type(params).__name__}."
+        )
+    unknown = sorted(str(k) for k in params if k not in PARAM_NAMES)
+    if unknown:
+        _fail(
+            f"params has unknown keys {unknown}; expected only keys from {PARAM_NAMES!r}."
+        )
+    leaves = {}
+    for name in PARAM_NAMES:
+        if name not in params:
+            leaves[name] = None
+            continue
+        leaf = params[name]
+        if not _is_tracer_or_array(leaf) and not isinstance(leaf, (int, float)):
+            _fail(
+                f"params[{name!r}] must be a scalar array of shape (); "
+                f"received a {type(leaf).__name__}."
+            )
+        leaf = jnp.asarray(leaf)
+        if leaf.shape != ():
+            _fail(
+                f"params[{name!r}] must be a scalar of shape (); "
+                f"received shape {tuple(leaf.shape)}."
+            )
+        if not jnp.issubdtype(leaf.dtype, jnp.floating) and not (
+            jnp.issubdtype(leaf.dtype, jnp.integer) and leaf.dtype != jnp.bool_
+        ):
+            _fail(
+                f"params[{name!r}] must be a real number; received dtype {leaf.dtype}."
+            )
+        leaves[name] = leaf
+    if score_mode == "concat" and leaves["concat_score_weight"] is None:
+        _fail(
+            "score_mode='concat' needs params['concat_score_weight'] (a scalar; Keras "
+            "initialises it to 1.0); received params without it."
+        )
+    if score_mode == "dot" and leaves["concat_score_weight"] is not None:
+        _fail(
+            "params['concat_score_weight'] is only used with score_mode='concat'; "
+            "received it with score_mode='dot'."
+        )
+    return leaves["scale"], leaves["concat_score_weight"]
+
+
+def check_inputs(
+    params: Any,
+    query: Any,
+    value: Any,
+    key: Any,
+    masks: Any,
+    score_mode: str,
+) -> AttentionInputs:
+    """Validates the array arguments of :func:`dot_attention` and normalises them."""
+    check_choice("score_mode", score_mode, SCORE_MODES)
+    query = check_float_array("query", query, "[..., Tq, D]")
+    value = check_float_array("value", value, "[..., Tv, Dv]")
+    key = value if key is None else check_float_array("key", key, "[..., Tv, D]")
+
+    batch = tuple(query.shape[:-2])
+    for name, x in (("value", value), ("key", key)):
+        if x.ndim != query.ndim:
+            _fail(
+                f"{name} must have the same rank as query ({query.ndim}: batch dims "
+                f"{batch}); received {name} shape {tuple(x.shape)} and query shape "
+                f"{tuple(query.shape)}."
+            )
+        chex.assert_equal_shape_prefix(
+            [query, x],
+            query.ndim - 2,
+            exception_type=ValueError,
+            custom_message=(
+                f"{name} batch dims must equal query's {batch} (no broadcasting); "
+                f"received {name} shape {tuple(x.shape)} and query shape "
+                f"{tuple(query.shape)}"
+            ),
+        )
+    chex.assert_axis_dimension(
+        key,
+        -2,
+        value.shape[-2],
+        exception_type=ValueError,
+        custom_message=(
+            f"key and value must have the same length Tv; received key shape "
+            f"{tuple(key.shape)} and value shape {tuple(value.shape)}"
+        ),
+    )
+    chex.assert_axis_dimension(
+        key,
+        -1,
+        query.shape[-1],
+        exception_type=ValueError,
+        custom_message=(
+            f"key depth must equal query depth D={query.shape[-1]}; received key shape "
+            f"{tuple(key.shape)} and query shape {tuple(query.shape)}"
+        ),
+    )
+
+    query_mask, value_mask = check_masks(masks, query.shape, value.shape)
+    scale, concat_score_weight = check_params(params, score_mode)
+
+    dtype = jnp.result_type(query, key, value)
+    compute_dtype = (
+        jnp.dtype(jnp.float32) if jnp.finfo(dtype).bits < 32 else jnp.dtype(dtype)
+    )
+    return AttentionInputs(
+        query=query,
+        key=key,
+        value=value,
+        query_mask=query_mask,
+        value_mask=value_mask,
+        scale=scale,
+        concat_score_weight=concat_score_weight,
+        dtype=jnp.dtype(dtype),
+        compute_dtype=compute_dtype,
+    )

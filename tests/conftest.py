@@ -1,0 +1,42 @@
+"""Shared test setup.
+
+* Keras runs on its JAX backend (set before anything imports keras), so no TensorFlow.
+* Implicit rank promotion raises, so nothing in the library broadcasts by accident.
+* Warnings are errors (see ``filterwarnings`` in pyproject.toml).
+"""
+
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+_TOLERANCES = {
+    jnp.dtype(jnp.float64): 1e-10,
+    jnp.dtype(jnp.float32): 2e-5,
+    jnp.dtype(jnp.float16): 2e-3,
+    jnp.dtype(jnp.bfloat16): 2e-2,
+}
+
+
+def tolerance(dtype) -> float:
+    """Absolute and relative tolerance for comparing results of ``dtype``."""
+    return _TOLERANCES[jnp.dtype(dtype)]
+
+
+def assert_close(actual, expected, dtype=jnp.float32, factor: float = 1.0) -> None:
+    """Asserts ``actual`` matches ``expected`` within the dtype-aware tolerance."""
+    tol = tolerance(dtype) * factor
+    np.testing.assert_allclose(
+        np.asarray(actual, np.float64), np.asarray(expected, np.float64), rtol=tol, atol=tol
+    )
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)

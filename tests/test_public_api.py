@@ -1,0 +1,43 @@
+"""The public API: every name in ``__all__`` imports and is documented."""
+
+import ast
+import importlib
+import pathlib
+
+import pytest
+
+import flax_dotattn
+
+
+@pytest.mark.parametrize("name", flax_dotattn.__all__)
+def test_every_public_name_imports_and_has_a_docstring(name):
+    obj = getattr(importlib.import_module("flax_dotattn"), name)
+    assert obj.__doc__ and obj.__doc__.strip()
+
+
+def test_version_is_set():
+    assert isinstance(flax_dotattn.__version__, str) and flax_dotattn.__version__
+
+
+def _imported_roots(path):
+    tree = ast.parse(path.read_text())
+    roots = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            roots |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            roots.add(node.module.split(".")[0])
+    return roots
+
+
+SRC = pathlib.Path(flax_dotattn.__file__).parent / "_src"
+
+
+@pytest.mark.parametrize("module", ["attention", "masks", "validation", "config"])
+def test_pure_layers_import_neither_flax_nor_keras(module):
+    assert not _imported_roots(SRC / f"{module}.py") & {"flax", "keras"}
+
+
+def test_library_never_imports_keras():
+    for path in pathlib.Path(flax_dotattn.__file__).parent.rglob("*.py"):
+        assert "keras" not in _imported_roots(path), path
