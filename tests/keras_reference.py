@@ -4,9 +4,9 @@ import os
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
-import warnings  # noqa: E402
+import warnings
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 keras = __import__("keras")
 
@@ -43,7 +43,5 @@ def keras_attention(
     with warnings.catch_warnings():
         # Keras warns that a softmax over Tv=1 is always 1; that case is tested on purpose.
         warnings.filterwarnings("ignore", message=".*softmax over axis -1", category=UserWarning)
-        out, w = layer(
-            inputs, mask=mask, use_causal_mask=causal, return_attention_scores=True
-        )
+        out, w = layer(inputs, mask=mask, use_causal_mask=causal, return_attention_scores=True)
     return np.asarray(out), np.asarray(w)

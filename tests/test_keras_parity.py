@@ -46,10 +46,25 @@ CASES = [
     Case("use_scale_negative", use_scale=True, scale=-1.7, value_mask=True),
     Case("concat", score_mode="concat"),
     Case("concat_weight_2.5", score_mode="concat", concat_score_weight=2.5),
-    Case("concat_scale", score_mode="concat", use_scale=True, scale=0.6,
-         concat_score_weight=-1.3, with_key=True),
-    Case("concat_masks_causal", score_mode="concat", use_scale=True, scale=1.4,
-         query_mask=True, value_mask=True, causal=True, tq=4, tv=4),
+    Case(
+        "concat_scale",
+        score_mode="concat",
+        use_scale=True,
+        scale=0.6,
+        concat_score_weight=-1.3,
+        with_key=True,
+    ),
+    Case(
+        "concat_masks_causal",
+        score_mode="concat",
+        use_scale=True,
+        scale=1.4,
+        query_mask=True,
+        value_mask=True,
+        causal=True,
+        tq=4,
+        tv=4,
+    ),
     Case("batch_1", batch=(1,)),
 ]
 
@@ -78,7 +93,11 @@ def _params(case):
 
 def _keras(case, q, v, k, qm, vm):
     return keras_attention(
-        q, v, k, qm, vm,
+        q,
+        v,
+        k,
+        qm,
+        vm,
         causal=case.causal,
         use_scale=case.use_scale,
         score_mode=case.score_mode,
@@ -90,8 +109,14 @@ def _keras(case, q, v, k, qm, vm):
 def _ours(case, q, v, k, qm, vm):
     masks = None if qm is None and vm is None else (qm, vm)
     return dot_attention(
-        _params(case), q, v, k, masks, case.causal,
-        score_mode=case.score_mode, return_attention_scores=True,
+        _params(case),
+        q,
+        v,
+        k,
+        masks,
+        case.causal,
+        score_mode=case.score_mode,
+        return_attention_scores=True,
     )
 
 
@@ -116,7 +141,7 @@ ND_CASES = [
 def test_nd_batch_dims_match_keras_on_flattened_inputs(case, rng):
     """Keras 3 mishandles value masks on N-D inputs, so compare on rank-3 flattening."""
     q, v, k, qm, vm = _make(case, rng, case.batch)
-    flat = lambda x, n: None if x is None else x.reshape((-1,) + x.shape[len(case.batch):])  # noqa: E731
+    flat = lambda x, n: None if x is None else x.reshape((-1,) + x.shape[len(case.batch) :])  # noqa: E731
     expected_out, expected_w = _keras(
         case, flat(q, 2), flat(v, 2), flat(k, 2), flat(qm, 1), flat(vm, 1)
     )

@@ -23,8 +23,16 @@ _PRECISIONS = ("default", "high", "highest")
 _FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 # Generic Keras ``Layer`` keys that carry nothing this library models; ignored on import.
 _KERAS_IGNORED_KEYS = frozenset(
-    {"name", "trainable", "seed", "batch_input_shape", "batch_shape", "input_shape",
-     "autocast", "dynamic"}
+    {
+        "name",
+        "trainable",
+        "seed",
+        "batch_input_shape",
+        "batch_shape",
+        "input_shape",
+        "autocast",
+        "dynamic",
+    }
 )
 
 
@@ -65,11 +73,7 @@ def _precision_name(value: Any) -> str | None:
 
 
 def _check_type(field: str, value: Any, types: tuple[type, ...], expected: str) -> None:
-    if isinstance(value, bool) and bool not in types:
-        ok = False
-    else:
-        ok = isinstance(value, types)
-    if not ok:
+    if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
         _fail(
             f"DotAttentionConfig.{field} must be {expected}; "
             f"received {field}={value!r} of type {type(value).__name__}."
@@ -134,9 +138,7 @@ class DotAttentionConfig:
         # Normalise to canonical, serialisable values.
         object.__setattr__(self, "dropout_rate", float(self.dropout_rate))
         object.__setattr__(self, "dtype", _dtype_name("dtype", self.dtype, True))
-        object.__setattr__(
-            self, "param_dtype", _dtype_name("param_dtype", self.param_dtype, False)
-        )
+        object.__setattr__(self, "param_dtype", _dtype_name("param_dtype", self.param_dtype, False))
         object.__setattr__(self, "precision", _precision_name(self.precision))
 
     @property
@@ -275,14 +277,11 @@ def _from_keras_dtype(policy: Any) -> tuple[str | None, str]:
     """Maps a Keras dtype policy (name or serialised dict) to ``(dtype, param_dtype)``."""
     if policy is None:
         return None, "float32"
-    if isinstance(policy, Mapping):
-        name = policy.get("config", {}).get("name")
-    else:
-        name = policy
+    name = policy.get("config", {}).get("name") if isinstance(policy, Mapping) else policy
     if not isinstance(name, str):
         _fail(f"from_keras could not read the Keras dtype policy {policy!r}.")
     if name.startswith("mixed_"):
-        return _dtype_name("dtype", name[len("mixed_"):], False), "float32"
+        return _dtype_name("dtype", name[len("mixed_") :], False), "float32"
     return _dtype_name("dtype", name, False), _dtype_name("param_dtype", name, False)
 
 
@@ -294,9 +293,7 @@ _SUFFIXES = {".json": "json", ".yaml": "yaml", ".yml": "yaml"}
 def _format_of(path: Path) -> str:
     fmt = _SUFFIXES.get(path.suffix.lower())
     if fmt is None:
-        _fail(
-            f"config path must end in one of {sorted(_SUFFIXES)}; received {str(path)!r}."
-        )
+        _fail(f"config path must end in one of {sorted(_SUFFIXES)}; received {str(path)!r}.")
     return fmt
 
 

@@ -24,9 +24,7 @@ def _check_config(config: Any, fn: str) -> None:
         )
 
 
-def params_from_keras(
-    weights: Sequence[Any], config: DotAttentionConfig
-) -> dict[str, jnp.ndarray]:
+def params_from_keras(weights: Sequence[Any], config: DotAttentionConfig) -> dict[str, jnp.ndarray]:
     """Converts Keras ``layer.get_weights()`` output to a flax_dotattn params dict.
 
     Args:
@@ -63,7 +61,7 @@ def params_from_keras(
             f"received {len(weights)}."
         )
     params = {}
-    for name, w in zip(names, weights):
+    for name, w in zip(names, weights, strict=True):
         arr = np.asarray(w)
         if arr.shape != ():
             raise ValueError(
@@ -74,7 +72,9 @@ def params_from_keras(
     return params
 
 
-def params_to_keras(params: Mapping[str, Any] | None, config: DotAttentionConfig) -> list[np.ndarray]:
+def params_to_keras(
+    params: Mapping[str, Any] | None, config: DotAttentionConfig
+) -> list[np.ndarray]:
     """Converts flax_dotattn params to the list Keras ``layer.set_weights()`` takes.
 
     Args:

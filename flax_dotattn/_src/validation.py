@@ -76,16 +76,13 @@ def check_dropout_rate(rate: Any) -> float:
 def check_float_array(name: str, x: Any, layout: str) -> jax.Array:
     """Converts ``x`` to a JAX array and checks it is a real floating array of rank >= 2."""
     if not _is_tracer_or_array(x):
-        _fail(
-            f"{name} must be an array of shape {layout}; "
-            f"received a {type(x).__name__}."
-        )
-    x = jnp.asarray(x)
+        _fail(f"{name} must be an array of shape {layout}; received a {type(x).__name__}.")
     if not jnp.issubdtype(x.dtype, jnp.floating):
         _fail(
             f"{name} must have a real floating dtype (float16, bfloat16, float32 or "
             f"float64); received dtype {x.dtype}."
         )
+    x = jnp.asarray(x)
     if x.ndim < 2:
         _fail(
             f"{name} must have rank >= 2 with shape {layout}; "
@@ -100,7 +97,6 @@ def _check_mask(name: str, mask: Any, expected: tuple[int, ...], layout: str) ->
             f"{name} must be None or an array of shape {layout} = {expected}; "
             f"received a {type(mask).__name__}."
         )
-    mask = jnp.asarray(mask)
     if not (
         mask.dtype == jnp.bool_
         or jnp.issubdtype(mask.dtype, jnp.integer)
@@ -110,13 +106,13 @@ def _check_mask(name: str, mask: Any, expected: tuple[int, ...], layout: str) ->
             f"{name} must be bool, or numeric where nonzero means keep; "
             f"received dtype {mask.dtype}."
         )
+    mask = jnp.asarray(mask)
     chex.assert_shape(
         mask,
         expected,
         exception_type=ValueError,
         custom_message=(
-            f"{name} must have shape {layout} = {expected}; "
-            f"received shape {tuple(mask.shape)}"
+            f"{name} must have shape {layout} = {expected}; received shape {tuple(mask.shape)}"
         ),
     )
     return mask if mask.dtype == jnp.bool_ else mask != 0
@@ -158,9 +154,7 @@ def check_params(params: Any, score_mode: str) -> tuple[jax.Array | None, jax.Ar
         )
     unknown = sorted(str(k) for k in params if k not in PARAM_NAMES)
     if unknown:
-        _fail(
-            f"params has unknown keys {unknown}; expected only keys from {PARAM_NAMES!r}."
-        )
+        _fail(f"params has unknown keys {unknown}; expected only keys from {PARAM_NAMES!r}.")
     leaves = {}
     for name in PARAM_NAMES:
         if name not in params:
@@ -181,9 +175,7 @@ def check_params(params: Any, score_mode: str) -> tuple[jax.Array | None, jax.Ar
         if not jnp.issubdtype(leaf.dtype, jnp.floating) and not (
             jnp.issubdtype(leaf.dtype, jnp.integer) and leaf.dtype != jnp.bool_
         ):
-            _fail(
-                f"params[{name!r}] must be a real number; received dtype {leaf.dtype}."
-            )
+            _fail(f"params[{name!r}] must be a real number; received dtype {leaf.dtype}.")
         leaves[name] = leaf
     if score_mode == "concat" and leaves["concat_score_weight"] is None:
         _fail(
@@ -255,9 +247,7 @@ def check_inputs(
     scale, concat_score_weight = check_params(params, score_mode)
 
     dtype = jnp.result_type(query, key, value)
-    compute_dtype = (
-        jnp.dtype(jnp.float32) if jnp.finfo(dtype).bits < 32 else jnp.dtype(dtype)
-    )
+    compute_dtype = jnp.dtype(jnp.float32) if jnp.finfo(dtype).bits < 32 else jnp.dtype(dtype)
     return AttentionInputs(
         query=query,
         key=key,

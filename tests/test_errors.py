@@ -1,0 +1,153 @@
+"""Bad input raises a clear ValueError naming the argument, expected and received."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flax_dotattn import DotAttention, dot_attention, make_causal_mask
+
+Q = jnp.ones((2, 3, 4))
+V = jnp.ones((2, 5, 4))
+K = jnp.ones((2, 5, 4))
+
+
+def call(**overrides):
+    kwargs = dict(params=None, query=Q, value=V, key=None, masks=None, causal=False)
+    kwargs.update(overrides)
+    return dot_attention(**kwargs)
+
+
+BAD_INPUTS = [
+    ("query_rank_1", dict(query=jnp.ones(4)), r"query must have rank >= 2.*\(4,\)"),
+    ("value_rank_1", dict(value=jnp.ones(4)), r"value must have rank >= 2"),
+    (
+        "rank_mismatch",
+        dict(value=jnp.ones((5, 4))),
+        r"value must have the same rank as query.*\(5, 4\)",
+    ),
+    (
+        "batch_mismatch",
+        dict(value=jnp.ones((3, 5, 4))),
+        r"value batch dims must equal query's \(2,\).*\(3, 5, 4\)",
+    ),
+    ("key_batch_mismatch", dict(key=jnp.ones((1, 5, 4))), r"key batch dims"),
+    (
+        "depth_mismatch",
+        dict(key=jnp.ones((2, 5, 3))),
+        r"key depth must equal query depth D=4.*\(2, 5, 3\)",
+    ),
+    (
+        "tv_mismatch",
+        dict(key=jnp.ones((2, 6, 4))),
+        r"key and value must have the same length Tv.*\(2, 6, 4\).*\(2, 5, 4\)",
+    ),
+    (
+        "integer_query",
+        dict(query=jnp.ones((2, 3, 4), jnp.int32)),
+        r"query must have a real floating dtype.*int32",
+    ),
+    (
+        "complex_value",
+        dict(value=jnp.ones((2, 5, 4), jnp.complex64)),
+        r"value must have a real floating dtype.*complex64",
+    ),
+    ("query_is_a_list", dict(query=[[1.0]]), r"query must be an array.*list"),
+    (
+        "masks_single_array",
+        dict(masks=jnp.ones((2, 5), bool)),
+        r"masks must be None or a pair.*array of shape \(2, 5\)",
+    ),
+    ("masks_triple", dict(masks=(None, None, None)), r"masks must be None or a pair.*length 3"),
+    (
+        "query_mask_shape",
+        dict(masks=(jnp.ones((2, 4), bool), None)),
+        r"query_mask must have shape \[\.\.\., Tq\] = \(2, 3\).*\(2, 4\)",
+    ),
+    (
+        "value_mask_shape",
+        dict(masks=(None, jnp.ones((2, 3), bool))),
+        r"value_mask must have shape \[\.\.\., Tv\] = \(2, 5\).*\(2, 3\)",
+    ),
+    (
+        "value_mask_broadcastable",
+        dict(masks=(None, jnp.ones((1, 5), bool))),
+        r"value_mask must have shape",
+    ),
+    (
+        "value_mask_rank",
+        dict(masks=(None, jnp.ones((2, 1, 5), bool))),
+        r"value_mask must have shape",
+    ),
+    (
+        "mask_string_dtype",
+        dict(masks=(None, np.array([["a"] * 5] * 2))),
+        r"value_mask must be bool, or numeric",
+    ),
+    ("mask_not_array", dict(masks=(None, "yes")), r"value_mask must be None or an array"),
+    ("score_mode_typo", dict(score_mode="dott"), r"score_mode must be one of .*'dott'"),
+    ("unknown_param", dict(params={"scael": 1.0}), r"params has unknown keys \['scael'\]"),
+    ("params_not_mapping", dict(params=[1.0]), r"params must be None or a mapping"),
+    (
+        "param_not_scalar",
+        dict(params={"scale": jnp.ones(2)}),
+        r"params\['scale'\] must be a scalar of shape \(\).*\(2,\)",
+    ),
+    (
+        "concat_without_weight",
+        dict(score_mode="concat"),
+        r"score_mode='concat' needs params\['concat_score_weight'\]",
+    ),
+    (
+        "concat_weight_in_dot_mode",
+        dict(params={"concat_score_weight": 1.0}),
+        r"only used with score_mode='concat'",
+    ),
+    (
+        "dropout_without_rng",
+        dict(dropout_rate=0.5, deterministic=False),
+        r"dropout_rng is required",
+    ),
+    ("dropout_rate_one", dict(dropout_rate=1.0), r"dropout_rate must be in \[0, 1\).*1.0"),
+    ("dropout_rate_negative", dict(dropout_rate=-0.1), r"dropout_rate must be in \[0, 1\)"),
+    ("dropout_rate_string", dict(dropout_rate="0.1"), r"dropout_rate must be a Python float"),
+    ("causal_not_bool", dict(causal="yes"), r"causal must be a Python bool.*'yes'"),
+    ("causal_array", dict(causal=jnp.array(True)), r"causal must be a Python bool"),
+    ("deterministic_none", dict(deterministic=None), r"deterministic must be a Python bool"),
+    (
+        "implementation_unknown",
+        dict(implementation="flash"),
+        r"implementation must be one of .*'flash'",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "overrides,pattern", [c[1:] for c in BAD_INPUTS], ids=[c[0] for c in BAD_INPUTS]
+)
+def test_bad_input_raises_value_error(overrides, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        call(**overrides)
+
+
+def test_errors_fire_at_trace_time_under_jit():
+    with pytest.raises(ValueError, match="value_mask must have shape"):
+        jax.jit(lambda vm: call(masks=(None, vm)))(jnp.ones((2, 4), bool))
+
+
+def test_make_causal_mask_rejects_bad_lengths():
+    with pytest.raises(ValueError, match="tq must be a non-negative Python int"):
+        make_causal_mask(-1, 2)
+    with pytest.raises(ValueError, match="tv must be a non-negative Python int"):
+        make_causal_mask(2, 2.0)
+
+
+def test_module_with_dropout_needs_deterministic():
+    layer = DotAttention(dropout_rate=0.5)
+    with pytest.raises(ValueError, match="needs deterministic=True/False"):
+        layer.init(jax.random.key(0), Q, V)
+
+
+def test_module_with_bad_field_names_the_field():
+    with pytest.raises(ValueError, match="score_mode must be one of"):
+        DotAttention(score_mode="additive").init(jax.random.key(0), Q, V)

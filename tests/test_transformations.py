@@ -1,0 +1,117 @@
+"""Same numbers eager, under jit and vmap; gradients; no retracing."""
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import assert_close
+from jax.test_util import check_grads
+
+from flax_dotattn import dot_attention
+
+
+def _inputs(rng, batch=(3,), tq=4, tv=5, d=6, dv=3):
+    q = jnp.asarray(rng.normal(size=batch + (tq, d)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=batch + (tv, d)), jnp.float32)
+    v = jnp.asarray(rng.normal(size=batch + (tv, dv)), jnp.float32)
+    qm = jnp.asarray(rng.random(batch + (tq,)) > 0.3)
+    vm = jnp.asarray(rng.random(batch + (tv,)) > 0.3).at[..., 0].set(True)
+    return q, k, v, qm, vm
+
+
+@pytest.mark.parametrize("score_mode", ["dot", "concat"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_eager_jit_and_vmap_agree(score_mode, causal, rng):
+    q, k, v, qm, vm = _inputs(rng, d=3)
+    params = {"scale": jnp.float32(0.8)}
+    if score_mode == "concat":
+        params["concat_score_weight"] = jnp.float32(1.3)
+    fn = functools.partial(dot_attention, causal=causal, score_mode=score_mode)
+    eager = fn(params, q, v, k, (qm, vm))
+    jitted = jax.jit(fn)(params, q, v, k, (qm, vm))
+    vmapped = jax.vmap(fn, in_axes=(None, 0, 0, 0, 0))(params, q, v, k, (qm, vm))
+    assert_close(jitted, eager)
+    assert_close(vmapped, eager)
+
+
+def test_vmap_with_shared_key_value(rng):
+    q, k, v, _, _ = _inputs(rng, batch=(4,))
+    shared_k, shared_v = k[0], v[0]
+    out = jax.vmap(lambda q: dot_attention(None, q, shared_v, shared_k))(q)
+    expected = dot_attention(
+        None, q, jnp.broadcast_to(shared_v, v.shape), jnp.broadcast_to(shared_k, k.shape)
+    )
+    assert_close(out, expected)
+
+
+@pytest.mark.parametrize("score_mode", ["dot", "concat"])
+def test_check_grads_query_key_value_and_params(score_mode, rng):
+    q, k, v, qm, vm = _inputs(rng, batch=(2,), tq=3, tv=4, d=3, dv=2)
+    q, k, v = q * 0.5, k * 0.5, v
+
+    def f(q, k, v, scale, weight):
+        params = {"scale": scale}
+        if score_mode == "concat":
+            params["concat_score_weight"] = weight
+        return dot_attention(params, q, v, k, (qm, vm), causal=True, score_mode=score_mode)
+
+    check_grads(
+        f,
+        (q, k, v, jnp.float32(0.9), jnp.float32(1.1)),
+        order=1,
+        modes=("rev",),
+        atol=2e-2,
+        rtol=2e-2,
+        eps=1e-2,
+    )
+
+
+def test_scale_gradient_matches_finite_difference(rng):
+    q, k, v, _, vm = _inputs(rng)
+    loss = lambda s: dot_attention({"scale": s}, q, v, k, (None, vm)).sum()  # noqa: E731
+    grad = jax.grad(loss)(jnp.float32(0.7))
+    eps = 1e-3
+    fd = (loss(jnp.float32(0.7 + eps)) - loss(jnp.float32(0.7 - eps))) / (2 * eps)
+    np.testing.assert_allclose(grad, fd, rtol=5e-3)
+
+
+def test_one_trace_per_static_configuration(rng):
+    q, k, v, qm, vm = _inputs(rng)
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def f(q, k, v, qm, vm):
+        return dot_attention(None, q, v, k, (qm, vm), causal=True)
+
+    for i in range(3):
+        f(q + i, k, v, qm, vm)
+
+
+def test_shape_errors_fire_under_jit(rng):
+    q, k, v, _, _ = _inputs(rng)
+    with pytest.raises(ValueError, match="key depth"):
+        jax.jit(lambda q, v, k: dot_attention(None, q, v, k))(q, v, k[..., :2])
+
+
+def test_no_host_transfers_inside_the_function(rng):
+    q, k, v, qm, vm = _inputs(rng)
+    args = jax.device_put((q, k, v, qm, vm, jax.random.key(0)))
+    fn = jax.jit(
+        lambda q, k, v, qm, vm, r: dot_attention(
+            {"scale": jnp.float32(1.0)},
+            q,
+            v,
+            k,
+            (qm, vm),
+            True,
+            dropout_rate=0.2,
+            dropout_rng=r,
+            deterministic=False,
+        )
+    )
+    fn(*args)  # compile outside the guard
+    with jax.transfer_guard("disallow"):
+        fn(*args).block_until_ready()
