@@ -1,0 +1,39 @@
+"""The repository's promises: README's commands match CI, and the examples run."""
+
+import pathlib
+import re
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _ci_test_command():
+    lines = [
+        line
+        for line in (ROOT / ".ci/run").read_text().splitlines()
+        if "pytest" in line and not line.lstrip().startswith("#")
+    ]
+    assert len(lines) == 1, lines
+    return lines[0].strip()
+
+
+def test_readme_test_command_is_the_ci_command():
+    readme = (ROOT / "README.md").read_text()
+    quick_start = re.search(r"## Quick start.*?```bash\n(.*?)```", readme, re.S).group(1)
+    commands = [c for c in quick_start.splitlines() if c.strip()]
+    assert len(commands) == 2, commands
+    assert commands[1] == _ci_test_command()
+    assert "examples/" in commands[0]
+
+
+def test_quickstart_example_runs():
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples/quickstart.py")],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    )
+    assert "module output == dot_attention output: True" in result.stdout
+    assert "[[2.462 3.462]" in result.stdout
