@@ -10,7 +10,6 @@ Public API:
 * :func:`make_causal_mask`, :func:`attention_scores`: building blocks.
 """
 
-from flax_dotattn._src.attention import attention_scores as attention_scores
 from flax_dotattn._src.attention import dot_attention as dot_attention
 from flax_dotattn._src.config import DotAttentionConfig as DotAttentionConfig
 from flax_dotattn._src.config import load_config as load_config
@@ -19,6 +18,7 @@ from flax_dotattn._src.keras_interop import params_from_keras as params_from_ker
 from flax_dotattn._src.keras_interop import params_to_keras as params_to_keras
 from flax_dotattn._src.linen import DotAttention as DotAttention
 from flax_dotattn._src.masks import make_causal_mask as make_causal_mask
+from flax_dotattn._src.scores import attention_scores as attention_scores
 
 __version__ = "0.1.0"
 

@@ -14,63 +14,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from flax_dotattn._src import dispatch, validation
 from flax_dotattn._src import masks as masks_lib
-from flax_dotattn._src import validation
+from flax_dotattn._src.chunked import chunked_attention
+from flax_dotattn._src.scores import attention_scores
 
 Array = jax.Array
 Params = Mapping[str, Any] | None
 Masks = Sequence[Any] | None
-
-
-def attention_scores(
-    query: Array,
-    key: Array,
-    *,
-    score_mode: str = "dot",
-    scale: Array | None = None,
-    concat_score_weight: Array | None = None,
-    precision: Any = None,
-    compute_dtype: Any = None,
-) -> Array:
-    """Computes the unmasked Keras attention logits.
-
-    * ``"dot"``: ``scores = scale * (query @ key^T)`` (no ``1/sqrt(D)``).
-    * ``"concat"``: ``scores = concat_score_weight * sum(tanh(scale * (q + k)), -1)``.
-
-    ``scale`` is omitted when None.
-
-    Args:
-      query: ``[..., Tq, D]``.
-      key: ``[..., Tv, D]``.
-      score_mode: ``"dot"`` or ``"concat"``.
-      scale: scalar ``[]`` or None.
-      concat_score_weight: scalar ``[]``; required for ``"concat"``.
-      precision: passed to the matmul (``jax.lax.Precision`` or its name).
-      compute_dtype: dtype of the logits; defaults to the inputs' dtype.
-
-    Returns:
-      Logits ``[..., Tq, Tv]`` in ``compute_dtype``.
-    """
-    compute_dtype = compute_dtype or jnp.result_type(query, key)
-    if score_mode == "dot":
-        scores = jnp.einsum(
-            "...qd,...kd->...qk",
-            query,
-            key,
-            precision=precision,
-            preferred_element_type=compute_dtype,
-        )  # [..., Tq, Tv]
-        if scale is not None:
-            scores = scores * scale.astype(compute_dtype)
-        return scores.astype(compute_dtype)
-    # concat: a [..., Tq, Tv, D] intermediate, as in Keras.
-    q = query.astype(compute_dtype)[..., :, None, :]  # [..., Tq, 1, D]
-    k = key.astype(compute_dtype)[..., None, :, :]  # [..., 1, Tv, D]
-    pre = q + k  # [..., Tq, Tv, D]
-    if scale is not None:
-        pre = scale.astype(compute_dtype) * pre
-    weight = concat_score_weight.astype(compute_dtype)
-    return weight * jnp.sum(jnp.tanh(pre), axis=-1)  # [..., Tq, Tv]
 
 
 def _dropout(weights: Array, rate: float, rng: Array) -> Array:
@@ -95,6 +46,7 @@ def dot_attention(
     return_attention_scores: bool = False,
     precision: Any = None,
     implementation: str | None = None,
+    block_size: int | None = None,
 ) -> Array | tuple[Array, Array]:
     """Keras's dot-product (Luong-style) attention as a pure function.
 
@@ -135,8 +87,14 @@ def dot_attention(
       deterministic: if True (default) no dropout is applied.
       return_attention_scores: also return the (post-dropout) attention weights.
       precision: matmul precision (``jax.lax.Precision`` or its name), or None.
-      implementation: None (choose automatically) or ``"xla"`` (the materialised
-        ``[..., Tq, Tv]`` computation).
+      implementation: None (choose automatically by shape, dtype, backend and
+        features), ``"xla"`` (materialise the ``[..., Tq, Tv]`` scores) or
+        ``"chunked"`` (online softmax over blocks with a fused backward: O(T · block)
+        memory in forward and backward; cannot return the weights, and its dropout
+        pattern differs from the materialised path's, with the same statistics).
+      block_size: blocks of the chunked path: an int (queries and keys), a pair
+        ``(block_q, block_k)``, or None for the measured default ``(2048, 256)``
+        (``(256, 128)`` in concat mode).
 
     Returns:
       ``output [..., Tq, Dv]`` in the inputs' dtype, or ``(output, weights)`` with
@@ -187,6 +145,56 @@ def dot_attention(
             f"received dropout_rng=None with dropout_rate={dropout_rate}."
         )
 
+    block_size = validation.check_block_size(block_size)
+    if implementation is None:
+        implementation = dispatch.choose_implementation(
+            inputs, score_mode=score_mode, return_attention_scores=return_attention_scores
+        )
+    elif implementation == "chunked" and return_attention_scores:
+        raise ValueError(
+            "implementation='chunked' never forms the [..., Tq, Tv] weights, so it cannot "
+            "return them; received return_attention_scores=True (use implementation=None "
+            "or 'xla')."
+        )
+    dropout = (dropout_rate, dropout_rng) if use_dropout else (0.0, None)
+    if implementation == "chunked":
+        weights = None
+        output = chunked_attention(
+            inputs.query,
+            inputs.key,
+            inputs.value,
+            inputs.value_mask,
+            inputs.scale,
+            inputs.concat_score_weight,
+            score_mode=score_mode,
+            causal=causal,
+            dropout_rate=dropout[0],
+            dropout_rng=dropout[1],
+            block_size=block_size,
+            precision=precision,
+            compute_dtype=inputs.compute_dtype,
+        )  # [..., Tq, Dv]
+    else:
+        output, weights = _materialised(
+            inputs, score_mode, causal, dropout[0], dropout[1], precision
+        )
+    if inputs.query_mask is not None:
+        output = jnp.where(inputs.query_mask[..., None], output, 0)  # [..., Tq, Dv]
+    output = output.astype(inputs.dtype)
+    if return_attention_scores:
+        return output, weights.astype(inputs.dtype)
+    return output
+
+
+def _materialised(
+    inputs: validation.AttentionInputs,
+    score_mode: str,
+    causal: bool,
+    dropout_rate: float,
+    dropout_rng: Array | None,
+    precision: Any,
+) -> tuple[Array, Array]:
+    """The direct computation: ``(output [..., Tq, Dv], weights [..., Tq, Tv])``."""
     cdt = inputs.compute_dtype
     tq, tv = inputs.query.shape[-2], inputs.key.shape[-2]
     scores = attention_scores(
@@ -203,17 +211,9 @@ def dot_attention(
     )
     scores = masks_lib.apply_score_mask(scores, score_mask)  # [..., Tq, Tv]
     weights = jax.nn.softmax(scores, axis=-1)  # [..., Tq, Tv]
-    if use_dropout:
+    if dropout_rate > 0.0:
         weights = _dropout(weights, dropout_rate, dropout_rng)
     output = jnp.einsum(
-        "...qk,...kd->...qd",
-        weights,
-        inputs.value.astype(cdt),
-        precision=precision,
+        "...qk,...kd->...qd", weights, inputs.value.astype(cdt), precision=precision
     )  # [..., Tq, Dv]
-    if inputs.query_mask is not None:
-        output = jnp.where(inputs.query_mask[..., None], output, 0)  # [..., Tq, Dv]
-    output = output.astype(inputs.dtype)
-    if return_attention_scores:
-        return output, weights.astype(inputs.dtype)
-    return output
+    return output, weights

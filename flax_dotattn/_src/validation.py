@@ -18,7 +18,7 @@ import numpy as np
 
 SCORE_MODES = ("dot", "concat")
 PARAM_NAMES = ("scale", "concat_score_weight")
-IMPLEMENTATIONS = (None, "xla")
+IMPLEMENTATIONS = (None, "xla", "chunked")
 
 
 class AttentionInputs(NamedTuple):
@@ -71,6 +71,24 @@ def check_dropout_rate(rate: Any) -> float:
     if not 0.0 <= rate < 1.0:
         _fail(f"dropout_rate must be in [0, 1); received dropout_rate={rate!r}.")
     return rate
+
+
+def _positive_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 1
+
+
+def check_block_size(block_size: Any) -> int | tuple[int, int] | None:
+    """Returns ``block_size`` if it is None, a positive int or a pair of them."""
+    if isinstance(block_size, (tuple, list)) and len(block_size) == 2:
+        if all(_positive_int(b) for b in block_size):
+            return tuple(block_size)
+    elif block_size is None or _positive_int(block_size):
+        return block_size
+    _fail(
+        "block_size must be None, a positive Python int or a pair (block_q, block_k) of "
+        f"them; received block_size={block_size!r}."
+    )
+    return None  # unreachable
 
 
 def check_float_array(name: str, x: Any, layout: str) -> jax.Array:

@@ -1,0 +1,290 @@
+"""Memory-efficient attention: online softmax over blocks with a fused custom VJP.
+
+The forward pass walks query blocks and, inside each, key blocks, keeping a running max,
+normaliser and weighted sum (FlashAttention-2 style); it saves only the output and the row
+log-sum-exp. The backward pass recomputes each block's probabilities and accumulates the
+gradients of query, key, value and the learned scalars. Peak memory is O(T · block) in both
+directions; the ``[..., Tq, Tv]`` score matrix is never formed.
+
+The numbers are those of the materialised path (Keras's subtract-1e9 masking rule,
+top-left causal mask, fully masked rows included) up to float rounding. Under ``causal``,
+blocks entirely in the future are skipped, except for queries whose every key is masked
+(those rows, by Keras's rule, still average over all keys).
+
+Shape glossary: ``...`` batch dims, ``Tq``/``Tv`` query/key lengths, ``D`` query/key depth,
+``Dv`` value depth, ``B`` the flattened batch, ``Bq``/``Bk`` block lengths.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from flax_dotattn._src.masks import apply_score_mask
+from flax_dotattn._src.scores import attention_scores
+
+#: Default ``(Bq, Bk)`` blocks, measured on a 2-core x86 CPU (see README's benchmark):
+#: tall query blocks keep the matmuls large, short key blocks keep the working set in cache.
+DEFAULT_BLOCK_SIZE = (2048, 256)
+#: Concat mode forms a ``[B, Bq, Bk, D]`` tanh block, so its blocks are smaller.
+DEFAULT_CONCAT_BLOCK_SIZE = (256, 128)
+
+
+def default_block_size(score_mode: str) -> tuple[int, int]:
+    """The measured default ``(Bq, Bk)`` for ``score_mode``."""
+    return DEFAULT_CONCAT_BLOCK_SIZE if score_mode == "concat" else DEFAULT_BLOCK_SIZE
+
+
+class _Spec(NamedTuple):
+    """Static (hashable) settings of one chunked call."""
+
+    score_mode: str
+    causal: bool
+    dropout_rate: float
+    tq: int
+    tv: int
+    block_q: int
+    block_k: int
+    precision: Any
+
+
+def _logits(spec: _Spec, q_blk, k_blk, vm_blk, scale, cw, i, j):
+    """Masked logits of block (i, j): ``[B, Bq, Bk]``, plus the real-key indicator."""
+    s = attention_scores(
+        q_blk,
+        k_blk,
+        score_mode=spec.score_mode,
+        scale=scale,
+        concat_score_weight=cw,
+        precision=spec.precision,
+        compute_dtype=q_blk.dtype,
+    )  # [B, Bq, Bk]
+    q_idx = i * spec.block_q + jnp.arange(spec.block_q)  # [Bq]
+    k_idx = j * spec.block_k + jnp.arange(spec.block_k)  # [Bk]
+    keep = None
+    if spec.causal:
+        keep = (q_idx[:, None] >= k_idx[None, :])[None]  # [1, Bq, Bk]
+    if vm_blk is not None:
+        vkeep = vm_blk[:, None, :]  # [B, 1, Bk]
+        keep = vkeep if keep is None else jnp.logical_and(keep, vkeep)
+    s = apply_score_mask(s, keep)
+    real_key = (k_idx < spec.tv)[None, None, :]  # [1, 1, Bk]; False on padding
+    return s, real_key
+
+
+def _needed(spec: _Spec, i, j, first_valid):
+    """Whether block (i, j) can contribute; only causal blocks in the future cannot."""
+    if not spec.causal:
+        return True
+    q_last = (i + 1) * spec.block_q - 1
+    in_past = j * spec.block_k <= q_last
+    # Queries before the first unmasked key are fully masked and see every key.
+    has_fully_masked_rows = i * spec.block_q < first_valid
+    return jnp.logical_or(in_past, has_fully_masked_rows)
+
+
+def _maybe(pred, fn, carry):
+    """``fn(carry)`` when ``pred`` (a Python or traced bool), else ``carry`` unchanged."""
+    if pred is True:
+        return fn(carry)
+    return lax.cond(pred, fn, lambda c: c, carry)
+
+
+def _dropout_scale(spec: _Spec, rng, i, j, shape, dtype):
+    """Inverted-dropout factors of block (i, j): 0 or ``1 / (1 - rate)``."""
+    keep_prob = 1.0 - spec.dropout_rate
+    key = jax.random.fold_in(jax.random.fold_in(rng, i), j)
+    keep = jax.random.bernoulli(key, keep_prob, shape)
+    return jnp.where(keep, jnp.asarray(1.0 / keep_prob, dtype), jnp.asarray(0.0, dtype))
+
+
+def _forward(spec: _Spec, q, k, v, vm, first_valid, scale, cw, rng):
+    """Returns the output (before the query mask) and the softmax statistics.
+
+    Args: ``q [nQ, B, Bq, D]``, ``k [nK, B, Bk, D]``, ``v [nK, B, Bk, Dv]``,
+    ``vm [nK, B, Bk]`` or None.
+
+    Returns: ``out [nQ, B, Bq, Dv]`` and ``(m, l)``, each ``[nQ, B, Bq]``: the row max
+    and normaliser, so that ``P = exp(S - m) / l``. They are kept apart rather than as
+    ``m + log(l)``: for fully masked rows ``m`` is near -1e9, where float32 spacing (64)
+    would swallow ``log(l)``.
+    """
+    n_k = k.shape[0]
+    dtype = q.dtype
+
+    def query_block(args):
+        i, q_blk = args
+        shape = q_blk.shape[:-1]  # [B, Bq]
+        init = (
+            jnp.full(shape, -jnp.inf, dtype),  # running max m
+            jnp.zeros(shape, dtype),  # running normaliser l
+            jnp.zeros(shape + (v.shape[-1],), dtype),  # running weighted sum
+        )
+
+        def key_block(j, carry):
+            def compute(carry):
+                m, norm, acc = carry
+                vm_blk = None if vm is None else vm[j]
+                s, real = _logits(spec, q_blk, k[j], vm_blk, scale, cw, i, j)
+                s = jnp.where(real, s, -jnp.inf)  # [B, Bq, Bk]
+                m_new = jnp.maximum(m, s.max(-1))  # [B, Bq]
+                alpha = jnp.exp(m - m_new)  # [B, Bq]
+                p = jnp.exp(s - m_new[..., None])  # [B, Bq, Bk]
+                norm = norm * alpha + p.sum(-1)
+                if spec.dropout_rate > 0.0:
+                    p = p * _dropout_scale(spec, rng, i, j, p.shape, dtype)
+                pv = jnp.einsum("bqk,bkd->bqd", p, v[j], precision=spec.precision)
+                return m_new, norm, acc * alpha[..., None] + pv  # [B, Bq, Dv]
+
+            return _maybe(_needed(spec, i, j, first_valid), compute, carry)
+
+        m, norm, acc = lax.fori_loop(0, n_k, key_block, init)
+        return acc / norm[..., None], (m, norm)
+
+    return lax.map(query_block, (jnp.arange(q.shape[0]), q))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flash(spec, q, k, v, vm, first_valid, scale, cw, rng):
+    return _forward(spec, q, k, v, vm, first_valid, scale, cw, rng)[0]
+
+
+def _flash_fwd(spec, q, k, v, vm, first_valid, scale, cw, rng):
+    out, stats = _forward(spec, q, k, v, vm, first_valid, scale, cw, rng)
+    return out, (q, k, v, vm, first_valid, scale, cw, rng, out, stats)
+
+
+def _flash_bwd(spec, residuals, dout):
+    q, k, v, vm, first_valid, scale, cw, rng, out, (m, norm) = residuals
+    n_q = q.shape[0]
+    dtype = q.dtype
+    delta = jnp.sum(dout * out, axis=-1)  # [nQ, B, Bq]; = rowsum(dP * P)
+
+    def key_block(carry, xs):
+        j, k_blk, v_blk, vm_blk = xs
+
+        def query_block(i, c):
+            def compute(c):
+                dk, dv, dq, dscale, dcw = c
+                q_blk = q[i]
+
+                def logits(q_blk, k_blk, scale, cw):
+                    return _logits(spec, q_blk, k_blk, vm_blk, scale, cw, i, j)[0]
+
+                s, logits_vjp = jax.vjp(logits, q_blk, k_blk, scale, cw)  # [B, Bq, Bk]
+                real = (j * spec.block_k + jnp.arange(spec.block_k) < spec.tv)[None, None]
+                p = jnp.exp(s - m[i][..., None]) / norm[i][..., None]  # [B, Bq, Bk]
+                p = jnp.where(real, p, 0.0)
+                dp = jnp.einsum("bqd,bkd->bqk", dout[i], v_blk, precision=spec.precision)
+                if spec.dropout_rate > 0.0:
+                    drop = _dropout_scale(spec, rng, i, j, p.shape, dtype)
+                    pd, dp = p * drop, dp * drop
+                else:
+                    pd = p
+                dv = dv + jnp.einsum("bqk,bqd->bkd", pd, dout[i], precision=spec.precision)
+                ds = p * (dp - delta[i][..., None])  # [B, Bq, Bk]
+                dq_i, dk_j, dsc, dw = logits_vjp(ds)
+                return dk + dk_j, dv, dq.at[i].add(dq_i), dscale + dsc, dcw + dw
+
+            return _maybe(_needed(spec, i, j, first_valid), compute, c)
+
+        dq, dscale, dcw = carry
+        init = (jnp.zeros_like(k_blk), jnp.zeros_like(v_blk), dq, dscale, dcw)
+        dk, dv, dq, dscale, dcw = lax.fori_loop(0, n_q, query_block, init)
+        return (dq, dscale, dcw), (dk, dv)
+
+    xs = (jnp.arange(k.shape[0]), k, v, vm)
+    init = (jnp.zeros_like(q), jnp.zeros_like(scale), jnp.zeros_like(cw))
+    (dq, dscale, dcw), (dk, dv) = lax.scan(key_block, init, xs)
+    return dq, dk, dv, None, None, dscale, dcw, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def _blocks(x, n_blocks: int, block: int, fill=0):
+    """``[B, T, ...]`` -> ``[n, B, block, ...]``, padding T up to ``n * block``."""
+    pad = n_blocks * block - x.shape[1]
+    if pad:
+        widths = [(0, 0)] * x.ndim
+        widths[1] = (0, pad)
+        x = jnp.pad(x, widths, constant_values=fill)
+    x = x.reshape((x.shape[0], n_blocks, block) + x.shape[2:])
+    return jnp.moveaxis(x, 1, 0)
+
+
+def chunked_attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    value_mask: jax.Array | None,
+    scale: jax.Array | None,
+    concat_score_weight: jax.Array | None,
+    *,
+    score_mode: str,
+    causal: bool,
+    dropout_rate: float,
+    dropout_rng: jax.Array | None,
+    block_size: int | tuple[int, int] | None,
+    precision: Any,
+    compute_dtype: Any,
+) -> jax.Array:
+    """Blockwise attention with Keras semantics, before the query mask.
+
+    Args:
+      query: ``[..., Tq, D]``.
+      key: ``[..., Tv, D]``.
+      value: ``[..., Tv, Dv]``.
+      value_mask: bool ``[..., Tv]`` or None.
+      scale: scalar ``[]`` or None.
+      concat_score_weight: scalar ``[]`` (concat mode) or None.
+      score_mode: ``"dot"`` or ``"concat"``.
+      causal: apply the top-left causal mask.
+      dropout_rate: dropout rate (0 disables); the random pattern depends on the blocks.
+      dropout_rng: PRNG key when ``dropout_rate > 0``.
+      block_size: block length for queries and keys, a pair ``(Bq, Bk)``, or None
+        for :func:`default_block_size`.
+      precision: matmul precision.
+      compute_dtype: dtype of the whole computation (float32 for 16-bit inputs).
+
+    Returns:
+      ``[..., Tq, Dv]`` in ``compute_dtype``.
+    """
+    batch = query.shape[:-2]
+    tq, d = query.shape[-2:]
+    tv, dv = value.shape[-2:]
+    b = math.prod(batch)
+    if block_size is None:
+        block_size = default_block_size(score_mode)
+    block_q, block_k = block_size if isinstance(block_size, tuple) else (block_size,) * 2
+    block_q, block_k = min(block_q, tq), min(block_k, tv)
+    n_q, n_k = -(-tq // block_q), -(-tv // block_k)
+    cdt = jnp.dtype(compute_dtype)
+
+    def flat(x, t, last):
+        return x.astype(cdt).reshape((b, t) + last)
+
+    q = _blocks(flat(query, tq, (d,)), n_q, block_q)  # [nQ, B, Bq, D]
+    k = _blocks(flat(key, tv, (d,)), n_k, block_k)  # [nK, B, Bk, D]
+    v = _blocks(flat(value, tv, (dv,)), n_k, block_k)  # [nK, B, Bk, Dv]
+    vm, first_valid = None, jnp.int32(0)
+    if value_mask is not None:
+        vm_flat = value_mask.reshape(b, tv)  # [B, Tv]
+        vm = _blocks(vm_flat, n_k, block_k, fill=False)  # [nK, B, Bk]
+        if causal:
+            # Index of each row's first unmasked key (n_q * block_q if none), max over B.
+            first = jnp.where(vm_flat.any(-1), jnp.argmax(vm_flat, -1), n_q * block_q)
+            first_valid = first.max().astype(jnp.int32)
+    spec = _Spec(score_mode, causal, float(dropout_rate), tq, tv, block_q, block_k, precision)
+    one = jnp.ones((), cdt)
+    scale = one if scale is None else scale.astype(cdt)
+    cw = one if concat_score_weight is None else concat_score_weight.astype(cdt)
+    rng = dropout_rng if dropout_rate > 0.0 else None
+    out = _flash(spec, q, k, v, vm, first_valid, scale, cw, rng)  # [nQ, B, Bq, Dv]
+    out = jnp.moveaxis(out, 0, 1).reshape(b, n_q * block_q, dv)[:, :tq]
+    return out.reshape(batch + (tq, dv))
