@@ -246,3 +246,28 @@ def test_block_size_is_validated():
     for bad in (0, -1, 2.5, (4,), (4, 0), True):
         with pytest.raises(ValueError, match="block_size must be None, a positive"):
             dot_attention(None, q, q, implementation="chunked", block_size=bad)
+
+
+def test_mid_size_dispatch_materialises_forward_and_chunks_backward(rng):
+    # 1 x 2048 x 2048 float32 scores = 16 MiB: inside the band where a plain forward runs
+    # materialised and a differentiated one runs chunked.
+    q = jnp.asarray(rng.normal(size=(1, 2048, 8)) * 0.3, jnp.float32)
+    v = jnp.asarray(rng.normal(size=(1, 2048, 8)), jnp.float32)
+    vm = jnp.asarray(rng.random((1, 2048)) > 0.1)
+    plain = jax.jit(lambda q, v: dot_attention(None, q, v, masks=(None, vm), causal=True))
+    assert "custom_vjp_call" in str(jax.make_jaxpr(plain)(q, v))
+    assert_close(
+        plain(q, v), dot_attention(None, q, v, masks=(None, vm), causal=True, implementation="xla")
+    )
+
+    def loss(impl, q):
+        return jnp.sum(
+            dot_attention(None, q, v, masks=(None, vm), causal=True, implementation=impl) ** 2
+        )
+
+    np.testing.assert_allclose(
+        jax.grad(functools.partial(loss, None))(q),
+        jax.grad(functools.partial(loss, "xla"))(q),
+        rtol=1e-4,
+        atol=1e-5,
+    )

@@ -39,5 +39,7 @@ def test_pure_layers_import_neither_flax_nor_keras(module):
 
 
 def test_library_never_imports_keras():
+    # The benchmark CLI times Keras's layer when it is installed; nothing else may import it.
     for path in pathlib.Path(flax_dotattn.__file__).parent.rglob("*.py"):
-        assert "keras" not in _imported_roots(path), path
+        if path.name != "bench.py":
+            assert "keras" not in _imported_roots(path), path

@@ -15,20 +15,12 @@ import jax
 import jax.numpy as jnp
 
 from flax_dotattn._src import dispatch, validation
-from flax_dotattn._src import masks as masks_lib
 from flax_dotattn._src.chunked import chunked_attention
-from flax_dotattn._src.scores import attention_scores
+from flax_dotattn._src.materialised import materialised_attention
 
 Array = jax.Array
 Params = Mapping[str, Any] | None
 Masks = Sequence[Any] | None
-
-
-def _dropout(weights: Array, rate: float, rng: Array) -> Array:
-    """Inverted dropout: keeps each weight with probability ``1 - rate``, scaled up."""
-    keep_prob = 1.0 - rate
-    keep = jax.random.bernoulli(rng, keep_prob, weights.shape)  # [..., Tq, Tv]
-    return jnp.where(keep, weights / jnp.asarray(keep_prob, weights.dtype), 0)
 
 
 def dot_attention(
@@ -146,9 +138,13 @@ def dot_attention(
         )
 
     block_size = validation.check_block_size(block_size)
+    plan = dispatch.Plan(implementation)
     if implementation is None:
-        implementation = dispatch.choose_implementation(
-            inputs, score_mode=score_mode, return_attention_scores=return_attention_scores
+        plan = dispatch.choose_implementation(
+            inputs,
+            score_mode=score_mode,
+            return_attention_scores=return_attention_scores,
+            dropout=use_dropout,
         )
     elif implementation == "chunked" and return_attention_scores:
         raise ValueError(
@@ -157,7 +153,7 @@ def dot_attention(
             "or 'xla')."
         )
     dropout = (dropout_rate, dropout_rng) if use_dropout else (0.0, None)
-    if implementation == "chunked":
+    if plan.implementation == "chunked":
         weights = None
         output = chunked_attention(
             inputs.query,
@@ -173,47 +169,26 @@ def dot_attention(
             block_size=block_size,
             precision=precision,
             compute_dtype=inputs.compute_dtype,
+            materialise_primal=plan.materialise_primal,
         )  # [..., Tq, Dv]
     else:
-        output, weights = _materialised(
-            inputs, score_mode, causal, dropout[0], dropout[1], precision
-        )
+        output, weights = materialised_attention(
+            inputs.query,
+            inputs.key,
+            inputs.value,
+            inputs.value_mask,
+            inputs.scale,
+            inputs.concat_score_weight,
+            score_mode=score_mode,
+            causal=causal,
+            dropout_rate=dropout[0],
+            dropout_rng=dropout[1],
+            precision=precision,
+            compute_dtype=inputs.compute_dtype,
+        )  # [..., Tq, Dv], [..., Tq, Tv]
     if inputs.query_mask is not None:
         output = jnp.where(inputs.query_mask[..., None], output, 0)  # [..., Tq, Dv]
     output = output.astype(inputs.dtype)
     if return_attention_scores:
         return output, weights.astype(inputs.dtype)
     return output
-
-
-def _materialised(
-    inputs: validation.AttentionInputs,
-    score_mode: str,
-    causal: bool,
-    dropout_rate: float,
-    dropout_rng: Array | None,
-    precision: Any,
-) -> tuple[Array, Array]:
-    """The direct computation: ``(output [..., Tq, Dv], weights [..., Tq, Tv])``."""
-    cdt = inputs.compute_dtype
-    tq, tv = inputs.query.shape[-2], inputs.key.shape[-2]
-    scores = attention_scores(
-        inputs.query,
-        inputs.key,
-        score_mode=score_mode,
-        scale=inputs.scale,
-        concat_score_weight=inputs.concat_score_weight,
-        precision=precision,
-        compute_dtype=cdt,
-    )  # [..., Tq, Tv]
-    score_mask = masks_lib.combine_score_mask(
-        inputs.value_mask, causal, tq, tv, inputs.query.ndim - 2
-    )
-    scores = masks_lib.apply_score_mask(scores, score_mask)  # [..., Tq, Tv]
-    weights = jax.nn.softmax(scores, axis=-1)  # [..., Tq, Tv]
-    if dropout_rate > 0.0:
-        weights = _dropout(weights, dropout_rate, dropout_rng)
-    output = jnp.einsum(
-        "...qk,...kd->...qd", weights, inputs.value.astype(cdt), precision=precision
-    )  # [..., Tq, Dv]
-    return output, weights

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from flax_dotattn._src.masks import apply_score_mask
+from flax_dotattn._src.materialised import materialised_attention
 from flax_dotattn._src.scores import attention_scores
 
 #: Default ``(Bq, Bk)`` blocks, measured on a 2-core x86 CPU (see README's benchmark):
@@ -48,13 +49,14 @@ class _Spec(NamedTuple):
     dropout_rate: float
     tq: int
     tv: int
-    block_q: int
-    block_k: int
+    blocks: tuple[int, int]  # (Bq, Bk)
+    materialise_primal: bool  # a forward that is not differentiated materialises
     precision: Any
 
 
-def _logits(spec: _Spec, q_blk, k_blk, vm_blk, scale, cw, i, j):
+def _logits(spec: _Spec, blocks, q_blk, k_blk, vm_blk, scale, cw, i, j):
     """Masked logits of block (i, j): ``[B, Bq, Bk]``, plus the real-key indicator."""
+    block_q, block_k = blocks
     s = attention_scores(
         q_blk,
         k_blk,
@@ -64,8 +66,8 @@ def _logits(spec: _Spec, q_blk, k_blk, vm_blk, scale, cw, i, j):
         precision=spec.precision,
         compute_dtype=q_blk.dtype,
     )  # [B, Bq, Bk]
-    q_idx = i * spec.block_q + jnp.arange(spec.block_q)  # [Bq]
-    k_idx = j * spec.block_k + jnp.arange(spec.block_k)  # [Bk]
+    q_idx = i * block_q + jnp.arange(block_q)  # [Bq]
+    k_idx = j * block_k + jnp.arange(block_k)  # [Bk]
     keep = None
     if spec.causal:
         keep = (q_idx[:, None] >= k_idx[None, :])[None]  # [1, Bq, Bk]
@@ -77,14 +79,14 @@ def _logits(spec: _Spec, q_blk, k_blk, vm_blk, scale, cw, i, j):
     return s, real_key
 
 
-def _needed(spec: _Spec, i, j, first_valid):
+def _needed(spec: _Spec, blocks, i, j, first_valid):
     """Whether block (i, j) can contribute; only causal blocks in the future cannot."""
     if not spec.causal:
         return True
-    q_last = (i + 1) * spec.block_q - 1
-    in_past = j * spec.block_k <= q_last
+    block_q, block_k = blocks
+    in_past = j * block_k <= (i + 1) * block_q - 1
     # Queries before the first unmasked key are fully masked and see every key.
-    has_fully_masked_rows = i * spec.block_q < first_valid
+    has_fully_masked_rows = i * block_q < first_valid
     return jnp.logical_or(in_past, has_fully_masked_rows)
 
 
@@ -103,18 +105,38 @@ def _dropout_scale(spec: _Spec, rng, i, j, shape, dtype):
     return jnp.where(keep, jnp.asarray(1.0 / keep_prob, dtype), jnp.asarray(0.0, dtype))
 
 
-def _forward(spec: _Spec, q, k, v, vm, first_valid, scale, cw, rng):
+def _to_blocks(x, block: int, fill=0):
+    """``[B, T, ...]`` -> ``[n, B, block, ...]``, padding T up to a multiple of ``block``."""
+    n_blocks = -(-x.shape[1] // block)
+    pad = n_blocks * block - x.shape[1]
+    if pad:
+        widths = [(0, 0)] * x.ndim
+        widths[1] = (0, pad)
+        x = jnp.pad(x, widths, constant_values=fill)
+    x = x.reshape((x.shape[0], n_blocks, block) + x.shape[2:])
+    return jnp.moveaxis(x, 1, 0)
+
+
+def _from_blocks(x, length: int):
+    """``[n, B, block, ...]`` -> ``[B, length, ...]``, dropping the padding."""
+    x = jnp.moveaxis(x, 0, 1)
+    return x.reshape((x.shape[0], -1) + x.shape[3:])[:, :length]
+
+
+def _forward(spec: _Spec, blocks, q, k, v, vm, first_valid, scale, cw, rng):
     """Returns the output (before the query mask) and the softmax statistics.
 
-    Args: ``q [nQ, B, Bq, D]``, ``k [nK, B, Bk, D]``, ``v [nK, B, Bk, Dv]``,
-    ``vm [nK, B, Bk]`` or None.
+    Args: ``q [B, Tq, D]``, ``k [B, Tv, D]``, ``v [B, Tv, Dv]``, ``vm [B, Tv]`` or None.
 
-    Returns: ``out [nQ, B, Bq, Dv]`` and ``(m, l)``, each ``[nQ, B, Bq]``: the row max
-    and normaliser, so that ``P = exp(S - m) / l``. They are kept apart rather than as
+    Returns: ``out [B, Tq, Dv]`` and ``(m, l)``, each ``[nQ, B, Bq]``: the row max and
+    normaliser, so that ``P = exp(S - m) / l``. They are kept apart rather than as
     ``m + log(l)``: for fully masked rows ``m`` is near -1e9, where float32 spacing (64)
     would swallow ``log(l)``.
     """
-    n_k = k.shape[0]
+    block_q, block_k = blocks
+    qb = _to_blocks(q, block_q)  # [nQ, B, Bq, D]
+    kb, vb = _to_blocks(k, block_k), _to_blocks(v, block_k)  # [nK, B, Bk, D|Dv]
+    vmb = None if vm is None else _to_blocks(vm, block_k, fill=False)  # [nK, B, Bk]
     dtype = q.dtype
 
     def query_block(args):
@@ -129,8 +151,8 @@ def _forward(spec: _Spec, q, k, v, vm, first_valid, scale, cw, rng):
         def key_block(j, carry):
             def compute(carry):
                 m, norm, acc = carry
-                vm_blk = None if vm is None else vm[j]
-                s, real = _logits(spec, q_blk, k[j], vm_blk, scale, cw, i, j)
+                vm_blk = None if vmb is None else vmb[j]
+                s, real = _logits(spec, blocks, q_blk, kb[j], vm_blk, scale, cw, i, j)
                 s = jnp.where(real, s, -jnp.inf)  # [B, Bq, Bk]
                 m_new = jnp.maximum(m, s.max(-1))  # [B, Bq]
                 alpha = jnp.exp(m - m_new)  # [B, Bq]
@@ -138,32 +160,51 @@ def _forward(spec: _Spec, q, k, v, vm, first_valid, scale, cw, rng):
                 norm = norm * alpha + p.sum(-1)
                 if spec.dropout_rate > 0.0:
                     p = p * _dropout_scale(spec, rng, i, j, p.shape, dtype)
-                pv = jnp.einsum("bqk,bkd->bqd", p, v[j], precision=spec.precision)
+                pv = jnp.einsum("bqk,bkd->bqd", p, vb[j], precision=spec.precision)
                 return m_new, norm, acc * alpha[..., None] + pv  # [B, Bq, Dv]
 
-            return _maybe(_needed(spec, i, j, first_valid), compute, carry)
+            return _maybe(_needed(spec, blocks, i, j, first_valid), compute, carry)
 
-        m, norm, acc = lax.fori_loop(0, n_k, key_block, init)
+        m, norm, acc = lax.fori_loop(0, kb.shape[0], key_block, init)
         return acc / norm[..., None], (m, norm)
 
-    return lax.map(query_block, (jnp.arange(q.shape[0]), q))
+    out, stats = lax.map(query_block, (jnp.arange(qb.shape[0]), qb))
+    return _from_blocks(out, spec.tq), stats
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _flash(spec, q, k, v, vm, first_valid, scale, cw, rng):
-    return _forward(spec, q, k, v, vm, first_valid, scale, cw, rng)[0]
+    if spec.materialise_primal:  # not differentiated, and faster materialised
+        return materialised_attention(
+            q,
+            k,
+            v,
+            vm,
+            scale,
+            cw,
+            score_mode=spec.score_mode,
+            causal=spec.causal,
+            dropout_rate=0.0,
+            dropout_rng=None,
+            precision=spec.precision,
+            compute_dtype=q.dtype,
+        )[0]
+    return _forward(spec, spec.blocks, q, k, v, vm, first_valid, scale, cw, rng)[0]
 
 
 def _flash_fwd(spec, q, k, v, vm, first_valid, scale, cw, rng):
-    out, stats = _forward(spec, q, k, v, vm, first_valid, scale, cw, rng)
+    out, stats = _forward(spec, spec.blocks, q, k, v, vm, first_valid, scale, cw, rng)
     return out, (q, k, v, vm, first_valid, scale, cw, rng, out, stats)
 
 
 def _flash_bwd(spec, residuals, dout):
     q, k, v, vm, first_valid, scale, cw, rng, out, (m, norm) = residuals
-    n_q = q.shape[0]
+    blocks = block_q, block_k = spec.blocks
+    qb, dob = _to_blocks(q, block_q), _to_blocks(dout, block_q)  # [nQ, B, Bq, D|Dv]
+    kb, vb = _to_blocks(k, block_k), _to_blocks(v, block_k)  # [nK, B, Bk, D|Dv]
+    vmb = None if vm is None else _to_blocks(vm, block_k, fill=False)  # [nK, B, Bk]
+    delta = _to_blocks(jnp.sum(dout * out, axis=-1), block_q)  # [nQ, B, Bq]; rowsum(dP*P)
     dtype = q.dtype
-    delta = jnp.sum(dout * out, axis=-1)  # [nQ, B, Bq]; = rowsum(dP * P)
 
     def key_block(carry, xs):
         j, k_blk, v_blk, vm_blk = xs
@@ -171,51 +212,40 @@ def _flash_bwd(spec, residuals, dout):
         def query_block(i, c):
             def compute(c):
                 dk, dv, dq, dscale, dcw = c
-                q_blk = q[i]
 
                 def logits(q_blk, k_blk, scale, cw):
-                    return _logits(spec, q_blk, k_blk, vm_blk, scale, cw, i, j)[0]
+                    return _logits(spec, blocks, q_blk, k_blk, vm_blk, scale, cw, i, j)[0]
 
-                s, logits_vjp = jax.vjp(logits, q_blk, k_blk, scale, cw)  # [B, Bq, Bk]
-                real = (j * spec.block_k + jnp.arange(spec.block_k) < spec.tv)[None, None]
+                s, logits_vjp = jax.vjp(logits, qb[i], k_blk, scale, cw)  # [B, Bq, Bk]
+                real = (j * block_k + jnp.arange(block_k) < spec.tv)[None, None]
                 p = jnp.exp(s - m[i][..., None]) / norm[i][..., None]  # [B, Bq, Bk]
                 p = jnp.where(real, p, 0.0)
-                dp = jnp.einsum("bqd,bkd->bqk", dout[i], v_blk, precision=spec.precision)
+                dp = jnp.einsum("bqd,bkd->bqk", dob[i], v_blk, precision=spec.precision)
                 if spec.dropout_rate > 0.0:
                     drop = _dropout_scale(spec, rng, i, j, p.shape, dtype)
                     pd, dp = p * drop, dp * drop
                 else:
                     pd = p
-                dv = dv + jnp.einsum("bqk,bqd->bkd", pd, dout[i], precision=spec.precision)
+                dv = dv + jnp.einsum("bqk,bqd->bkd", pd, dob[i], precision=spec.precision)
                 ds = p * (dp - delta[i][..., None])  # [B, Bq, Bk]
                 dq_i, dk_j, dsc, dw = logits_vjp(ds)
                 return dk + dk_j, dv, dq.at[i].add(dq_i), dscale + dsc, dcw + dw
 
-            return _maybe(_needed(spec, i, j, first_valid), compute, c)
+            return _maybe(_needed(spec, blocks, i, j, first_valid), compute, c)
 
         dq, dscale, dcw = carry
         init = (jnp.zeros_like(k_blk), jnp.zeros_like(v_blk), dq, dscale, dcw)
-        dk, dv, dq, dscale, dcw = lax.fori_loop(0, n_q, query_block, init)
+        dk, dv, dq, dscale, dcw = lax.fori_loop(0, qb.shape[0], query_block, init)
         return (dq, dscale, dcw), (dk, dv)
 
-    xs = (jnp.arange(k.shape[0]), k, v, vm)
-    init = (jnp.zeros_like(q), jnp.zeros_like(scale), jnp.zeros_like(cw))
+    xs = (jnp.arange(kb.shape[0]), kb, vb, vmb)
+    init = (jnp.zeros_like(qb), jnp.zeros_like(scale), jnp.zeros_like(cw))
     (dq, dscale, dcw), (dk, dv) = lax.scan(key_block, init, xs)
+    dq, dk, dv = _from_blocks(dq, spec.tq), _from_blocks(dk, spec.tv), _from_blocks(dv, spec.tv)
     return dq, dk, dv, None, None, dscale, dcw, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
-
-
-def _blocks(x, n_blocks: int, block: int, fill=0):
-    """``[B, T, ...]`` -> ``[n, B, block, ...]``, padding T up to ``n * block``."""
-    pad = n_blocks * block - x.shape[1]
-    if pad:
-        widths = [(0, 0)] * x.ndim
-        widths[1] = (0, pad)
-        x = jnp.pad(x, widths, constant_values=fill)
-    x = x.reshape((x.shape[0], n_blocks, block) + x.shape[2:])
-    return jnp.moveaxis(x, 1, 0)
 
 
 def chunked_attention(
@@ -233,6 +263,7 @@ def chunked_attention(
     block_size: int | tuple[int, int] | None,
     precision: Any,
     compute_dtype: Any,
+    materialise_primal: bool = False,
 ) -> jax.Array:
     """Blockwise attention with Keras semantics, before the query mask.
 
@@ -251,6 +282,10 @@ def chunked_attention(
         for :func:`default_block_size`.
       precision: matmul precision.
       compute_dtype: dtype of the whole computation (float32 for 16-bit inputs).
+      materialise_primal: run a forward pass that is *not* differentiated through the
+        materialised path. Automatic dispatch sets it for mid-sized inputs, where the
+        materialised forward is faster while training still gets the chunked forward and
+        backward. Not with dropout (the two paths draw different patterns).
 
     Returns:
       ``[..., Tq, Dv]`` in ``compute_dtype``.
@@ -259,32 +294,31 @@ def chunked_attention(
     tq, d = query.shape[-2:]
     tv, dv = value.shape[-2:]
     b = math.prod(batch)
-    if block_size is None:
-        block_size = default_block_size(score_mode)
-    block_q, block_k = block_size if isinstance(block_size, tuple) else (block_size,) * 2
-    block_q, block_k = min(block_q, tq), min(block_k, tv)
-    n_q, n_k = -(-tq // block_q), -(-tv // block_k)
+    blocks = _clip_blocks(block_size or default_block_size(score_mode), tq, tv)
     cdt = jnp.dtype(compute_dtype)
-
-    def flat(x, t, last):
-        return x.astype(cdt).reshape((b, t) + last)
-
-    q = _blocks(flat(query, tq, (d,)), n_q, block_q)  # [nQ, B, Bq, D]
-    k = _blocks(flat(key, tv, (d,)), n_k, block_k)  # [nK, B, Bk, D]
-    v = _blocks(flat(value, tv, (dv,)), n_k, block_k)  # [nK, B, Bk, Dv]
+    q = query.astype(cdt).reshape(b, tq, d)  # [B, Tq, D]
+    k = key.astype(cdt).reshape(b, tv, d)  # [B, Tv, D]
+    v = value.astype(cdt).reshape(b, tv, dv)  # [B, Tv, Dv]
     vm, first_valid = None, jnp.int32(0)
     if value_mask is not None:
-        vm_flat = value_mask.reshape(b, tv)  # [B, Tv]
-        vm = _blocks(vm_flat, n_k, block_k, fill=False)  # [nK, B, Bk]
+        vm = value_mask.reshape(b, tv)  # [B, Tv]
         if causal:
-            # Index of each row's first unmasked key (n_q * block_q if none), max over B.
-            first = jnp.where(vm_flat.any(-1), jnp.argmax(vm_flat, -1), n_q * block_q)
+            # Index of each row's first unmasked key (tq if none), max over the batch.
+            first = jnp.where(vm.any(-1), jnp.argmax(vm, -1), tq)
             first_valid = first.max().astype(jnp.int32)
-    spec = _Spec(score_mode, causal, float(dropout_rate), tq, tv, block_q, block_k, precision)
+    if dropout_rate > 0.0 and materialise_primal:
+        raise ValueError("materialise_primal=True would change the dropout pattern")
+    spec = _Spec(
+        score_mode, causal, float(dropout_rate), tq, tv, blocks, materialise_primal, precision
+    )
     one = jnp.ones((), cdt)
     scale = one if scale is None else scale.astype(cdt)
     cw = one if concat_score_weight is None else concat_score_weight.astype(cdt)
     rng = dropout_rng if dropout_rate > 0.0 else None
-    out = _flash(spec, q, k, v, vm, first_valid, scale, cw, rng)  # [nQ, B, Bq, Dv]
-    out = jnp.moveaxis(out, 0, 1).reshape(b, n_q * block_q, dv)[:, :tq]
+    out = _flash(spec, q, k, v, vm, first_valid, scale, cw, rng)  # [B, Tq, Dv]
     return out.reshape(batch + (tq, dv))
+
+
+def _clip_blocks(block_size: int | tuple[int, int], tq: int, tv: int) -> tuple[int, int]:
+    block_q, block_k = block_size if isinstance(block_size, tuple) else (block_size,) * 2
+    return min(block_q, tq), min(block_k, tv)

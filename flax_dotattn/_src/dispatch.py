@@ -1,22 +1,34 @@
 """Automatic choice of implementation from static shapes, dtype, backend and features.
 
 * ``"xla"`` (materialised) for small problems, and whenever the weights are returned.
-* ``"chunked"`` once the materialised intermediate passes a measured size: the
-  ``[..., Tq, Tv]`` float32 scores (``[..., Tq, Tv, D]`` in concat mode).
+* ``"chunked"`` once the materialised intermediate (the ``[..., Tq, Tv]`` float32
+  scores; ``[..., Tq, Tv, D]`` in concat mode) reaches :data:`CHUNKED_CROSSOVER_BYTES`.
+  Up to :data:`FORWARD_CROSSOVER_BYTES`, a forward pass that is not differentiated still
+  runs materialised, since there the materialised forward is the faster one.
 
-The crossover was measured with ``python -m flax_dotattn.bench`` (see README).
+The crossovers were measured with ``python -m flax_dotattn.bench`` (see README).
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 from flax_dotattn._src.validation import AttentionInputs
 
-#: Bytes of materialised float32 intermediate from which the chunked path is faster: on a
-#: 2-core x86 CPU, forward+backward at 16 MiB of scores (4x1024x1024, 1x2048x2048) ran 2-4x
-#: faster chunked, while at 8 MiB (8x512x512) the materialised path was still ahead.
+#: From here, forward+backward runs faster chunked on a 2-core x86 CPU: 2x at 16 MiB
+#: (4x1024², 1x2048²), while at 8 MiB (8x512²) both paths took the same time.
 CHUNKED_CROSSOVER_BYTES = 16 * 2**20
+#: From here, a forward pass alone runs faster chunked: 2x at 32 MiB (8x1024²), while at
+#: 16 MiB (4x1024²) the materialised forward was ~10 % faster.
+FORWARD_CROSSOVER_BYTES = 32 * 2**20
+
+
+class Plan(NamedTuple):
+    """How :func:`dot_attention` will run."""
+
+    implementation: str  # "xla" or "chunked"
+    materialise_primal: bool = False  # chunked, but a forward without gradient materialises
 
 
 def materialised_bytes(inputs: AttentionInputs, score_mode: str) -> int:
@@ -28,11 +40,18 @@ def materialised_bytes(inputs: AttentionInputs, score_mode: str) -> int:
 
 
 def choose_implementation(
-    inputs: AttentionInputs, *, score_mode: str, return_attention_scores: bool
-) -> str:
-    """Returns ``"xla"`` or ``"chunked"`` for these (static) inputs."""
+    inputs: AttentionInputs,
+    *,
+    score_mode: str,
+    return_attention_scores: bool,
+    dropout: bool,
+) -> Plan:
+    """Returns the :class:`Plan` for these (static) inputs and features."""
     if return_attention_scores:
-        return "xla"
-    if materialised_bytes(inputs, score_mode) >= CHUNKED_CROSSOVER_BYTES:
-        return "chunked"
-    return "xla"
+        return Plan("xla")
+    size = materialised_bytes(inputs, score_mode)
+    if size < CHUNKED_CROSSOVER_BYTES:
+        return Plan("xla")
+    if size < FORWARD_CROSSOVER_BYTES and not dropout:
+        return Plan("chunked", materialise_primal=True)
+    return Plan("chunked")

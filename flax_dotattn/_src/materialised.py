@@ -1,0 +1,77 @@
+"""The materialised path: form the ``[..., Tq, Tv]`` scores, softmax, weighted sum.
+
+Shape glossary: ``...`` batch dims, ``Tq``/``Tv`` query/key lengths, ``D`` query/key depth,
+``Dv`` value depth.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from flax_dotattn._src import masks as masks_lib
+from flax_dotattn._src.scores import attention_scores
+
+
+def dropout_weights(weights: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
+    """Inverted dropout: keeps each weight with probability ``1 - rate``, scaled up."""
+    keep_prob = 1.0 - rate
+    keep = jax.random.bernoulli(rng, keep_prob, weights.shape)  # [..., Tq, Tv]
+    return jnp.where(keep, weights / jnp.asarray(keep_prob, weights.dtype), 0)
+
+
+def materialised_attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    value_mask: jax.Array | None,
+    scale: jax.Array | None,
+    concat_score_weight: jax.Array | None,
+    *,
+    score_mode: str,
+    causal: bool,
+    dropout_rate: float,
+    dropout_rng: jax.Array | None,
+    precision: Any,
+    compute_dtype: Any,
+) -> tuple[jax.Array, jax.Array]:
+    """Keras's computation, step by step, before the query mask.
+
+    Args:
+      query: ``[..., Tq, D]``.
+      key: ``[..., Tv, D]``.
+      value: ``[..., Tv, Dv]``.
+      value_mask: bool ``[..., Tv]`` or None.
+      scale: scalar ``[]`` or None.
+      concat_score_weight: scalar ``[]`` (concat mode) or None.
+      score_mode: ``"dot"`` or ``"concat"``.
+      causal: apply the top-left causal mask.
+      dropout_rate: dropout rate on the weights (0 disables).
+      dropout_rng: PRNG key when ``dropout_rate > 0``.
+      precision: matmul precision.
+      compute_dtype: dtype of the computation (float32 for 16-bit inputs).
+
+    Returns:
+      ``(output [..., Tq, Dv], weights [..., Tq, Tv])`` in ``compute_dtype``.
+    """
+    tq, tv = query.shape[-2], key.shape[-2]
+    scores = attention_scores(
+        query,
+        key,
+        score_mode=score_mode,
+        scale=scale,
+        concat_score_weight=concat_score_weight,
+        precision=precision,
+        compute_dtype=compute_dtype,
+    )  # [..., Tq, Tv]
+    score_mask = masks_lib.combine_score_mask(value_mask, causal, tq, tv, query.ndim - 2)
+    scores = masks_lib.apply_score_mask(scores, score_mask)  # [..., Tq, Tv]
+    weights = jax.nn.softmax(scores, axis=-1)  # [..., Tq, Tv]
+    if dropout_rate > 0.0:
+        weights = dropout_weights(weights, dropout_rate, dropout_rng)
+    output = jnp.einsum(
+        "...qk,...kd->...qd", weights, value.astype(compute_dtype), precision=precision
+    )  # [..., Tq, Dv]
+    return output, weights
