@@ -7,6 +7,7 @@ Public API:
 * :class:`DotAttentionConfig`, :func:`load_config`, :func:`save_config`: hyper-parameters
   that round-trip through dict/JSON/YAML and Keras configs.
 * :func:`params_from_keras`, :func:`params_to_keras`: weight conversion with Keras.
+* :func:`sequence_parallel_attention`: keys/values sharded along ``Tv`` over a mesh axis.
 * :func:`make_causal_mask`, :func:`attention_scores`: building blocks.
 """
 
@@ -19,6 +20,9 @@ from flax_dotattn._src.keras_interop import params_to_keras as params_to_keras
 from flax_dotattn._src.linen import DotAttention as DotAttention
 from flax_dotattn._src.masks import make_causal_mask as make_causal_mask
 from flax_dotattn._src.scores import attention_scores as attention_scores
+from flax_dotattn._src.sharding import (
+    sequence_parallel_attention as sequence_parallel_attention,
+)
 
 __version__ = "0.1.0"
 
@@ -32,4 +36,5 @@ __all__ = (
     "params_from_keras",
     "params_to_keras",
     "save_config",
+    "sequence_parallel_attention",
 )

@@ -2,12 +2,18 @@
 
 * Keras runs on its JAX backend (set before anything imports keras), so no TensorFlow.
 * Implicit rank promotion raises, so nothing in the library broadcasts by accident.
+* 8 simulated CPU devices, for the sharding tests.
 * Warnings are errors (see ``filterwarnings`` in pyproject.toml).
 """
 
 import os
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
+# 8 simulated CPU devices for the sharding tests; must be set before jax initialises.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    ).strip()
 
 import jax
 import jax.numpy as jnp

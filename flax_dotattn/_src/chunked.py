@@ -51,11 +51,15 @@ class _Spec(NamedTuple):
     tv: int
     blocks: tuple[int, int]  # (Bq, Bk)
     materialise_primal: bool  # a forward that is not differentiated materialises
+    with_stats: bool  # also return the softmax statistics (m, log l)
     precision: Any
 
 
-def _logits(spec: _Spec, blocks, q_blk, k_blk, vm_blk, scale, cw, i, j):
-    """Masked logits of block (i, j): ``[B, Bq, Bk]``, plus the real-key indicator."""
+def _logits(spec: _Spec, blocks, q_blk, k_blk, vm_blk, scale, cw, i, j, key_offset):
+    """Masked logits of block (i, j): ``[B, Bq, Bk]``, plus the real-key indicator.
+
+    ``key_offset`` is the global index of key 0 (nonzero for a shard of the keys).
+    """
     block_q, block_k = blocks
     s = attention_scores(
         q_blk,
@@ -67,10 +71,10 @@ def _logits(spec: _Spec, blocks, q_blk, k_blk, vm_blk, scale, cw, i, j):
         compute_dtype=q_blk.dtype,
     )  # [B, Bq, Bk]
     q_idx = i * block_q + jnp.arange(block_q)  # [Bq]
-    k_idx = j * block_k + jnp.arange(block_k)  # [Bk]
+    k_idx = j * block_k + jnp.arange(block_k)  # [Bk], local to this call's keys
     keep = None
     if spec.causal:
-        keep = (q_idx[:, None] >= k_idx[None, :])[None]  # [1, Bq, Bk]
+        keep = (q_idx[:, None] >= key_offset + k_idx[None, :])[None]  # [1, Bq, Bk]
     if vm_blk is not None:
         vkeep = vm_blk[:, None, :]  # [B, 1, Bk]
         keep = vkeep if keep is None else jnp.logical_and(keep, vkeep)
@@ -79,12 +83,12 @@ def _logits(spec: _Spec, blocks, q_blk, k_blk, vm_blk, scale, cw, i, j):
     return s, real_key
 
 
-def _needed(spec: _Spec, blocks, i, j, first_valid):
+def _needed(spec: _Spec, blocks, i, j, first_valid, key_offset):
     """Whether block (i, j) can contribute; only causal blocks in the future cannot."""
     if not spec.causal:
         return True
     block_q, block_k = blocks
-    in_past = j * block_k <= (i + 1) * block_q - 1
+    in_past = key_offset + j * block_k <= (i + 1) * block_q - 1
     # Queries before the first unmasked key are fully masked and see every key.
     has_fully_masked_rows = i * block_q < first_valid
     return jnp.logical_or(in_past, has_fully_masked_rows)
@@ -123,7 +127,7 @@ def _from_blocks(x, length: int):
     return x.reshape((x.shape[0], -1) + x.shape[3:])[:, :length]
 
 
-def _forward(spec: _Spec, blocks, q, k, v, vm, first_valid, scale, cw, rng):
+def _forward(spec: _Spec, blocks, q, k, v, vm, first_valid, key_offset, scale, cw, rng):
     """Returns the output (before the query mask) and the softmax statistics.
 
     Args: ``q [B, Tq, D]``, ``k [B, Tv, D]``, ``v [B, Tv, Dv]``, ``vm [B, Tv]`` or None.
@@ -152,7 +156,7 @@ def _forward(spec: _Spec, blocks, q, k, v, vm, first_valid, scale, cw, rng):
             def compute(carry):
                 m, norm, acc = carry
                 vm_blk = None if vmb is None else vmb[j]
-                s, real = _logits(spec, blocks, q_blk, kb[j], vm_blk, scale, cw, i, j)
+                s, real = _logits(spec, blocks, q_blk, kb[j], vm_blk, scale, cw, i, j, key_offset)
                 s = jnp.where(real, s, -jnp.inf)  # [B, Bq, Bk]
                 m_new = jnp.maximum(m, s.max(-1))  # [B, Bq]
                 alpha = jnp.exp(m - m_new)  # [B, Bq]
@@ -163,7 +167,8 @@ def _forward(spec: _Spec, blocks, q, k, v, vm, first_valid, scale, cw, rng):
                 pv = jnp.einsum("bqk,bkd->bqd", p, vb[j], precision=spec.precision)
                 return m_new, norm, acc * alpha[..., None] + pv  # [B, Bq, Dv]
 
-            return _maybe(_needed(spec, blocks, i, j, first_valid), compute, carry)
+            needed = _needed(spec, blocks, i, j, first_valid, key_offset)
+            return _maybe(needed, compute, carry)
 
         m, norm, acc = lax.fori_loop(0, kb.shape[0], key_block, init)
         return acc / norm[..., None], (m, norm)
@@ -172,8 +177,22 @@ def _forward(spec: _Spec, blocks, q, k, v, vm, first_valid, scale, cw, rng):
     return _from_blocks(out, spec.tq), stats
 
 
+def _public(spec: _Spec, out, stats):
+    """What :func:`_flash` returns: ``out``, plus ``(m, log l)`` ``[B, Tq]`` if asked."""
+    if not spec.with_stats:
+        return out, None
+    m, norm = stats
+    return out, (_from_blocks(m, spec.tq), _from_blocks(jnp.log(norm), spec.tq))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(spec, q, k, v, vm, first_valid, scale, cw, rng):
+def _flash(spec, q, k, v, vm, first_valid, key_offset, scale, cw, rng):
+    """Returns ``(out [B, Tq, Dv], stats)``; see :func:`_public`.
+
+    Gradients: ``m`` is a constant shift (no gradient); the VJP of ``log l`` is that of
+    the whole log-sum-exp ``m + log l`` (the softmax probabilities). Exact for any use
+    that depends on the statistics through ``stop_gradient(m) + log l``.
+    """
     if spec.materialise_primal:  # not differentiated, and faster materialised
         return materialised_attention(
             q,
@@ -188,22 +207,29 @@ def _flash(spec, q, k, v, vm, first_valid, scale, cw, rng):
             dropout_rng=None,
             precision=spec.precision,
             compute_dtype=q.dtype,
-        )[0]
-    return _forward(spec, spec.blocks, q, k, v, vm, first_valid, scale, cw, rng)[0]
+        )[0], None
+    args = (q, k, v, vm, first_valid, key_offset, scale, cw, rng)
+    return _public(spec, *_forward(spec, spec.blocks, *args))
 
 
-def _flash_fwd(spec, q, k, v, vm, first_valid, scale, cw, rng):
-    out, stats = _forward(spec, spec.blocks, q, k, v, vm, first_valid, scale, cw, rng)
-    return out, (q, k, v, vm, first_valid, scale, cw, rng, out, stats)
+def _flash_fwd(spec, q, k, v, vm, first_valid, key_offset, scale, cw, rng):
+    args = (q, k, v, vm, first_valid, key_offset, scale, cw, rng)
+    out, stats = _forward(spec, spec.blocks, *args)
+    return _public(spec, out, stats), (*args, out, stats)
 
 
-def _flash_bwd(spec, residuals, dout):
-    q, k, v, vm, first_valid, scale, cw, rng, out, (m, norm) = residuals
+def _flash_bwd(spec, residuals, cotangents):
+    q, k, v, vm, first_valid, key_offset, scale, cw, rng, out, (m, norm) = residuals
+    dout, dstats = cotangents
     blocks = block_q, block_k = spec.blocks
     qb, dob = _to_blocks(q, block_q), _to_blocks(dout, block_q)  # [nQ, B, Bq, D|Dv]
     kb, vb = _to_blocks(k, block_k), _to_blocks(v, block_k)  # [nK, B, Bk, D|Dv]
     vmb = None if vm is None else _to_blocks(vm, block_k, fill=False)  # [nK, B, Bk]
-    delta = _to_blocks(jnp.sum(dout * out, axis=-1), block_q)  # [nQ, B, Bq]; rowsum(dP*P)
+    # rowsum(dP * P), minus the cotangent of log-sum-exp (whose VJP is P): [nQ, B, Bq].
+    delta = jnp.sum(dout * out, axis=-1)  # [B, Tq]
+    if dstats is not None:
+        delta = delta - dstats[1]
+    delta = _to_blocks(delta, block_q)
     dtype = q.dtype
 
     def key_block(carry, xs):
@@ -214,7 +240,9 @@ def _flash_bwd(spec, residuals, dout):
                 dk, dv, dq, dscale, dcw = c
 
                 def logits(q_blk, k_blk, scale, cw):
-                    return _logits(spec, blocks, q_blk, k_blk, vm_blk, scale, cw, i, j)[0]
+                    return _logits(spec, blocks, q_blk, k_blk, vm_blk, scale, cw, i, j, key_offset)[
+                        0
+                    ]
 
                 s, logits_vjp = jax.vjp(logits, qb[i], k_blk, scale, cw)  # [B, Bq, Bk]
                 real = (j * block_k + jnp.arange(block_k) < spec.tv)[None, None]
@@ -231,7 +259,7 @@ def _flash_bwd(spec, residuals, dout):
                 dq_i, dk_j, dsc, dw = logits_vjp(ds)
                 return dk + dk_j, dv, dq.at[i].add(dq_i), dscale + dsc, dcw + dw
 
-            return _maybe(_needed(spec, blocks, i, j, first_valid), compute, c)
+            return _maybe(_needed(spec, blocks, i, j, first_valid, key_offset), compute, c)
 
         dq, dscale, dcw = carry
         init = (jnp.zeros_like(k_blk), jnp.zeros_like(v_blk), dq, dscale, dcw)
@@ -242,7 +270,7 @@ def _flash_bwd(spec, residuals, dout):
     init = (jnp.zeros_like(qb), jnp.zeros_like(scale), jnp.zeros_like(cw))
     (dq, dscale, dcw), (dk, dv) = lax.scan(key_block, init, xs)
     dq, dk, dv = _from_blocks(dq, spec.tq), _from_blocks(dk, spec.tv), _from_blocks(dv, spec.tv)
-    return dq, dk, dv, None, None, dscale, dcw, None
+    return dq, dk, dv, None, None, None, dscale, dcw, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -264,7 +292,9 @@ def chunked_attention(
     precision: Any,
     compute_dtype: Any,
     materialise_primal: bool = False,
-) -> jax.Array:
+    key_offset: int | jax.Array = 0,
+    with_stats: bool = False,
+) -> jax.Array | tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """Blockwise attention with Keras semantics, before the query mask.
 
     Args:
@@ -286,9 +316,15 @@ def chunked_attention(
         materialised path. Automatic dispatch sets it for mid-sized inputs, where the
         materialised forward is faster while training still gets the chunked forward and
         backward. Not with dropout (the two paths draw different patterns).
+      key_offset: global index of the first key (for a shard of a longer sequence: the
+        causal mask compares global positions). May be traced.
+      with_stats: also return the softmax statistics of each row.
 
     Returns:
-      ``[..., Tq, Dv]`` in ``compute_dtype``.
+      ``[..., Tq, Dv]`` in ``compute_dtype``; with ``with_stats``, also ``(m, log_l)``,
+      each ``[..., Tq]``, the row max and log-normaliser: the row's log-sum-exp is
+      ``m + log_l``. ``m`` carries no gradient; ``log_l``'s gradient is that of the whole
+      log-sum-exp, so use them as ``stop_gradient(m) + log_l``.
     """
     batch = query.shape[:-2]
     tq, d = query.shape[-2:]
@@ -299,24 +335,37 @@ def chunked_attention(
     q = query.astype(cdt).reshape(b, tq, d)  # [B, Tq, D]
     k = key.astype(cdt).reshape(b, tv, d)  # [B, Tv, D]
     v = value.astype(cdt).reshape(b, tv, dv)  # [B, Tv, Dv]
-    vm, first_valid = None, jnp.int32(0)
+    key_offset = jnp.asarray(key_offset, jnp.int32)
+    # Global index of the first key any row may see (queries before it are fully masked
+    # under causal); the max over the batch, and tq when some row has no unmasked key.
+    vm, first_valid = None, key_offset
     if value_mask is not None:
         vm = value_mask.reshape(b, tv)  # [B, Tv]
-        if causal:
-            # Index of each row's first unmasked key (tq if none), max over the batch.
-            first = jnp.where(vm.any(-1), jnp.argmax(vm, -1), tq)
-            first_valid = first.max().astype(jnp.int32)
-    if dropout_rate > 0.0 and materialise_primal:
-        raise ValueError("materialise_primal=True would change the dropout pattern")
+        first = jnp.where(vm.any(-1), key_offset + jnp.argmax(vm, -1), tq)
+        first_valid = first.max().astype(jnp.int32)
+    if materialise_primal and (dropout_rate > 0.0 or with_stats):
+        raise ValueError("materialise_primal needs dropout_rate=0 and with_stats=False")
     spec = _Spec(
-        score_mode, causal, float(dropout_rate), tq, tv, blocks, materialise_primal, precision
+        score_mode,
+        causal,
+        float(dropout_rate),
+        tq,
+        tv,
+        blocks,
+        materialise_primal,
+        with_stats,
+        precision,
     )
     one = jnp.ones((), cdt)
     scale = one if scale is None else scale.astype(cdt)
     cw = one if concat_score_weight is None else concat_score_weight.astype(cdt)
     rng = dropout_rng if dropout_rate > 0.0 else None
-    out = _flash(spec, q, k, v, vm, first_valid, scale, cw, rng)  # [B, Tq, Dv]
-    return out.reshape(batch + (tq, dv))
+    out, stats = _flash(spec, q, k, v, vm, first_valid, key_offset, scale, cw, rng)
+    out = out.reshape(batch + (tq, dv))  # [..., Tq, Dv]
+    if not with_stats:
+        return out
+    m, log_norm = (x.reshape(batch + (tq,)) for x in stats)  # [..., Tq]
+    return out, (m, log_norm)
 
 
 def _clip_blocks(block_size: int | tuple[int, int], tq: int, tv: int) -> tuple[int, int]:

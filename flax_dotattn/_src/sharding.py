@@ -1,0 +1,167 @@
+"""Sequence parallelism: keys and values sharded along ``Tv`` across a mesh axis.
+
+Each device holds all queries and one contiguous shard of the keys/values. It runs the
+chunked kernel on its shard, returning its output and softmax statistics (row max ``m``
+and log-normaliser ``log_l``), and the shards are merged exactly::
+
+    w_s = exp(m_s - M + log_l_s),  M = max_s m_s
+    out = sum_s w_s * out_s / sum_s w_s
+
+which is the softmax over all keys (Keras's masking rule and fully masked rows
+included). Gradients flow through the kernel's custom VJP and ``shard_map``.
+
+Shape glossary: ``...`` batch dims, ``Tq``/``Tv`` query/key lengths, ``D`` query/key depth,
+``Dv`` value depth, ``n`` the size of the mesh axis.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import Mesh, PartitionSpec
+
+from flax_dotattn._src import validation
+from flax_dotattn._src.attention import Masks, Params
+from flax_dotattn._src.chunked import chunked_attention
+
+
+def sequence_parallel_attention(
+    params: Params,
+    query: jax.Array,
+    value: jax.Array,
+    key: jax.Array | None = None,
+    masks: Masks = None,
+    causal: bool = False,
+    *,
+    mesh: Mesh,
+    axis_name: str,
+    score_mode: str = "dot",
+    dropout_rate: float = 0.0,
+    dropout_rng: jax.Array | None = None,
+    deterministic: bool = True,
+    precision: Any = None,
+    block_size: int | tuple[int, int] | None = None,
+) -> jax.Array:
+    """:func:`dot_attention` with keys/values sharded along ``Tv`` over ``axis_name``.
+
+    Same semantics and arguments as :func:`dot_attention` (the weights cannot be
+    returned). Queries, the query mask and the output are replicated over the axis; key,
+    value and the value mask are split into ``n`` contiguous shards of ``Tv / n``.
+    Dropout draws an independent pattern per shard (``fold_in(rng, shard)``).
+
+    Args:
+      params: see :func:`dot_attention`.
+      query: ``[..., Tq, D]``.
+      value: ``[..., Tv, Dv]``; ``Tv`` must be divisible by ``n``.
+      key: ``[..., Tv, D]`` or None.
+      masks: None or ``(query_mask [..., Tq], value_mask [..., Tv])``.
+      causal: Python bool; the mask compares global positions.
+      mesh: the device mesh.
+      axis_name: the mesh axis to shard ``Tv`` over.
+      score_mode, dropout_rate, dropout_rng, deterministic, precision, block_size: see
+        :func:`dot_attention`.
+
+    Returns:
+      ``[..., Tq, Dv]``, replicated over ``axis_name``.
+
+    Raises:
+      ValueError: for everything :func:`dot_attention` rejects, an unknown
+        ``axis_name``, or ``Tv`` not divisible by the axis size.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, numpy as np
+      >>> from jax.sharding import Mesh
+      >>> from flax_dotattn import dot_attention, sequence_parallel_attention
+      >>> mesh = Mesh(np.array(jax.devices()[:1]), ("seq",))
+      >>> q, v = jnp.ones((2, 3, 4)), jnp.arange(40.0).reshape(2, 5, 4) / 40
+      >>> out = sequence_parallel_attention(None, q, v, causal=True, mesh=mesh,
+      ...                                   axis_name="seq")
+      >>> bool(jnp.allclose(out, dot_attention(None, q, v, causal=True), atol=1e-6))
+      True
+    """
+    causal = validation.check_static_bool("causal", causal)
+    deterministic = validation.check_static_bool("deterministic", deterministic)
+    dropout_rate = validation.check_dropout_rate(dropout_rate)
+    block_size = validation.check_block_size(block_size)
+    inputs = validation.check_inputs(params, query, value, key, masks, score_mode)
+    if not isinstance(mesh, Mesh):
+        raise ValueError(f"mesh must be a jax.sharding.Mesh; received a {type(mesh).__name__}.")
+    if axis_name not in mesh.shape:
+        raise ValueError(
+            f"axis_name must be one of the mesh axes {tuple(mesh.shape)}; "
+            f"received axis_name={axis_name!r}."
+        )
+    n = mesh.shape[axis_name]
+    tv = inputs.key.shape[-2]
+    if tv % n:
+        raise ValueError(
+            f"value length Tv={tv} must be divisible by the size {n} of mesh axis "
+            f"{axis_name!r}; received value shape {tuple(inputs.value.shape)}."
+        )
+    use_dropout = not deterministic and dropout_rate > 0.0
+    if use_dropout and dropout_rng is None:
+        raise ValueError(
+            "dropout_rng is required when deterministic=False and dropout_rate > 0; "
+            f"received dropout_rng=None with dropout_rate={dropout_rate}."
+        )
+    shard_len = tv // n
+    nb = inputs.query.ndim - 2
+    replicated = PartitionSpec()
+    seq = PartitionSpec(*([None] * nb), axis_name, None)  # [..., Tv, D]
+    seq_mask = PartitionSpec(*([None] * nb), axis_name)  # [..., Tv]
+    value_mask = inputs.value_mask
+    rng = dropout_rng if use_dropout else None
+
+    def shard(q, k, v, vm, scale, cw, rng):
+        index = lax.axis_index(axis_name)
+        if rng is not None:
+            rng = jax.random.fold_in(rng, index)
+        out, (m, log_l) = chunked_attention(
+            q,
+            k,
+            v,
+            vm,
+            scale,
+            cw,
+            score_mode=score_mode,
+            causal=causal,
+            dropout_rate=dropout_rate if use_dropout else 0.0,
+            dropout_rng=rng,
+            block_size=block_size,
+            precision=precision,
+            compute_dtype=inputs.compute_dtype,
+            key_offset=index * shard_len,
+            with_stats=True,
+        )  # [..., Tq, Dv], [..., Tq], [..., Tq]
+        m = lax.stop_gradient(m)
+        top = lax.pmax(m, axis_name)  # [..., Tq]
+        w = jnp.exp(m - top + log_l)  # [..., Tq]
+        total = lax.psum(w, axis_name)
+        return lax.psum(w[..., None] * out, axis_name) / total[..., None]  # [..., Tq, Dv]
+
+    in_specs = (
+        replicated,
+        seq,
+        seq,
+        None if value_mask is None else seq_mask,
+        replicated,
+        replicated,
+        replicated,
+    )
+    output = jax.shard_map(
+        shard, mesh=mesh, in_specs=in_specs, out_specs=replicated, check_vma=False
+    )(
+        inputs.query,
+        inputs.key,
+        inputs.value,
+        value_mask,
+        inputs.scale,
+        inputs.concat_score_weight,
+        rng,
+    )
+    if inputs.query_mask is not None:
+        output = jnp.where(inputs.query_mask[..., None], output, 0)
+    return output.astype(inputs.dtype)
