@@ -196,7 +196,9 @@ def measure_memory(impl: str, mode: str, b: int, t: int, d: int, timeout: float)
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=True)
         return float(out.stdout.strip().splitlines()[-1])
-    except (subprocess.SubprocessError, ValueError, IndexError):
+    except (subprocess.SubprocessError, ValueError, IndexError) as e:
+        detail = getattr(e, "stderr", "") or ""
+        print(f"memory probe {impl} {mode} {b}x{t} failed: {e} {detail[-500:]}", file=sys.stderr)
         return None
 
 

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from flax_dotattn._src import dispatch, validation
 from flax_dotattn._src.chunked import chunked_attention
+from flax_dotattn._src.fused import fused_attention
 from flax_dotattn._src.materialised import materialised_attention
 
 Array = jax.Array
@@ -83,7 +84,12 @@ def dot_attention(
         features), ``"xla"`` (materialise the ``[..., Tq, Tv]`` scores) or
         ``"chunked"`` (online softmax over blocks with a fused backward: O(T · block)
         memory in forward and backward; cannot return the weights, and its dropout
-        pattern differs from the materialised path's, with the same statistics).
+        pattern differs from the materialised path's, with the same statistics), or
+        ``"cudnn"`` (GPU only: ``jax.nn.dot_product_attention``'s fused kernel, for
+        float16/bfloat16, ``"dot"`` scores, ``D == Dv`` a multiple of 8 up to 128, no
+        dropout or returned weights, causal only with ``Tq == Tv``). Automatic dispatch
+        picks ``"cudnn"`` on GPU when eligible, ``"chunked"`` from 16 MiB of float32
+        scores (``[..., Tq, Tv, D]`` in concat mode), else ``"xla"``.
       block_size: blocks of the chunked path: an int (queries and keys), a pair
         ``(block_q, block_k)``, or None for the measured default ``(2048, 256)``
         (``(256, 128)`` in concat mode).
@@ -145,7 +151,20 @@ def dot_attention(
             score_mode=score_mode,
             return_attention_scores=return_attention_scores,
             dropout=use_dropout,
+            causal=causal,
         )
+    elif implementation == "cudnn":
+        reason = dispatch.fused_ineligibility(
+            inputs,
+            score_mode=score_mode,
+            return_attention_scores=return_attention_scores,
+            dropout=use_dropout,
+            causal=causal,
+        )
+        if jax.default_backend() != "gpu":
+            reason = f"the backend is {jax.default_backend()!r}, not 'gpu'"
+        if reason:
+            raise ValueError(f"implementation='cudnn' cannot run these inputs: {reason}.")
     elif implementation == "chunked" and return_attention_scores:
         raise ValueError(
             "implementation='chunked' never forms the [..., Tq, Tv] weights, so it cannot "
@@ -153,8 +172,18 @@ def dot_attention(
             "or 'xla')."
         )
     dropout = (dropout_rate, dropout_rng) if use_dropout else (0.0, None)
-    if plan.implementation == "chunked":
-        weights = None
+    weights = None
+    if plan.implementation == "cudnn":
+        output = fused_attention(
+            inputs.query,
+            inputs.key,
+            inputs.value,
+            inputs.value_mask,
+            inputs.scale,
+            causal=causal,
+            precision=precision,
+        )  # [..., Tq, Dv]
+    elif plan.implementation == "chunked":
         output = chunked_attention(
             inputs.query,
             inputs.key,

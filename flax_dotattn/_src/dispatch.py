@@ -1,5 +1,7 @@
 """Automatic choice of implementation from static shapes, dtype, backend and features.
 
+* ``"cudnn"`` on GPU for float16/bfloat16 inputs the fused kernel can take (see
+  :func:`flax_dotattn._src.fused.ineligibility`).
 * ``"xla"`` (materialised) for small problems, and whenever the weights are returned.
 * ``"chunked"`` once the materialised intermediate (the ``[..., Tq, Tv]`` float32
   scores; ``[..., Tq, Tv, D]`` in concat mode) reaches :data:`CHUNKED_CROSSOVER_BYTES`.
@@ -14,6 +16,9 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+import jax
+
+from flax_dotattn._src.fused import ineligibility
 from flax_dotattn._src.validation import AttentionInputs
 
 #: From here, forward+backward runs faster chunked on a 2-core x86 CPU: 2x at 16 MiB
@@ -27,7 +32,7 @@ FORWARD_CROSSOVER_BYTES = 32 * 2**20
 class Plan(NamedTuple):
     """How :func:`dot_attention` will run."""
 
-    implementation: str  # "xla" or "chunked"
+    implementation: str  # "xla", "chunked" or "cudnn"
     materialise_primal: bool = False  # chunked, but a forward without gradient materialises
 
 
@@ -45,8 +50,17 @@ def choose_implementation(
     score_mode: str,
     return_attention_scores: bool,
     dropout: bool,
+    causal: bool,
 ) -> Plan:
     """Returns the :class:`Plan` for these (static) inputs and features."""
+    if jax.default_backend() == "gpu" and not fused_ineligibility(
+        inputs,
+        score_mode=score_mode,
+        return_attention_scores=return_attention_scores,
+        dropout=dropout,
+        causal=causal,
+    ):
+        return Plan("cudnn")
     if return_attention_scores:
         return Plan("xla")
     size = materialised_bytes(inputs, score_mode)
@@ -55,3 +69,8 @@ def choose_implementation(
     if size < FORWARD_CROSSOVER_BYTES and not dropout:
         return Plan("chunked", materialise_primal=True)
     return Plan("chunked")
+
+
+def fused_ineligibility(inputs: AttentionInputs, **features: bool | str) -> str | None:
+    """Why the fused GPU kernel cannot take these inputs (None when it can)."""
+    return ineligibility(inputs.query.shape, inputs.value.shape, inputs.dtype, **features)

@@ -18,7 +18,7 @@ import numpy as np
 
 SCORE_MODES = ("dot", "concat")
 PARAM_NAMES = ("scale", "concat_score_weight")
-IMPLEMENTATIONS = (None, "xla", "chunked")
+IMPLEMENTATIONS = (None, "xla", "chunked", "cudnn")
 
 
 class AttentionInputs(NamedTuple):

@@ -1,0 +1,157 @@
+"""The GPU fast path: jax.nn.dot_product_attention with Keras semantics.
+
+The mapping (scale folded into the query, masks, causal, the fallback for rows that see no
+key) is checked everywhere through ``jax.nn``'s XLA implementation; the cuDNN kernel
+itself only runs on a GPU (those tests skip elsewhere).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import assert_close
+
+from flax_dotattn import dot_attention
+from flax_dotattn._src.fused import fused_attention, ineligibility
+
+ON_GPU = jax.default_backend() == "gpu"
+
+
+def _inputs(rng, dtype, batch=(2,), tq=16, tv=16, d=16):
+    def arr(*shape):
+        return jnp.asarray(rng.normal(size=shape) * 0.5, jnp.float32).astype(dtype)
+
+    return arr(*batch, tq, d), arr(*batch, tv, d), arr(*batch, tv, d)
+
+
+# float16 is left to the GPU test: jax.nn's XLA path with a mask asks CPU dot_general for
+# F16_F16_F32, which the CPU backend rejects.
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize(
+    "causal,mask_kind",
+    [
+        (False, None),
+        (True, None),
+        (False, "some"),
+        (True, "some"),
+        (False, "row_without_keys"),
+        (True, "leading_keys_masked"),
+    ],
+    ids=[
+        "plain",
+        "causal",
+        "value_mask",
+        "causal_value_mask",
+        "row_without_keys",
+        "causal_first_rows_see_nothing",
+    ],
+)
+def test_jax_nn_mapping_matches_keras_semantics(dtype, causal, mask_kind, rng):
+    q, k, v = _inputs(rng, dtype)
+    vm = None
+    if mask_kind is not None:
+        vm = jnp.asarray(rng.random((2, 16)) > 0.3).at[:, 0].set(True)
+        if mask_kind == "row_without_keys":
+            vm = vm.at[1].set(False)
+        if mask_kind == "leading_keys_masked":
+            vm = vm.at[0, :5].set(False)
+    scale = jnp.float32(0.8)
+    out = fused_attention(q, k, v, vm, scale, causal=causal, jax_nn_implementation="xla")
+    expected = dot_attention({"scale": scale}, q, v, k, (None, vm), causal, implementation="xla")
+    assert out.dtype == dtype
+    assert_close(out, expected, dtype, factor=2)
+
+
+def test_fallback_keeps_gradients(rng):
+    q, k, v = _inputs(rng, jnp.float32)
+    vm = jnp.ones((2, 16), bool).at[1].set(False)
+
+    def loss(fn, q):
+        return jnp.sum(fn(q) ** 2)
+
+    def fused(q):
+        return fused_attention(q, k, v, vm, None, causal=False, jax_nn_implementation="xla")
+
+    ref = lambda q: dot_attention(None, q, v, k, (None, vm), implementation="xla")  # noqa: E731
+    np.testing.assert_allclose(
+        jax.grad(lambda q: loss(fused, q))(q),
+        jax.grad(lambda q: loss(ref, q))(q),
+        rtol=1e-4,
+        atol=1e-5,
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs,reason",
+    [
+        (dict(dtype=jnp.float32), "dtype float32"),
+        (dict(score_mode="concat"), "score_mode"),
+        (dict(dropout=True), "dropout"),
+        (dict(return_attention_scores=True), "weights"),
+        (dict(value_shape=(2, 16, 8)), "head sizes"),
+        (dict(query_shape=(2, 16, 12), value_shape=(2, 16, 12)), "head sizes"),
+        (dict(query_shape=(2, 8, 16), causal=True), "causal with Tq != Tv"),
+    ],
+    ids=[
+        "float32",
+        "concat",
+        "dropout",
+        "weights",
+        "d_ne_dv",
+        "d_not_multiple_of_8",
+        "causal_rectangular",
+    ],
+)
+def test_ineligible_inputs_fall_back(kwargs, reason):
+    args = dict(
+        query_shape=(2, 16, 16),
+        value_shape=(2, 16, 16),
+        dtype=jnp.bfloat16,
+        score_mode="dot",
+        causal=False,
+        dropout=False,
+        return_attention_scores=False,
+    )
+    args.update(kwargs)
+    assert reason in ineligibility(
+        args.pop("query_shape"), args.pop("value_shape"), args.pop("dtype"), **args
+    )
+    assert (
+        ineligibility(
+            (2, 16, 16),
+            (2, 16, 16),
+            jnp.bfloat16,
+            score_mode="dot",
+            causal=True,
+            dropout=False,
+            return_attention_scores=False,
+        )
+        is None
+    )
+
+
+@pytest.mark.skipif(ON_GPU, reason="checks the CPU error")
+def test_explicit_cudnn_off_gpu_is_a_clear_error():
+    q = jnp.ones((2, 16, 16), jnp.bfloat16)
+    with pytest.raises(ValueError, match=r"implementation='cudnn' cannot run.*not 'gpu'"):
+        dot_attention(None, q, q, implementation="cudnn")
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_cudnn_matches_materialised_on_gpu(dtype, causal, rng):
+    q, k, v = _inputs(rng, dtype, batch=(4,), tq=256, tv=256, d=64)
+    vm = jnp.asarray(rng.random((4, 256)) > 0.2).at[:, 0].set(True)
+    params = {"scale": jnp.float32(0.125)}
+
+    def run(impl, q):
+        return dot_attention(params, q, v, k, (None, vm), causal, implementation=impl)
+
+    assert "cudnn" in jax.jit(lambda q: run(None, q)).lower(q).as_text().lower()
+    assert_close(run("cudnn", q), run("xla", q), dtype, factor=2)
+    grads = [
+        jax.grad(lambda q, i=i: run(i, q).astype(jnp.float32).sum())(q) for i in ("cudnn", "xla")
+    ]
+    assert np.isfinite(np.asarray(grads[0], np.float32)).all()
+    assert_close(grads[0], grads[1], dtype, factor=4)
