@@ -66,6 +66,7 @@ def main(argv=None) -> dict:
 
         return jax.vmap(one)(params, opt_state)  # the whole ensemble at once
 
+    initial = jax.vmap(lambda p: loss(p, causal=cfg["causal"]))(students)
     start = time.perf_counter()
     with progress() as bar:
         task = bar.add_task("fit scales", total=cfg["steps"], status="")
@@ -74,15 +75,23 @@ def main(argv=None) -> dict:
             bar.update(task, advance=1, status=f"mean loss {float(losses.mean()):.2e}")
     elapsed = time.perf_counter() - start
 
-    error = float(jnp.abs(students["scale"] - cfg["teacher_scale"]).max())
+    # The first layer's scale is well identified; deeper ones less so (residual stack).
+    error = float(jnp.abs(students["scale"][:, 0] - cfg["teacher_scale"]).max())
+    reduction = float((initial / losses).min())
     print(f"teacher scale {cfg['teacher_scale']}; {n_students} students x {n_layers} layers")
     print("initial scales:", [round(float(s), 3) for s in init[:, 0]])
-    print("learned scales (layer 0):", [round(float(s), 3) for s in students["scale"][:, 0]])
-    print(f"final losses: {[f'{float(v):.1e}' for v in losses]}")
-    print(f"max |learned - teacher| = {error:.3f} after {cfg['steps']} steps ({elapsed:.1f}s)")
+    print("learned scales, layer 0:", [round(float(s), 3) for s in students["scale"][:, 0]])
+    print("learned scales, student 0:", [round(float(s), 3) for s in students["scale"][0]])
+    print(
+        f"losses: {[f'{float(v):.1e}' for v in initial]} -> "
+        f"{[f'{float(v):.1e}' for v in losses]} (at least {reduction:.0f}x lower)"
+    )
+    print(
+        f"max |layer-0 scale - teacher| = {error:.3f} after {cfg['steps']} steps ({elapsed:.1f}s)"
+    )
     non_causal = float(loss({"scale": teacher["scale"]}, causal=False))
     print(f"teacher params with causal=False (a second static trace): loss {non_causal:.2e}")
-    return {"max_scale_error": error, "losses": [float(v) for v in losses]}
+    return {"layer0_scale_error": error, "loss_reduction": reduction}
 
 
 if __name__ == "__main__":

@@ -30,9 +30,10 @@ def test_text_similarity_with_attention_learns(example, capsys):
 
 
 def test_functional_recovers_the_teacher_scale(example, capsys):
-    result = example("functional").main(["--steps", "60", "--layers", "2"])
+    result = example("functional").main(["--steps", "150", "--layers", "2"])
     assert "learned scales" in capsys.readouterr().out
-    assert result["max_scale_error"] < 0.5
+    assert result["layer0_scale_error"] < 0.3
+    assert result["loss_reduction"] > 10
 
 
 def test_from_keras_outputs_are_identical(example, capsys):
@@ -41,3 +42,16 @@ def test_from_keras_outputs_are_identical(example, capsys):
     assert result["max_abs_diff"] < 1e-5
     result = example("from_keras").main(["--score-mode", "dot", "--causal", "true"])
     assert result["max_abs_diff"] < 1e-5
+
+
+def test_seq2seq_learns_reversal_with_an_anti_diagonal_alignment(example, tmp_path, capsys):
+    result = example("seq2seq_alignment").main(
+        ["--steps", "300", "--eval-examples", "200", "--out-dir", str(tmp_path)]
+    )
+    capsys.readouterr()
+    assert result["accuracy"] > 0.8
+    assert result["anti_diagonal"] > 0.5
+    assert result["restored_same"]
+    assert (tmp_path / "seq2seq.msgpack").exists() and (tmp_path / "seq2seq.yaml").exists()
+    pytest.importorskip("matplotlib")  # the examples extra draws the heat map
+    assert (tmp_path / "seq2seq_alignment.png").stat().st_size > 1000

@@ -24,7 +24,7 @@ def test_readme_test_command_is_the_ci_command():
     commands = [c for c in quick_start.splitlines() if c.strip()]
     assert len(commands) == 2, commands
     assert commands[1] == _ci_test_command()
-    assert "examples/" in commands[0]
+    assert "examples/text_similarity.py" in commands[0]
 
 
 def test_quickstart_example_runs():
