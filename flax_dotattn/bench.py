@@ -139,27 +139,35 @@ def flops(mode: str, b: int, t: int, d: int) -> float:
     return per_matmul * (2 if mode == "fwd" else 6)
 
 
-def time_entry(impl: str, mode: str, b: int, t: int, d: int, repeats: int) -> float:
-    """Median wall time per call in seconds, after warm-up.
+def time_entries(
+    impls: Sequence[str], mode: str, b: int, t: int, d: int, repeats: int
+) -> dict[str, float]:
+    """Median wall time per call (seconds) of each implementation, after warm-up.
 
-    Each of the ``repeats`` samples runs enough back-to-back calls to last ~50 ms, so
-    that sub-millisecond entries are not dominated by timer and dispatch noise.
+    Samples are interleaved across implementations (one sample of each in turn), so slow
+    drifts of a shared machine affect all of them alike. Each sample runs enough
+    back-to-back calls to last ~50 ms, so that sub-millisecond entries are not dominated by
+    timer and dispatch noise.
     """
     import jax
 
-    fn, args = build(impl, mode, b, t, d)
-    jax.block_until_ready(fn(*args))
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    calls = max(1, int(0.05 / max(time.perf_counter() - start, 1e-6)))
-    times = []
-    for _ in range(repeats):
+    entries = {}
+    for impl in impls:
+        fn, args = build(impl, mode, b, t, d)
+        jax.block_until_ready(fn(*args))  # compile and warm up
         start = time.perf_counter()
-        for _ in range(calls):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - start) / calls)
-    return statistics.median(times)
+        jax.block_until_ready(fn(*args))
+        calls = max(1, int(0.05 / max(time.perf_counter() - start, 1e-6)))
+        entries[impl] = (fn, args, calls)
+    times: dict[str, list[float]] = {impl: [] for impl in impls}
+    for _ in range(repeats):
+        for impl, (fn, args, calls) in entries.items():
+            start = time.perf_counter()
+            for _ in range(calls):
+                out = fn(*args)
+            jax.block_until_ready(out)
+            times[impl].append((time.perf_counter() - start) / calls)
+    return {impl: statistics.median(ts) for impl, ts in times.items()}
 
 
 def _vm_kib(field: str) -> int:
@@ -284,46 +292,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ImportError:
             print("keras is not installed: skipping the keras entry", file=sys.stderr)
             impls.remove("keras")
-    entries = [
-        (b, t, mode, impl) for (b, t) in args.shapes for mode in args.modes for impl in impls
-    ]
+    groups = [(b, t, mode, impls) for (b, t) in args.shapes for mode in args.modes]
     if args.long:
         b, t = _parse_shape(LONG_SHAPE)
-        entries.append((b, t, "fwd_bwd", "chunked"))
+        groups.append((b, t, "fwd_bwd", ["chunked"]))
 
     rows: list[dict[str, Any]] = []
-    naive_time: dict[tuple[int, int, str], float] = {}
     header = f"Machine: {machine()}; D = {args.depth}, float32."
     print(header, flush=True)
-    for b, t, mode, impl in entries:
-        quadratic = impl not in ("chunked", "default")
-        if quadratic and t > args.max_naive_length:
-            continue
+    for b, t, mode, group in groups:
+        linear = ("chunked", "default")
+        group = [i for i in group if i in linear or t <= args.max_naive_length]
         repeats = args.repeats if b * t * t <= 2**26 else max(1, min(args.repeats, 3))
-        seconds = time_entry(impl, mode, b, t, args.depth, repeats)
-        if impl == "naive":
-            naive_time[(b, t, mode)] = seconds
-        peak = None if args.no_memory else measure_memory(impl, mode, b, t, args.depth, 900)
-        base = naive_time.get((b, t, mode))
-        row = dict(
-            batch=b,
-            length=t,
-            depth=args.depth,
-            mode=mode,
-            impl=impl,
-            seconds=seconds,
-            gflops=flops(mode, b, t, args.depth) / seconds / 1e9,
-            peak_mib=peak,
-            speedup_vs_naive=None if base is None else base / seconds,
-        )
-        rows.append(row)
-        print(
-            f"{b}x{t:<6} {mode:8} {impl:8} {seconds * 1e3:10.2f} ms "
-            f"{row['gflops']:8.1f} GFLOP/s  peak "
-            f"{'n/a' if peak is None else f'{peak:.1f} MiB':>12}"
-            + ("" if base is None else f"  {base / seconds:5.2f}x vs naive"),
-            flush=True,
-        )
+        seconds = time_entries(group, mode, b, t, args.depth, repeats)
+        base = seconds.get("naive")
+        for impl in group:
+            peak = None if args.no_memory else measure_memory(impl, mode, b, t, args.depth, 900)
+            row = dict(
+                batch=b,
+                length=t,
+                depth=args.depth,
+                mode=mode,
+                impl=impl,
+                seconds=seconds[impl],
+                gflops=flops(mode, b, t, args.depth) / seconds[impl] / 1e9,
+                peak_mib=peak,
+                speedup_vs_naive=None if base is None else base / seconds[impl],
+            )
+            rows.append(row)
+            print(
+                f"{b}x{t:<6} {mode:8} {impl:8} {seconds[impl] * 1e3:10.2f} ms "
+                f"{row['gflops']:8.1f} GFLOP/s  peak "
+                f"{'n/a' if peak is None else f'{peak:.1f} MiB':>12}"
+                + ("" if base is None else f"  {base / seconds[impl]:5.2f}x vs naive"),
+                flush=True,
+            )
 
     if args.json:
         with open(args.json, "w") as f:
