@@ -303,7 +303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for b, t, mode, group in groups:
         linear = ("chunked", "default")
         group = [i for i in group if i in linear or t <= args.max_naive_length]
-        repeats = args.repeats if b * t * t <= 2**26 else max(1, min(args.repeats, 3))
+        repeats = args.repeats if b * t * t <= 2**26 else max(1, min(args.repeats, 5))
         seconds = time_entries(group, mode, b, t, args.depth, repeats)
         base = seconds.get("naive")
         for impl in group:

@@ -5,7 +5,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flax_dotattn import DotAttention, dot_attention, make_causal_mask
+from flax_dotattn import (
+    DotAttention,
+    DotAttentionConfig,
+    dot_attention,
+    make_causal_mask,
+    params_from_keras,
+    params_to_keras,
+    save_config,
+)
 
 Q = jnp.ones((2, 3, 4))
 V = jnp.ones((2, 5, 4))
@@ -151,3 +159,126 @@ def test_module_with_dropout_needs_deterministic():
 def test_module_with_bad_field_names_the_field():
     with pytest.raises(ValueError, match="score_mode must be one of"):
         DotAttention(score_mode="additive").init(jax.random.key(0), Q, V)
+
+
+def _is_traceable(value):
+    leaves = jax.tree.leaves(value)
+    return bool(leaves) and all(isinstance(x, jax.Array) for x in leaves)
+
+
+@pytest.mark.parametrize(
+    "overrides,pattern", [c[1:] for c in BAD_INPUTS], ids=[c[0] for c in BAD_INPUTS]
+)
+def test_bad_input_raises_at_trace_time_under_jit(overrides, pattern):
+    traced = {k: v for k, v in overrides.items() if _is_traceable(v)}
+    static = {k: v for k, v in overrides.items() if k not in traced}
+    with pytest.raises(ValueError, match=pattern):
+        jax.jit(lambda traced: call(**static, **traced))(traced)
+
+
+# -- other entry points --------------------------------------------------------------------
+
+
+def test_linen_module_errors_name_the_argument():
+    layer = DotAttention(use_scale=True)
+    with pytest.raises(ValueError, match=r"value_mask must have shape \[\.\.\., Tv\]"):
+        layer.init(jax.random.key(0), Q, V, masks=(None, jnp.ones((2, 4), bool)))
+    with pytest.raises(ValueError, match="query must have a real floating dtype"):
+        layer.init(jax.random.key(0), Q.astype(jnp.int32), V)
+    with pytest.raises(ValueError, match=r"DotAttention.from_config expects a DotAttentionConfig"):
+        DotAttention.from_config({"use_scale": True})
+
+
+def test_nnx_module_errors_name_the_argument():
+    from flax_dotattn import nnx as fdnnx
+
+    with pytest.raises(ValueError, match=r"rngs must be None or an nnx.Rngs"):
+        fdnnx.DotAttention(rngs=0)
+    with pytest.raises(ValueError, match="dropout_rate must be in"):
+        fdnnx.DotAttention(dropout_rate=2.0)
+    with pytest.raises(ValueError, match="key depth must equal query depth"):
+        fdnnx.DotAttention()(Q, V, jnp.ones((2, 5, 3)))
+
+
+@pytest.mark.parametrize(
+    "argv,pattern",
+    [
+        (["--shapes", "8by512"], r"--shapes entries must look like BATCHxLENGTH.*'8by512'"),
+        (["--shapes", "0x512"], r"--shapes entries must look like BATCHxLENGTH.*'0x512'"),
+        (["--impls", "naive,flash"], r"--impls takes a comma-separated subset.*'naive,flash'"),
+        (["--modes", "backward"], r"--modes takes a comma-separated subset.*'backward'"),
+        (["--repeats", "0"], r"--repeats must be a positive int; received '0'"),
+        (["--depth", "x"], r"--depth must be a positive int; received 'x'"),
+    ],
+    ids=[
+        "shape_format",
+        "shape_zero",
+        "unknown_impl",
+        "unknown_mode",
+        "repeats_zero",
+        "depth_not_int",
+    ],
+)
+def test_bench_cli_rejects_bad_arguments(argv, pattern, capsys):
+    from flax_dotattn import bench
+
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(argv)
+    assert exit_info.value.code == 2
+    import re
+
+    assert re.search(pattern, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize(
+    "fn,pattern",
+    [
+        (
+            lambda: DotAttentionConfig.from_keras(["use_scale"]),
+            r"from_keras expects a Keras layer config dict; received a list",
+        ),
+        (
+            lambda: DotAttentionConfig.from_keras({"dtype": {"config": {}}}),
+            r"could not read the Keras dtype policy",
+        ),
+        (lambda: DotAttentionConfig.from_keras({"dtype": "int8"}), r"dtype must be one of"),
+        (
+            lambda: DotAttentionConfig.from_keras({"score_mode": "additive"}),
+            r"score_mode must be one of",
+        ),
+        (
+            lambda: params_from_keras(np.float32(1.0), DotAttentionConfig(use_scale=True)),
+            r"weights must be a list of 1 scalar arrays",
+        ),
+        (
+            lambda: params_to_keras({"scale": np.ones(3)}, DotAttentionConfig(use_scale=True)),
+            r"params\['scale'\] must be a scalar of shape \(\); received shape \(3,\)",
+        ),
+        (
+            lambda: DotAttentionConfig(dtype="bfloat16", param_dtype="float16").to_keras(),
+            r"cannot express dtype='bfloat16' with param_dtype='float16'",
+        ),
+        (
+            lambda: DotAttentionConfig.from_dict([("use_scale", True)]),
+            r"from_dict expects a mapping",
+        ),
+        (
+            lambda: save_config({"use_scale": True}, "x.yaml"),
+            r"save_config expects a DotAttentionConfig",
+        ),
+    ],
+    ids=[
+        "keras_config_not_dict",
+        "keras_dtype_unreadable",
+        "keras_dtype_int",
+        "keras_score_mode",
+        "weights_not_list",
+        "params_not_scalar",
+        "unexportable_dtype",
+        "from_dict_not_mapping",
+        "save_not_config",
+    ],
+)
+def test_config_and_interop_errors(fn, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        fn()

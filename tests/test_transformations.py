@@ -115,3 +115,80 @@ def test_no_host_transfers_inside_the_function(rng):
     fn(*args)  # compile outside the guard
     with jax.transfer_guard("disallow"):
         fn(*args).block_until_ready()
+
+
+@pytest.mark.parametrize("implementation", ["xla", "chunked"])
+def test_second_order_gradients_in_float64(implementation, rng):
+    with jax.enable_x64(True):
+        q = jnp.asarray(rng.normal(size=(2, 5, 3)) * 0.5, jnp.float64)
+        k = jnp.asarray(rng.normal(size=(2, 6, 3)) * 0.5, jnp.float64)
+        v = jnp.asarray(rng.normal(size=(2, 6, 2)), jnp.float64)
+        vm = jnp.asarray(rng.random((2, 6)) > 0.3).at[:, 0].set(True)
+
+        def f(q, k, v, scale):
+            return dot_attention(
+                {"scale": scale},
+                q,
+                v,
+                k,
+                (None, vm),
+                True,
+                implementation=implementation,
+                block_size=(2, 4),
+            )
+
+        assert f(q, k, v, jnp.float64(0.9)).dtype == jnp.float64
+        check_grads(f, (q, k, v, jnp.float64(0.9)), order=2, modes=("rev",), atol=1e-6, rtol=1e-6)
+
+
+def test_vmap_in_axes_mixing_batched_queries_and_shared_keys(rng):
+    q, k, v, _, vm = _inputs(rng, batch=(4,))
+    params = {"scale": jnp.float32(0.5)}
+    fn = jax.vmap(
+        lambda p, q, v, k, vm: dot_attention(p, q, v, k, (None, vm)),
+        in_axes=(None, 0, None, None, None),
+    )
+    out = fn(params, q, v[0], k[0], vm[0])
+    expected = jnp.stack([dot_attention(params, q[i], v[0], k[0], (None, vm[0])) for i in range(4)])
+    assert_close(out, expected)
+
+
+@pytest.mark.parametrize("implementation", ["xla", "chunked"])
+def test_scan_over_layers_with_checkpoint_matches_a_python_loop(implementation, rng):
+    x = jnp.asarray(rng.normal(size=(2, 6, 4)) * 0.5, jnp.float32)
+    scales = jnp.array([0.5, 1.0, 1.5], jnp.float32)
+
+    def layer(x, scale):
+        return x + dot_attention(
+            {"scale": scale}, x, x, causal=True, implementation=implementation, block_size=(4, 4)
+        )
+
+    def scanned(scales, x):
+        body = jax.checkpoint(lambda x, s: (layer(x, s), None))
+        return jax.lax.scan(body, x, scales)[0].sum()
+
+    def looped(scales, x):
+        for i in range(scales.shape[0]):
+            x = layer(x, scales[i])
+        return x.sum()
+
+    assert_close(jax.jit(scanned)(scales, x), looped(scales, x), factor=5)
+    g_scan = jax.grad(scanned, argnums=(0, 1))(scales, x)
+    g_loop = jax.grad(looped, argnums=(0, 1))(scales, x)
+    for a, b in zip(g_scan, g_loop, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("implementation", ["xla", "chunked"])
+def test_one_trace_per_static_configuration_for_each_path(implementation, rng):
+    chex.clear_trace_counter()  # the counter is per function name, across parameters
+    q, k, v, qm, vm = _inputs(rng)
+
+    @functools.partial(jax.jit, static_argnames="causal")
+    @chex.assert_max_traces(n=2)  # one per value of causal
+    def f(q, k, v, qm, vm, causal):
+        return dot_attention(None, q, v, k, (qm, vm), causal, implementation=implementation)
+
+    for i in range(3):
+        for causal in (False, True):
+            f(q + i, k, v, qm, vm, causal=causal)
