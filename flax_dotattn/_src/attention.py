@@ -129,19 +129,13 @@ def dot_attention(
        [1. 2.]]
     """
     causal = validation.check_static_bool("causal", causal)
-    deterministic = validation.check_static_bool("deterministic", deterministic)
     return_attention_scores = validation.check_static_bool(
         "return_attention_scores", return_attention_scores
     )
     validation.check_choice("implementation", implementation, validation.IMPLEMENTATIONS)
-    dropout_rate = validation.check_dropout_rate(dropout_rate)
+    dropout_rate, dropout_rng = validation.check_dropout(deterministic, dropout_rate, dropout_rng)
     inputs = validation.check_inputs(params, query, value, key, masks, score_mode)
-    use_dropout = not deterministic and dropout_rate > 0.0
-    if use_dropout and dropout_rng is None:
-        raise ValueError(
-            f"dropout_rng is required when deterministic=False and dropout_rate > 0; "
-            f"received dropout_rng=None with dropout_rate={dropout_rate}."
-        )
+    use_dropout = dropout_rate > 0.0
 
     block_size = validation.check_block_size(block_size)
     plan = dispatch.Plan(implementation)
@@ -171,7 +165,6 @@ def dot_attention(
             "return them; received return_attention_scores=True (use implementation=None "
             "or 'xla')."
         )
-    dropout = (dropout_rate, dropout_rng) if use_dropout else (0.0, None)
     weights = None
     if plan.implementation == "cudnn":
         output = fused_attention(
@@ -183,38 +176,32 @@ def dot_attention(
             causal=causal,
             precision=precision,
         )  # [..., Tq, Dv]
-    elif plan.implementation == "chunked":
-        output = chunked_attention(
-            inputs.query,
-            inputs.key,
-            inputs.value,
-            inputs.value_mask,
-            inputs.scale,
-            inputs.concat_score_weight,
-            score_mode=score_mode,
-            causal=causal,
-            dropout_rate=dropout[0],
-            dropout_rng=dropout[1],
-            block_size=block_size,
-            precision=precision,
-            compute_dtype=inputs.compute_dtype,
-            materialise_primal=plan.materialise_primal,
-        )  # [..., Tq, Dv]
     else:
-        output, weights = materialised_attention(
+        arrays = (
             inputs.query,
             inputs.key,
             inputs.value,
             inputs.value_mask,
             inputs.scale,
             inputs.concat_score_weight,
+        )
+        options = dict(
             score_mode=score_mode,
             causal=causal,
-            dropout_rate=dropout[0],
-            dropout_rng=dropout[1],
+            dropout_rate=dropout_rate,
+            dropout_rng=dropout_rng,
             precision=precision,
             compute_dtype=inputs.compute_dtype,
-        )  # [..., Tq, Dv], [..., Tq, Tv]
+        )
+        if plan.implementation == "chunked":
+            output = chunked_attention(
+                *arrays,
+                **options,
+                block_size=block_size,
+                materialise_primal=plan.materialise_primal,
+            )  # [..., Tq, Dv]
+        else:
+            output, weights = materialised_attention(*arrays, **options)  # [.., Tq, Dv|Tv]
     if inputs.query_mask is not None:
         output = jnp.where(inputs.query_mask[..., None], output, 0)  # [..., Tq, Dv]
     output = output.astype(inputs.dtype)

@@ -141,6 +141,11 @@ class DotAttentionConfig:
         object.__setattr__(self, "param_dtype", _dtype_name("param_dtype", self.param_dtype, False))
         object.__setattr__(self, "precision", _precision_name(self.precision))
 
+    @classmethod
+    def of(cls, obj: Any) -> DotAttentionConfig:
+        """Reads the fields from same-named attributes of ``obj`` (e.g. a module)."""
+        return cls(**{f.name: getattr(obj, f.name) for f in dataclasses.fields(cls)})
+
     @property
     def param_names(self) -> tuple[str, ...]:
         """Names of the learned scalars, in Keras's ``get_weights()`` order."""

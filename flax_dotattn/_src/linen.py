@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from flax_dotattn._src.attention import Masks, dot_attention
+from flax_dotattn._src.call_args import cast_inputs, resolve_call
 from flax_dotattn._src.config import DotAttentionConfig
 
 
@@ -71,16 +72,7 @@ class DotAttention(nn.Module):
     @property
     def config(self) -> DotAttentionConfig:
         """The module's hyper-parameters as a validated :class:`DotAttentionConfig`."""
-        return DotAttentionConfig(
-            use_scale=self.use_scale,
-            score_mode=self.score_mode,
-            dropout_rate=self.dropout_rate,
-            causal=self.causal,
-            deterministic=self.deterministic,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            precision=self.precision,
-        )
+        return DotAttentionConfig.of(self)
 
     @nn.compact
     def __call__(
@@ -110,15 +102,9 @@ class DotAttention(nn.Module):
           ``[..., Tq, Dv]``, or ``(output, weights)``; see :func:`dot_attention`.
         """
         config = self.config  # validates the fields
-        causal = config.causal if causal is None else causal
-        deterministic = config.deterministic if deterministic is None else deterministic
-        if deterministic is None:
-            if config.dropout_rate > 0.0:
-                raise ValueError(
-                    "DotAttention with dropout_rate > 0 needs deterministic=True/False, "
-                    "as a module field or a call argument; received neither."
-                )
-            deterministic = True
+        causal, deterministic = resolve_call(
+            config, causal, deterministic, "as a module field or a call argument"
+        )
 
         params = {}
         if config.use_scale:
@@ -129,9 +115,7 @@ class DotAttention(nn.Module):
             params["concat_score_weight"] = self.param(
                 "concat_score_weight", nn.initializers.ones_init(), (), config.param_dtype
             )
-        if config.dtype is not None:
-            query, value = (jnp.asarray(x, config.dtype) for x in (query, value))
-            key = None if key is None else jnp.asarray(key, config.dtype)
+        query, value, key = cast_inputs(config.dtype, query, value, key)
         use_dropout = not deterministic and config.dropout_rate > 0.0
         return dot_attention(
             params,

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flax_dotattn._src.attention import Masks, dot_attention
+from flax_dotattn._src.call_args import cast_inputs, resolve_call
 from flax_dotattn._src.config import DotAttentionConfig
 from flax_dotattn._src.linen import DotAttention as LinenDotAttention
 
@@ -105,16 +106,7 @@ class DotAttention(nnx.Module):
     @property
     def config(self) -> DotAttentionConfig:
         """The module's hyper-parameters as a :class:`DotAttentionConfig`."""
-        return DotAttentionConfig(
-            use_scale=self.use_scale,
-            score_mode=self.score_mode,
-            dropout_rate=self.dropout_rate,
-            causal=self.causal,
-            deterministic=self.deterministic,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            precision=self.precision,
-        )
+        return DotAttentionConfig.of(self)
 
     def params(self) -> dict[str, jax.Array]:
         """The learned scalars as a plain dict, as :func:`dot_attention` takes them."""
@@ -138,16 +130,12 @@ class DotAttention(nnx.Module):
         ``rngs`` (an ``nnx.Rngs`` or a key) overrides the constructor's dropout stream.
         """
         config = self.config
-        causal = config.causal if causal is None else causal
-        deterministic = config.deterministic if deterministic is None else deterministic
-        if deterministic is None:
-            if config.dropout_rate > 0.0:
-                raise ValueError(
-                    "DotAttention with dropout_rate > 0 needs deterministic=True/False "
-                    "(constructor, call argument, or model.train()/model.eval()); "
-                    "received neither."
-                )
-            deterministic = True
+        causal, deterministic = resolve_call(
+            config,
+            causal,
+            deterministic,
+            "constructor, call argument, or model.train()/model.eval()",
+        )
         use_dropout = not deterministic and config.dropout_rate > 0.0
         dropout_rng = None
         if use_dropout:
@@ -163,9 +151,7 @@ class DotAttention(nnx.Module):
                 dropout_rng = source
             else:
                 dropout_rng = source()
-        if config.dtype is not None:
-            query, value = (jnp.asarray(x, config.dtype) for x in (query, value))
-            key = None if key is None else jnp.asarray(key, config.dtype)
+        query, value, key = cast_inputs(config.dtype, query, value, key)
         return dot_attention(
             self.params(),
             query,

@@ -83,8 +83,7 @@ def sequence_parallel_attention(
       True
     """
     causal = validation.check_static_bool("causal", causal)
-    deterministic = validation.check_static_bool("deterministic", deterministic)
-    dropout_rate = validation.check_dropout_rate(dropout_rate)
+    dropout_rate, dropout_rng = validation.check_dropout(deterministic, dropout_rate, dropout_rng)
     block_size = validation.check_block_size(block_size)
     inputs = validation.check_inputs(params, query, value, key, masks, score_mode)
     if not isinstance(mesh, Mesh):
@@ -101,19 +100,12 @@ def sequence_parallel_attention(
             f"value length Tv={tv} must be divisible by the size {n} of mesh axis "
             f"{axis_name!r}; received value shape {tuple(inputs.value.shape)}."
         )
-    use_dropout = not deterministic and dropout_rate > 0.0
-    if use_dropout and dropout_rng is None:
-        raise ValueError(
-            "dropout_rng is required when deterministic=False and dropout_rate > 0; "
-            f"received dropout_rng=None with dropout_rate={dropout_rate}."
-        )
     shard_len = tv // n
     nb = inputs.query.ndim - 2
     replicated = PartitionSpec()
     seq = PartitionSpec(*([None] * nb), axis_name, None)  # [..., Tv, D]
     seq_mask = PartitionSpec(*([None] * nb), axis_name)  # [..., Tv]
     value_mask = inputs.value_mask
-    rng = dropout_rng if use_dropout else None
 
     def shard(q, k, v, vm, scale, cw, rng):
         index = lax.axis_index(axis_name)
@@ -128,7 +120,7 @@ def sequence_parallel_attention(
             cw,
             score_mode=score_mode,
             causal=causal,
-            dropout_rate=dropout_rate if use_dropout else 0.0,
+            dropout_rate=dropout_rate,
             dropout_rng=rng,
             block_size=block_size,
             precision=precision,
@@ -160,7 +152,7 @@ def sequence_parallel_attention(
         value_mask,
         inputs.scale,
         inputs.concat_score_weight,
-        rng,
+        dropout_rng,
     )
     if inputs.query_mask is not None:
         output = jnp.where(inputs.query_mask[..., None], output, 0)

@@ -91,6 +91,26 @@ def check_block_size(block_size: Any) -> int | tuple[int, int] | None:
     return None  # unreachable
 
 
+def check_dropout(
+    deterministic: Any, dropout_rate: Any, dropout_rng: Any
+) -> tuple[float, jax.Array | None]:
+    """Validates the dropout arguments; returns the effective ``(rate, rng)``.
+
+    The rate is 0 and the rng None when no dropout applies (``deterministic=True`` or a
+    zero rate).
+    """
+    deterministic = check_static_bool("deterministic", deterministic)
+    dropout_rate = check_dropout_rate(dropout_rate)
+    if deterministic or dropout_rate == 0.0:
+        return 0.0, None
+    if dropout_rng is None:
+        _fail(
+            "dropout_rng is required when deterministic=False and dropout_rate > 0; "
+            f"received dropout_rng=None with dropout_rate={dropout_rate}."
+        )
+    return dropout_rate, dropout_rng
+
+
 def check_float_array(name: str, x: Any, layout: str) -> jax.Array:
     """Converts ``x`` to a JAX array and checks it is a real floating array of rank >= 2."""
     if not _is_tracer_or_array(x):
