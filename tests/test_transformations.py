@@ -96,11 +96,13 @@ def test_shape_errors_fire_under_jit(rng):
         jax.jit(lambda q, v, k: dot_attention(None, q, v, k))(q, v, k[..., :2])
 
 
-def test_no_host_transfers_inside_the_function(rng):
+@pytest.mark.parametrize("implementation", ["xla", "chunked"])
+def test_no_host_transfers_inside_the_function(implementation, rng):
     q, k, v, qm, vm = _inputs(rng)
     args = jax.device_put((q, k, v, qm, vm, jax.random.key(0)))
-    fn = jax.jit(
-        lambda q, k, v, qm, vm, r: dot_attention(
+
+    def attend(q, k, v, qm, vm, rng):
+        return dot_attention(
             {"scale": jnp.float32(1.0)},
             q,
             v,
@@ -108,13 +110,18 @@ def test_no_host_transfers_inside_the_function(rng):
             (qm, vm),
             True,
             dropout_rate=0.2,
-            dropout_rng=r,
+            dropout_rng=rng,
             deterministic=False,
+            implementation=implementation,
         )
-    )
+
+    fn = jax.jit(attend)
     fn(*args)  # compile outside the guard
+    grad = jax.jit(jax.grad(lambda *a: attend(*a).sum()))
+    grad(*args)
     with jax.transfer_guard("disallow"):
         fn(*args).block_until_ready()
+        grad(*args).block_until_ready()
 
 
 @pytest.mark.parametrize("implementation", ["xla", "chunked"])
