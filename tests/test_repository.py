@@ -37,3 +37,20 @@ def test_quickstart_example_runs():
     )
     assert "module output == dot_attention output: True" in result.stdout
     assert "[[2.462 3.462]" in result.stdout
+
+
+def test_readme_python_blocks_run(monkeypatch):
+    """README's Python blocks run in order in one namespace (on 8 simulated CPU devices).
+
+    The block that ports ``keras_layer`` needs a trained Keras layer, which
+    examples/from_keras.py and tests/test_config.py cover, so it is left out here.
+    """
+    monkeypatch.chdir(ROOT)
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
+    runnable = [b for b in blocks if "keras_layer" not in b]
+    assert len(runnable) >= 5
+    namespace: dict = {}
+    for block in runnable:
+        exec(compile(block, "README.md", "exec"), namespace)
+    assert namespace["out"].shape == (8, 10, 64)
