@@ -26,6 +26,8 @@ CONFIGS = {
     "concat_dropout": DotAttentionConfig(
         score_mode="concat", dropout_rate=0.25, deterministic=False
     ),
+    "chunked_blocks": DotAttentionConfig(implementation="chunked", block_size=(512, 128)),
+    "int_block": DotAttentionConfig(implementation="xla", block_size=64),
     "mixed_bf16": DotAttentionConfig(
         dtype="bfloat16", param_dtype="float32", precision="highest", deterministic=True
     ),
@@ -59,6 +61,21 @@ def test_config_is_frozen_hashable_and_a_static_jit_argument():
     assert traced(jnp.ones((2, 3)), cfg).shape == (2, 3)
 
 
+def test_block_size_lists_become_tuples_and_serialise_as_lists():
+    cfg = DotAttentionConfig(block_size=[256, 64])
+    assert cfg.block_size == (256, 64) and hash(cfg)
+    assert cfg.to_dict()["block_size"] == [256, 64]
+
+
+def test_module_passes_implementation_and_block_size_through():
+    cfg = DotAttentionConfig(implementation="chunked", block_size=(4, 4))
+    layer = DotAttention.from_config(cfg)
+    q = jnp.ones((2, 8, 3))
+    jaxpr = str(jax.make_jaxpr(lambda q: layer.apply({}, q, q))(q))
+    assert "custom_vjp_call" in jaxpr  # the chunked kernel
+    assert layer.config == cfg
+
+
 def test_config_is_keyword_only():
     with pytest.raises(TypeError):
         DotAttentionConfig(True)  # type: ignore[misc]
@@ -82,6 +99,9 @@ BAD_CONFIGS = [
     ("dtype_garbage", dict(dtype="floaty"), r"dtype must be None or one of.*'floaty'"),
     ("param_dtype_none", dict(param_dtype=None), r"param_dtype must be one of"),
     ("precision", dict(precision="ultra"), r"precision must be None.*'ultra'"),
+    ("implementation", dict(implementation="flash"), r"implementation must be one of.*'flash'"),
+    ("block_size_zero", dict(block_size=0), r"block_size must be None, a positive int.*0"),
+    ("block_size_triple", dict(block_size=(1, 2, 3)), r"block_size must be None"),
 ]
 
 

@@ -20,6 +20,7 @@ import yaml
 
 _SCORE_MODES = ("dot", "concat")
 _PRECISIONS = ("default", "high", "highest")
+_IMPLEMENTATIONS = (None, "xla", "chunked", "cudnn")
 _FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 # Generic Keras ``Layer`` keys that carry nothing this library models; ignored on import.
 _KERAS_IGNORED_KEYS = frozenset(
@@ -72,6 +73,21 @@ def _precision_name(value: Any) -> str | None:
     return None  # unreachable
 
 
+def _block_size(value: Any) -> int | tuple[int, int] | None:
+    def positive(x: Any) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool) and x >= 1
+
+    if value is None or positive(value):
+        return value
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(map(positive, value)):
+        return tuple(value)
+    _fail(
+        "DotAttentionConfig.block_size must be None, a positive int or a pair of them; "
+        f"received block_size={value!r}."
+    )
+    return None  # unreachable
+
+
 def _check_type(field: str, value: Any, types: tuple[type, ...], expected: str) -> None:
     if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
         _fail(
@@ -97,6 +113,10 @@ class DotAttentionConfig:
       param_dtype: dtype name of the learned scalars (default ``"float32"``).
       precision: matmul precision name (``"default"``, ``"high"``, ``"highest"``) or
         None.
+      implementation: None (automatic), ``"xla"``, ``"chunked"`` or ``"cudnn"``; see
+        :func:`dot_attention`.
+      block_size: blocks of the chunked path: None (measured default), an int, or a pair
+        ``(block_q, block_k)`` (stored as a tuple; a list is accepted).
 
     Examples:
       >>> from flax_dotattn import DotAttentionConfig
@@ -117,6 +137,8 @@ class DotAttentionConfig:
     dtype: str | None = None
     param_dtype: str = "float32"
     precision: str | None = None
+    implementation: str | None = None
+    block_size: int | tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         _check_type("use_scale", self.use_scale, (bool,), "a bool")
@@ -140,6 +162,12 @@ class DotAttentionConfig:
         object.__setattr__(self, "dtype", _dtype_name("dtype", self.dtype, True))
         object.__setattr__(self, "param_dtype", _dtype_name("param_dtype", self.param_dtype, False))
         object.__setattr__(self, "precision", _precision_name(self.precision))
+        if self.implementation not in _IMPLEMENTATIONS:
+            _fail(
+                f"DotAttentionConfig.implementation must be one of {_IMPLEMENTATIONS}; "
+                f"received implementation={self.implementation!r}."
+            )
+        object.__setattr__(self, "block_size", _block_size(self.block_size))
 
     @classmethod
     def of(cls, obj: Any) -> DotAttentionConfig:
@@ -158,7 +186,10 @@ class DotAttentionConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Returns a plain ``dict`` of the fields (JSON/YAML-serialisable)."""
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if isinstance(self.block_size, tuple):
+            data["block_size"] = list(self.block_size)
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> DotAttentionConfig:
@@ -235,7 +266,8 @@ class DotAttentionConfig:
         """Returns a config that ``keras.layers.Attention.from_config`` accepts.
 
         What cannot be carried: ``deterministic`` (Keras uses the call's ``training``
-        flag) and ``precision``; and in Keras 3 (``legacy=False``) ``causal``, which is
+        flag), ``precision``, ``implementation`` and ``block_size`` (Keras has one
+        materialised path); and in Keras 3 (``legacy=False``) ``causal``, which is
         a call argument there (``layer(..., use_causal_mask=True)``): a warning is issued
         when a causal config is exported that way. ``dtype=None`` ("follow the inputs")
         exports as the ``param_dtype`` policy.

@@ -34,6 +34,8 @@ class DotAttention(nn.Module):
       dtype: computation dtype; inputs are cast to it (None: follow the inputs).
       param_dtype: dtype of the learned scalars.
       precision: matmul precision.
+      implementation: None (automatic), ``"xla"``, ``"chunked"`` or ``"cudnn"``.
+      block_size: blocks of the chunked path (None: the measured default).
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -55,6 +57,8 @@ class DotAttention(nn.Module):
     dtype: Any = None
     param_dtype: Any = jnp.float32
     precision: Any = None
+    implementation: str | None = None
+    block_size: int | tuple[int, int] | None = None
 
     @classmethod
     def from_config(cls, config: DotAttentionConfig, **kwargs: Any) -> DotAttention:
@@ -64,7 +68,7 @@ class DotAttention(nn.Module):
                 "DotAttention.from_config expects a DotAttentionConfig; "
                 f"received a {type(config).__name__}."
             )
-        fields = config.to_dict()
+        fields = {f: getattr(config, f) for f in config.to_dict()}
         fields["dtype"] = None if config.dtype is None else jnp.dtype(config.dtype)
         fields["param_dtype"] = jnp.dtype(config.param_dtype)
         return cls(**fields, **kwargs)
@@ -130,4 +134,6 @@ class DotAttention(nn.Module):
             deterministic=deterministic,
             return_attention_scores=return_attention_scores,
             precision=self.precision,
+            implementation=config.implementation,
+            block_size=config.block_size,
         )

@@ -35,6 +35,8 @@ class DotAttention(nnx.Module):
       dtype: computation dtype; inputs are cast to it (None: follow the inputs).
       param_dtype: dtype of the learned scalars.
       precision: matmul precision.
+      implementation: None (automatic), ``"xla"``, ``"chunked"`` or ``"cudnn"``.
+      block_size: blocks of the chunked path (None: the measured default).
       rngs: an ``nnx.Rngs`` whose ``"dropout"`` stream feeds dropout (optional when no
         dropout is used, or when ``rngs`` is passed at call time).
 
@@ -62,6 +64,8 @@ class DotAttention(nnx.Module):
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
         precision: Any = None,
+        implementation: str | None = None,
+        block_size: int | tuple[int, int] | None = None,
         rngs: nnx.Rngs | None = None,
     ):
         config = DotAttentionConfig(
@@ -73,6 +77,8 @@ class DotAttention(nnx.Module):
             dtype=dtype,
             param_dtype=param_dtype,
             precision=precision,
+            implementation=implementation,
+            block_size=block_size,
         )  # validates
         self.use_scale = config.use_scale
         self.score_mode = config.score_mode
@@ -82,6 +88,8 @@ class DotAttention(nnx.Module):
         self.dtype = config.dtype
         self.param_dtype = config.param_dtype
         self.precision = config.precision
+        self.implementation = config.implementation
+        self.block_size = config.block_size
         if config.use_scale:
             self.scale = nnx.Param(jnp.ones((), config.param_dtype))
         if config.score_mode == "concat":
@@ -101,7 +109,7 @@ class DotAttention(nnx.Module):
                 "DotAttention.from_config expects a DotAttentionConfig; "
                 f"received a {type(config).__name__}."
             )
-        return cls(**config.to_dict(), rngs=rngs)
+        return cls(**{f: getattr(config, f) for f in config.to_dict()}, rngs=rngs)
 
     @property
     def config(self) -> DotAttentionConfig:
@@ -165,6 +173,8 @@ class DotAttention(nnx.Module):
             deterministic=deterministic,
             return_attention_scores=return_attention_scores,
             precision=config.precision,
+            implementation=config.implementation,
+            block_size=config.block_size,
         )
 
 
