@@ -43,3 +43,10 @@ def test_library_never_imports_keras():
     for path in pathlib.Path(flax_dotattn.__file__).parent.rglob("*.py"):
         if path.name != "bench.py":
             assert "keras" not in _imported_roots(path), path
+
+
+@pytest.mark.parametrize("name", ["DotAttention", "from_linen", "to_linen"])
+def test_nnx_namespace_exports(name):
+    from flax_dotattn import nnx as fdnnx
+
+    assert name in fdnnx.__all__ and getattr(fdnnx, name).__doc__
