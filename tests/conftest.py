@@ -22,6 +22,9 @@ import pytest
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
+# Scripts that regenerate recorded references (they need TensorFlow), not tests.
+collect_ignore_glob = ["fixtures/*.py"]
+
 _TOLERANCES = {
     jnp.dtype(jnp.float64): 1e-10,
     jnp.dtype(jnp.float32): 2e-5,
