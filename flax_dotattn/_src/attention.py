@@ -135,36 +135,16 @@ def dot_attention(
     validation.check_choice("implementation", implementation, validation.IMPLEMENTATIONS)
     dropout_rate, dropout_rng = validation.check_dropout(deterministic, dropout_rate, dropout_rng)
     inputs = validation.check_inputs(params, query, value, key, masks, score_mode)
-    use_dropout = dropout_rate > 0.0
 
     block_size = validation.check_block_size(block_size)
-    plan = dispatch.Plan(implementation)
-    if implementation is None:
-        plan = dispatch.choose_implementation(
-            inputs,
-            score_mode=score_mode,
-            return_attention_scores=return_attention_scores,
-            dropout=use_dropout,
-            causal=causal,
-        )
-    elif implementation == "cudnn":
-        reason = dispatch.fused_ineligibility(
-            inputs,
-            score_mode=score_mode,
-            return_attention_scores=return_attention_scores,
-            dropout=use_dropout,
-            causal=causal,
-        )
-        if jax.default_backend() != "gpu":
-            reason = f"the backend is {jax.default_backend()!r}, not 'gpu'"
-        if reason:
-            raise ValueError(f"implementation='cudnn' cannot run these inputs: {reason}.")
-    elif implementation == "chunked" and return_attention_scores:
-        raise ValueError(
-            "implementation='chunked' never forms the [..., Tq, Tv] weights, so it cannot "
-            "return them; received return_attention_scores=True (use implementation=None "
-            "or 'xla')."
-        )
+    plan = dispatch.plan(
+        inputs,
+        implementation,
+        score_mode=score_mode,
+        return_attention_scores=return_attention_scores,
+        dropout=dropout_rate > 0.0,
+        causal=causal,
+    )
     weights = None
     if plan.implementation == "cudnn":
         output = fused_attention(

@@ -44,22 +44,42 @@ def materialised_bytes(inputs: AttentionInputs, score_mode: str) -> int:
     return batch * tq * tv * per_score * inputs.compute_dtype.itemsize
 
 
-def choose_implementation(
+def plan(
     inputs: AttentionInputs,
+    implementation: str | None,
     *,
     score_mode: str,
     return_attention_scores: bool,
     dropout: bool,
     causal: bool,
 ) -> Plan:
-    """Returns the :class:`Plan` for these (static) inputs and features."""
-    if jax.default_backend() == "gpu" and not fused_ineligibility(
+    """The :class:`Plan` for these (static) inputs and features.
+
+    ``implementation=None`` chooses automatically; an explicit choice is checked.
+
+    Raises:
+      ValueError: when the requested implementation cannot run these inputs.
+    """
+    fused_reason = _fused_reason(
         inputs,
         score_mode=score_mode,
         return_attention_scores=return_attention_scores,
         dropout=dropout,
         causal=causal,
-    ):
+    )
+    if implementation == "cudnn":
+        if fused_reason:
+            raise ValueError(f"implementation='cudnn' cannot run these inputs: {fused_reason}.")
+        return Plan("cudnn")
+    if implementation == "chunked" and return_attention_scores:
+        raise ValueError(
+            "implementation='chunked' never forms the [..., Tq, Tv] weights, so it cannot "
+            "return them; received return_attention_scores=True (use implementation=None "
+            "or 'xla')."
+        )
+    if implementation is not None:
+        return Plan(implementation)
+    if fused_reason is None:
         return Plan("cudnn")
     if return_attention_scores:
         return Plan("xla")
@@ -71,6 +91,8 @@ def choose_implementation(
     return Plan("chunked")
 
 
-def fused_ineligibility(inputs: AttentionInputs, **features: bool | str) -> str | None:
-    """Why the fused GPU kernel cannot take these inputs (None when it can)."""
+def _fused_reason(inputs: AttentionInputs, **features: bool | str) -> str | None:
+    """Why the fused GPU kernel cannot take these inputs here (None when it can)."""
+    if jax.default_backend() != "gpu":
+        return f"the backend is {jax.default_backend()!r}, not 'gpu'"
     return ineligibility(inputs.query.shape, inputs.value.shape, inputs.dtype, **features)
