@@ -9,9 +9,11 @@ Public API:
 * :func:`params_from_keras`, :func:`params_to_keras`: weight conversion with Keras.
 * :func:`sequence_parallel_attention`: keys/values sharded along ``Tv`` over a mesh axis.
 * :func:`make_causal_mask`, :func:`attention_scores`: building blocks.
+* :class:`BlockSizes`: the chunked path's block lengths.
 """
 
 from flax_dotattn._src.attention import dot_attention as dot_attention
+from flax_dotattn._src.blocks import BlockSizes as BlockSizes
 from flax_dotattn._src.config import DotAttentionConfig as DotAttentionConfig
 from flax_dotattn._src.config import load_config as load_config
 from flax_dotattn._src.config import save_config as save_config
@@ -27,6 +29,7 @@ from flax_dotattn._src.sharding import (
 __version__ = "0.1.0"
 
 __all__ = (
+    "BlockSizes",
     "DotAttention",
     "DotAttentionConfig",
     "attention_scores",

@@ -126,7 +126,7 @@ def test_nd_batch_dims_and_rank_2_under_vmap(rng):
     assert_close(per_example, expected, factor=2)
 
 
-def test_check_grads_through_the_custom_vjp(rng):
+def test_check_grads_through_the_custom_jvp(rng):
     q, k, v, qm, vm = _inputs(rng, batch=(1,), tq=9, tv=11, d=3, dv=2)
 
     def f(q, k, v, scale, weight):
@@ -226,7 +226,7 @@ def test_chunked_cannot_return_weights():
 def _uses_chunked(*shapes, **kwargs):
     args = [jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes]
     jaxpr = jax.make_jaxpr(lambda q, v: dot_attention(None, q, v, **kwargs))(*args)
-    return "custom_vjp_call" in str(jaxpr)
+    return "custom_jvp_call" in str(jaxpr)
 
 
 def test_automatic_dispatch_by_size_and_features():
@@ -255,7 +255,7 @@ def test_mid_size_dispatch_materialises_forward_and_chunks_backward(rng):
     v = jnp.asarray(rng.normal(size=(1, 2048, 8)), jnp.float32)
     vm = jnp.asarray(rng.random((1, 2048)) > 0.1)
     plain = jax.jit(lambda q, v: dot_attention(None, q, v, masks=(None, vm), causal=True))
-    assert "custom_vjp_call" in str(jax.make_jaxpr(plain)(q, v))
+    assert "custom_jvp_call" in str(jax.make_jaxpr(plain)(q, v))
     assert_close(
         plain(q, v), dot_attention(None, q, v, masks=(None, vm), causal=True, implementation="xla")
     )

@@ -11,6 +11,7 @@ from conftest import assert_close
 from keras_reference import keras
 
 from flax_dotattn import (
+    BlockSizes,
     DotAttention,
     DotAttentionConfig,
     dot_attention,
@@ -61,10 +62,17 @@ def test_config_is_frozen_hashable_and_a_static_jit_argument():
     assert traced(jnp.ones((2, 3)), cfg).shape == (2, 3)
 
 
-def test_block_size_lists_become_tuples_and_serialise_as_lists():
+def test_block_sizes_are_normalised_and_serialise_as_dicts():
     cfg = DotAttentionConfig(block_size=[256, 64])
-    assert cfg.block_size == (256, 64) and hash(cfg)
-    assert cfg.to_dict()["block_size"] == [256, 64]
+    assert cfg.block_size == BlockSizes(block_q=256, block_k=64) and hash(cfg)
+    assert cfg.to_dict()["block_size"] == {
+        "block_q": 256,
+        "block_k": 64,
+        "block_q_backward": None,
+        "block_k_backward": None,
+    }
+    assert DotAttentionConfig.from_dict(cfg.to_dict()) == cfg
+    assert DotAttentionConfig(block_size=32).block_size == BlockSizes(block_q=32, block_k=32)
 
 
 def test_module_passes_implementation_and_block_size_through():
@@ -72,7 +80,7 @@ def test_module_passes_implementation_and_block_size_through():
     layer = DotAttention.from_config(cfg)
     q = jnp.ones((2, 8, 3))
     jaxpr = str(jax.make_jaxpr(lambda q: layer.apply({}, q, q))(q))
-    assert "custom_vjp_call" in jaxpr  # the chunked kernel
+    assert "custom_jvp_call" in jaxpr  # the chunked kernel
     assert layer.config == cfg
 
 
@@ -89,12 +97,12 @@ def test_normalises_dtypes_and_precision_to_names():
 
 
 BAD_CONFIGS = [
-    ("use_scale_int", dict(use_scale=1), r"use_scale must be a bool.*1"),
+    ("use_scale_int", dict(use_scale=1), r"use_scale must be a Python bool.*1"),
     ("score_mode", dict(score_mode="general"), r"score_mode must be one of.*'general'"),
     ("dropout_high", dict(dropout_rate=1.5), r"dropout_rate must be in \[0, 1\).*1.5"),
-    ("dropout_str", dict(dropout_rate="0.1"), r"dropout_rate must be a float"),
-    ("causal_str", dict(causal="true"), r"causal must be a bool"),
-    ("deterministic_int", dict(deterministic=0), r"deterministic must be None or a bool"),
+    ("dropout_str", dict(dropout_rate="0.1"), r"dropout_rate must be a Python float"),
+    ("causal_str", dict(causal="true"), r"causal must be a Python bool"),
+    ("deterministic_int", dict(deterministic=0), r"deterministic must be None or a Python bool"),
     ("dtype_int", dict(dtype="int32"), r"dtype must be None or one of.*'int32'"),
     ("dtype_garbage", dict(dtype="floaty"), r"dtype must be None or one of.*'floaty'"),
     ("param_dtype_none", dict(param_dtype=None), r"param_dtype must be one of"),
@@ -125,7 +133,7 @@ def test_from_dict_names_unknown_keys():
         ("bad.yaml", "use_scale: [unclosed", r"could not parse YAML config file"),
         ("list.yaml", "- 1\n- 2\n", r"must hold a mapping.*list"),
         ("unknown.yaml", "use_scale: true\nheads: 4\n", r"unknown keys \['heads'\]"),
-        ("wrongtype.json", '{"use_scale": "yes"}', r"use_scale must be a bool"),
+        ("wrongtype.json", '{"use_scale": "yes"}', r"use_scale must be a Python bool"),
         ("cfg.toml", "use_scale = true", r"must end in one of"),
     ],
 )

@@ -99,7 +99,9 @@ def test_dropout_same_rng_same_result_and_different_rng_differs():
 
 def test_deterministic_disables_dropout():
     q = jnp.ones((3, 4))
-    det = dot_attention(None, q, q, dropout_rate=0.5, dropout_rng=jax.random.key(0))
+    det = dot_attention(
+        None, q, q, dropout_rate=0.5, dropout_rng=jax.random.key(0), deterministic=True
+    )
     assert_close(det, dot_attention(None, q, q))
 
 

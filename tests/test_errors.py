@@ -121,7 +121,16 @@ BAD_INPUTS = [
     ("dropout_rate_string", dict(dropout_rate="0.1"), r"dropout_rate must be a Python float"),
     ("causal_not_bool", dict(causal="yes"), r"causal must be a Python bool.*'yes'"),
     ("causal_array", dict(causal=jnp.array(True)), r"causal must be a Python bool"),
-    ("deterministic_none", dict(deterministic=None), r"deterministic must be a Python bool"),
+    (
+        "deterministic_string",
+        dict(deterministic="yes"),
+        r"deterministic must be None or a Python bool",
+    ),
+    (
+        "dropout_without_deterministic",
+        dict(dropout_rate=0.5),
+        r"deterministic must be True or False when dropout_rate > 0.*deterministic=None",
+    ),
     (
         "implementation_unknown",
         dict(implementation="flash"),

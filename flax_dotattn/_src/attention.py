@@ -8,22 +8,20 @@ This module imports neither flax nor keras.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+import functools
+from typing import Any, Literal, overload
 
 import jax
-import jax.numpy as jnp
 
-from flax_dotattn._src import dispatch, validation
-from flax_dotattn._src.chunked import chunked_attention
-from flax_dotattn._src.fused import fused_attention
+from flax_dotattn._src import chunked, dispatch, fused, validation
+from flax_dotattn._src.config import check_option, document_options
 from flax_dotattn._src.materialised import materialised_attention
+from flax_dotattn._src.types import Array, Implementation, Masks, Params, ScoreMode
 
-Array = jax.Array
-Params = Mapping[str, Any] | None
-Masks = Sequence[Any] | None
+__all__ = ["Masks", "Params", "dot_attention"]
 
 
+@overload
 def dot_attention(
     params: Params,
     query: Array,
@@ -32,14 +30,54 @@ def dot_attention(
     masks: Masks = None,
     causal: bool = False,
     *,
-    score_mode: str = "dot",
+    score_mode: ScoreMode = "dot",
     dropout_rate: float = 0.0,
     dropout_rng: Array | None = None,
-    deterministic: bool = True,
+    deterministic: bool | None = None,
+    return_attention_scores: Literal[False] = False,
+    precision: Any = None,
+    implementation: Implementation | None = None,
+    block_size: Any = None,
+) -> Array: ...
+
+
+@overload
+def dot_attention(
+    params: Params,
+    query: Array,
+    value: Array,
+    key: Array | None = None,
+    masks: Masks = None,
+    causal: bool = False,
+    *,
+    score_mode: ScoreMode = "dot",
+    dropout_rate: float = 0.0,
+    dropout_rng: Array | None = None,
+    deterministic: bool | None = None,
+    return_attention_scores: Literal[True],
+    precision: Any = None,
+    implementation: Implementation | None = None,
+    block_size: Any = None,
+) -> tuple[Array, Array]: ...
+
+
+@document_options("score_mode", "dropout_rate", "deterministic", "precision", "block_size")
+def dot_attention(
+    params: Params,
+    query: Array,
+    value: Array,
+    key: Array | None = None,
+    masks: Masks = None,
+    causal: bool = False,
+    *,
+    score_mode: ScoreMode = "dot",
+    dropout_rate: float = 0.0,
+    dropout_rng: Array | None = None,
+    deterministic: bool | None = None,
     return_attention_scores: bool = False,
     precision: Any = None,
-    implementation: str | None = None,
-    block_size: int | None = None,
+    implementation: Implementation | None = None,
+    block_size: Any = None,
 ) -> Array | tuple[Array, Array]:
     """Keras's dot-product (Luong-style) attention as a pure function.
 
@@ -74,25 +112,21 @@ def dot_attention(
         queries get zero output rows; masked values get no weight.
       causal: Python bool (static). Query ``i`` attends to keys ``j <= i``, top-left
         aligned when ``Tq != Tv`` (see :func:`make_causal_mask`).
-      score_mode: ``"dot"`` or ``"concat"``.
-      dropout_rate: probability in ``[0, 1)`` of dropping an attention weight.
+      {options}
       dropout_rng: PRNG key; required when dropout is active.
-      deterministic: if True (default) no dropout is applied.
       return_attention_scores: also return the (post-dropout) attention weights.
-      precision: matmul precision (``jax.lax.Precision`` or its name), or None.
       implementation: None (choose automatically by shape, dtype, backend and
         features), ``"xla"`` (materialise the ``[..., Tq, Tv]`` scores) or
-        ``"chunked"`` (online softmax over blocks with a fused backward: O(T · block)
-        memory in forward and backward; cannot return the weights, and its dropout
+        ``"chunked"`` (online softmax over blocks: O(T · block) memory in forward,
+        backward and forward-mode derivatives; cannot return the weights, and its dropout
         pattern differs from the materialised path's, with the same statistics), or
         ``"cudnn"`` (GPU only: ``jax.nn.dot_product_attention``'s fused kernel, for
         float16/bfloat16, ``"dot"`` scores, ``D == Dv`` a multiple of 8 up to 128, no
         dropout or returned weights, causal only with ``Tq == Tv``). Automatic dispatch
         picks ``"cudnn"`` on GPU when eligible, ``"chunked"`` from 16 MiB of float32
-        scores (``[..., Tq, Tv, D]`` in concat mode), else ``"xla"``.
-      block_size: blocks of the chunked path: an int (queries and keys), a pair
-        ``(block_q, block_k)``, or None for the measured default ``(2048, 256)``
-        (``(256, 128)`` in concat mode).
+        scores (``[..., Tq, Tv, D]`` in concat mode), else ``"xla"``. Every path
+        supports ``jax.grad``, ``jax.jvp``/``jax.jacfwd``, ``jax.vmap`` and empty
+        dimensions.
 
     Returns:
       ``output [..., Tq, Dv]`` in the inputs' dtype, or ``(output, weights)`` with
@@ -128,15 +162,15 @@ def dot_attention(
       [[1. 2.]
        [1. 2.]]
     """
-    causal = validation.check_static_bool("causal", causal)
+    causal = check_option("causal", causal)
     return_attention_scores = validation.check_static_bool(
         "return_attention_scores", return_attention_scores
     )
-    validation.check_choice("implementation", implementation, validation.IMPLEMENTATIONS)
+    implementation = check_option("implementation", implementation)
+    block_sizes = check_option("block_size", block_size)
+    precision = validation.check_precision(precision)
     dropout_rate, dropout_rng = validation.check_dropout(deterministic, dropout_rate, dropout_rng)
     inputs = validation.check_inputs(params, query, value, key, masks, score_mode)
-
-    block_size = validation.check_block_size(block_size)
     plan = dispatch.plan(
         inputs,
         implementation,
@@ -145,46 +179,86 @@ def dot_attention(
         dropout=dropout_rate > 0.0,
         causal=causal,
     )
-    weights = None
-    if plan.implementation == "cudnn":
-        output = fused_attention(
-            inputs.query,
-            inputs.key,
-            inputs.value,
-            inputs.value_mask,
-            inputs.scale,
-            causal=causal,
-            precision=precision,
-        )  # [..., Tq, Dv]
-    else:
-        arrays = (
-            inputs.query,
-            inputs.key,
-            inputs.value,
-            inputs.value_mask,
-            inputs.scale,
-            inputs.concat_score_weight,
-        )
-        options = dict(
-            score_mode=score_mode,
-            causal=causal,
-            dropout_rate=dropout_rate,
-            dropout_rng=dropout_rng,
-            precision=precision,
-            compute_dtype=inputs.compute_dtype,
-        )
-        if plan.implementation == "chunked":
-            output = chunked_attention(
-                *arrays,
-                **options,
-                block_size=block_size,
-                materialise_primal=plan.materialise_primal,
-            )  # [..., Tq, Dv]
-        else:
-            output, weights = materialised_attention(*arrays, **options)  # [.., Tq, Dv|Tv]
-    if inputs.query_mask is not None:
-        output = jnp.where(inputs.query_mask[..., None], output, 0)  # [..., Tq, Dv]
-    output = output.astype(inputs.dtype)
+    options = dict(
+        score_mode=score_mode,
+        causal=causal,
+        dropout_rate=dropout_rate,
+        dropout_rng=dropout_rng,
+        precision=precision,
+        compute_dtype=inputs.compute_dtype,
+    )
+    output, weights = _run(plan, inputs, block_sizes, options)  # [..., Tq, Dv], [..., Tq, Tv]
+    output = validation.finish(output, inputs)
     if return_attention_scores:
         return output, weights.astype(inputs.dtype)
     return output
+
+
+def _run(
+    plan: dispatch.Plan, inputs: validation.AttentionInputs, block_sizes: Any, options: dict
+) -> tuple[Array, Array | None]:
+    """Runs ``plan``; returns the output before the query mask (and the weights for xla)."""
+    arrays = (
+        inputs.query,
+        inputs.key,
+        inputs.value,
+        inputs.value_mask,
+        inputs.scale,
+        inputs.concat_score_weight,
+    )
+    if plan.implementation == "xla":
+        return materialised_attention(*arrays, **options)
+    if plan.implementation == "cudnn":
+        return _cudnn(inputs, block_sizes, options), None
+    if plan.materialise_primal:
+        return _materialised_primal_chunked_derivatives(*arrays, block_sizes, options), None
+    return chunked.chunked_attention(*arrays, block_sizes=block_sizes, **options), None
+
+
+def _cudnn(inputs: validation.AttentionInputs, block_sizes: Any, options: dict) -> Array:
+    """The fused kernel, with the chunked path where the kernel would differ from Keras."""
+
+    def keras(query, key, value, value_mask):
+        return chunked.chunked_attention(
+            query, key, value, value_mask, inputs.scale, None,
+            block_sizes=block_sizes, **options,
+        )  # fmt: skip
+
+    return fused.fused_attention(
+        inputs.query,
+        inputs.key,
+        inputs.value,
+        inputs.value_mask,
+        inputs.scale,
+        causal=options["causal"],
+        fallback=keras,
+    )
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _materialised_forward(static: chunked.Static, ops: chunked.Operands) -> Array:
+    """A forward pass that runs materialised; its derivatives come from the chunked rule."""
+    return materialised_attention(
+        ops.q, ops.k, ops.v, ops.value_mask, ops.scale, ops.concat_score_weight,
+        score_mode=static.score_mode, causal=static.causal, dropout_rate=0.0,
+        dropout_rng=None, precision=static.precision, compute_dtype=ops.q.dtype,
+    )[0]  # fmt: skip
+
+
+@functools.partial(_materialised_forward.defjvp, symbolic_zeros=True)
+def _materialised_forward_jvp(static, primals, tangents):
+    (out, _, _), (d_out, _, _) = chunked.attend_jvp(static, primals, tangents)
+    return out, d_out
+
+
+def _materialised_primal_chunked_derivatives(
+    query, key, value, value_mask, scale, concat_score_weight, block_sizes, options
+) -> Array:
+    """Mid-sized inputs: the materialised forward is faster when nothing differentiates
+    it, while derivatives keep the chunked path's O(T · block) memory."""
+    static, ops = chunked.prepare(
+        query, key, value, value_mask, scale, concat_score_weight,
+        block_sizes=block_sizes, **options,
+    )  # fmt: skip
+    out = _materialised_forward(static, ops)  # [B, Tq, Dv]
+    return out.reshape(query.shape[:-1] + value.shape[-1:])

@@ -1,18 +1,32 @@
-"""Memory-efficient attention: online softmax over blocks with a fused custom VJP.
+"""Memory-efficient attention: online softmax over blocks, differentiable in both modes.
 
-The forward pass walks query blocks and, inside each, key blocks, keeping a running max,
-normaliser and weighted sum (FlashAttention-2 style); it saves only the output and the row
-log-sum-exp. The backward pass recomputes each block's probabilities and accumulates the
-gradients of query, key, value and the learned scalars. Peak memory is O(T · block) in both
-directions; the ``[..., Tq, Tv]`` score matrix is never formed.
+The forward pass walks query blocks and, inside each, key blocks, keeping a running max
+``m``, normaliser ``l`` and weighted sum (FlashAttention-2 style). The ``[..., Tq, Tv]``
+score matrix is never formed.
 
-The numbers are those of the materialised path (Keras's subtract-1e9 masking rule,
-top-left causal mask, fully masked rows included) up to float rounding. Under ``causal``,
-blocks entirely in the future are skipped, except for queries whose every key is masked
-(those rows, by Keras's rule, still average over all keys).
+Derivatives come from a ``jax.custom_jvp`` rule whose tangent is computed blockwise too:
+for one query row, with ``P`` the softmax, ``dS`` the tangent of the logits and ``c`` the
+row's ``sum(P * dS)`` (the tangent of its log-sum-exp),
 
-Shape glossary: ``...`` batch dims, ``Tq``/``Tv`` query/key lengths, ``D`` query/key depth,
-``Dv`` value depth, ``B`` the flattened batch, ``Bq``/``Bk`` block lengths.
+    d_out = sum_j (P * dS)_j v_j + P_j dv_j - c * out
+
+Forward-mode (``jax.jvp``, ``jax.jacfwd``) evaluates that rule directly; reverse mode
+(``jax.grad``, ``jax.vjp``) is JAX's transpose of it: the rule is linear in the tangents
+and each block step is rematerialised (``jax.checkpoint``), so the backward pass
+recomputes ``P`` block by block and stores only the inputs, the output and ``(m, l)``.
+Both directions take O(T · block) memory.
+
+Block skipping. A block whose every (query, key) pair is masked by structure (``causal``:
+all keys in the future) is skipped only when it provably cannot contribute: Keras's rule
+turns its logits into ``s - 1e9``, and if a cheap upper bound of ``s`` (``|scale| * |q| *
+max|k|`` in dot mode, ``|w| * D`` in concat mode) minus 1e9 lies so far below the row's
+running max that ``exp`` of the difference is exactly 0 in the compute dtype, the block's
+softmax weights are exactly 0. So rows that see no key (which Keras's rule makes average
+over every key) and adversarially large logits still get the materialised path's numbers.
+
+The numbers are those of the materialised path up to float rounding. Shape glossary:
+``...`` batch dims, ``Tq``/``Tv`` query/key lengths, ``D`` query/key depth, ``Dv`` value
+depth, ``B`` the flattened batch, ``Bq``/``Bk`` block lengths, ``nQ``/``nK`` block counts.
 """
 
 from __future__ import annotations
@@ -23,25 +37,17 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
 
-from flax_dotattn._src.masks import apply_score_mask
-from flax_dotattn._src.materialised import materialised_attention
-from flax_dotattn._src.scores import attention_scores
-
-#: Default ``(Bq, Bk)`` blocks, measured on a 2-core x86 CPU (see README's benchmark):
-#: tall query blocks keep the matmuls large, short key blocks keep the working set in cache.
-DEFAULT_BLOCK_SIZE = (2048, 256)
-#: Concat mode forms a ``[B, Bq, Bk, D]`` tanh block, so its blocks are smaller.
-DEFAULT_CONCAT_BLOCK_SIZE = (256, 128)
+from flax_dotattn._src.blocks import BlockSizes
+from flax_dotattn._src.masks import MASK_PENALTY, keep_mask
+from flax_dotattn._src.scores import masked_logits
+from flax_dotattn._src.types import Array
 
 
-def default_block_size(score_mode: str) -> tuple[int, int]:
-    """The measured default ``(Bq, Bk)`` for ``score_mode``."""
-    return DEFAULT_CONCAT_BLOCK_SIZE if score_mode == "concat" else DEFAULT_BLOCK_SIZE
-
-
-class _Spec(NamedTuple):
+class Static(NamedTuple):
     """Static (hashable) settings of one chunked call."""
 
     score_mode: str
@@ -49,67 +55,25 @@ class _Spec(NamedTuple):
     dropout_rate: float
     tq: int
     tv: int
-    blocks: tuple[int, int]  # (Bq, Bk)
-    materialise_primal: bool  # a forward that is not differentiated materialises
-    with_stats: bool  # also return the softmax statistics (m, log l)
+    forward_blocks: tuple[int, int]  # (Bq, Bk)
+    backward_blocks: tuple[int, int]  # (Bq, Bk) of the derivative pass
     precision: Any
 
 
-def _logits(spec: _Spec, blocks, q_blk, k_blk, vm_blk, scale, cw, i, j, key_offset):
-    """Masked logits of block (i, j): ``[B, Bq, Bk]``, plus the real-key indicator.
+class Operands(NamedTuple):
+    """Array operands of one chunked call, batch flattened to ``B``."""
 
-    ``key_offset`` is the global index of key 0 (nonzero for a shard of the keys).
-    """
-    block_q, block_k = blocks
-    s = attention_scores(
-        q_blk,
-        k_blk,
-        score_mode=spec.score_mode,
-        scale=scale,
-        concat_score_weight=cw,
-        precision=spec.precision,
-        compute_dtype=q_blk.dtype,
-    )  # [B, Bq, Bk]
-    q_idx = i * block_q + jnp.arange(block_q)  # [Bq]
-    k_idx = j * block_k + jnp.arange(block_k)  # [Bk], local to this call's keys
-    keep = None
-    if spec.causal:
-        keep = (q_idx[:, None] >= key_offset + k_idx[None, :])[None]  # [1, Bq, Bk]
-    if vm_blk is not None:
-        vkeep = vm_blk[:, None, :]  # [B, 1, Bk]
-        keep = vkeep if keep is None else jnp.logical_and(keep, vkeep)
-    s = apply_score_mask(s, keep)
-    real_key = (k_idx < spec.tv)[None, None, :]  # [1, 1, Bk]; False on padding
-    return s, real_key
+    q: Array  # [B, Tq, D]
+    k: Array  # [B, Tv, D]
+    v: Array  # [B, Tv, Dv]
+    value_mask: Array | None  # bool [B, Tv]
+    key_offset: Array  # int32 [], global position of key 0
+    scale: Array | None  # []
+    concat_score_weight: Array | None  # []
+    rng: Array | None  # dropout key
 
 
-def _needed(spec: _Spec, blocks, i, j, first_valid, key_offset):
-    """Whether block (i, j) can contribute; only causal blocks in the future cannot."""
-    if not spec.causal:
-        return True
-    block_q, block_k = blocks
-    in_past = key_offset + j * block_k <= (i + 1) * block_q - 1
-    # Queries before the first unmasked key are fully masked and see every key.
-    has_fully_masked_rows = i * block_q < first_valid
-    return jnp.logical_or(in_past, has_fully_masked_rows)
-
-
-def _maybe(pred, fn, carry):
-    """``fn(carry)`` when ``pred`` (a Python or traced bool), else ``carry`` unchanged."""
-    if pred is True:
-        return fn(carry)
-    return lax.cond(pred, fn, lambda c: c, carry)
-
-
-def _dropout_scale(spec: _Spec, rng, i, j, shape, dtype):
-    """Inverted-dropout factors of block (i, j): 0 or ``1 / (1 - rate)``."""
-    keep_prob = 1.0 - spec.dropout_rate
-    key = jax.random.fold_in(jax.random.fold_in(rng, i), j)
-    keep = jax.random.bernoulli(key, keep_prob, shape)
-    return jnp.where(keep, jnp.asarray(1.0 / keep_prob, dtype), jnp.asarray(0.0, dtype))
-
-
-def _to_blocks(x, block: int, fill=0):
+def _to_blocks(x: Array, block: int, fill: Any = 0) -> Array:
     """``[B, T, ...]`` -> ``[n, B, block, ...]``, padding T up to a multiple of ``block``."""
     n_blocks = -(-x.shape[1] // block)
     pad = n_blocks * block - x.shape[1]
@@ -121,180 +85,330 @@ def _to_blocks(x, block: int, fill=0):
     return jnp.moveaxis(x, 1, 0)
 
 
-def _from_blocks(x, length: int):
+def _from_blocks(x: Array, length: int) -> Array:
     """``[n, B, block, ...]`` -> ``[B, length, ...]``, dropping the padding."""
     x = jnp.moveaxis(x, 0, 1)
     return x.reshape((x.shape[0], -1) + x.shape[3:])[:, :length]
 
 
-def _forward(spec: _Spec, blocks, q, k, v, vm, first_valid, key_offset, scale, cw, rng):
-    """Returns the output (before the query mask) and the softmax statistics.
+def _underflow_gap(dtype: Any) -> float:
+    """A gap ``g`` such that ``exp(x)`` is exactly 0 in ``dtype`` for every ``x < -g``."""
+    return float(-np.log(np.finfo(jnp.dtype(dtype)).smallest_subnormal)) + 1.0
 
-    Args: ``q [B, Tq, D]``, ``k [B, Tv, D]``, ``v [B, Tv, Dv]``, ``vm [B, Tv]`` or None.
 
-    Returns: ``out [B, Tq, Dv]`` and ``(m, l)``, each ``[nQ, B, Bq]``: the row max and
-    normaliser, so that ``P = exp(S - m) / l``. They are kept apart rather than as
-    ``m + log(l)``: for fully masked rows ``m`` is near -1e9, where float32 spacing (64)
-    would swallow ``log(l)``.
-    """
+class _Blocked(NamedTuple):
+    """The operands cut into blocks of one pass."""
+
+    q: Array  # [nQ, B, Bq, D]
+    k: Array  # [nK, B, Bk, D]
+    v: Array  # [nK, B, Bk, Dv]
+    value_mask: Array | None  # [nK, B, Bk]
+    q_bound: Array  # [nQ, B, Bq]: bound of |s| per query row, divided by the key bound
+    k_bound: Array  # [nK, B]: the key factor of that bound
+
+
+def _cut(static: Static, ops: Operands, blocks: tuple[int, int]) -> _Blocked:
     block_q, block_k = blocks
-    qb = _to_blocks(q, block_q)  # [nQ, B, Bq, D]
-    kb, vb = _to_blocks(k, block_k), _to_blocks(v, block_k)  # [nK, B, Bk, D|Dv]
-    vmb = None if vm is None else _to_blocks(vm, block_k, fill=False)  # [nK, B, Bk]
-    dtype = q.dtype
+    q, k = ops.q, ops.k
+    if static.score_mode == "dot":
+        scale = 1.0 if ops.scale is None else jnp.abs(ops.scale)
+        q_bound = scale * jnp.linalg.norm(q, axis=-1)  # [B, Tq]
+        k_bound = jnp.linalg.norm(k, axis=-1)  # [B, Tv]
+    else:  # |w * sum(tanh)| <= |w| * D
+        q_bound = jnp.broadcast_to(jnp.abs(ops.concat_score_weight) * q.shape[-1], q.shape[:2])
+        k_bound = jnp.ones(k.shape[:2], k.dtype)
+    return _Blocked(
+        q=_to_blocks(q, block_q),
+        k=_to_blocks(k, block_k),
+        v=_to_blocks(ops.v, block_k),
+        value_mask=None
+        if ops.value_mask is None
+        else _to_blocks(ops.value_mask, block_k, fill=False),
+        q_bound=_to_blocks(q_bound, block_q),
+        k_bound=_to_blocks(k_bound, block_k).max(-1),
+    )
+
+
+def _block_logits(static, blocks, key_offset, q_blk, k_blk, mask_blk, scale, weight, i, j) -> Array:
+    """Masked logits ``[B, Bq, Bk]`` of block (i, j); padded keys get ``-inf``."""
+    block_q, block_k = blocks
+    q_pos = i * block_q + jnp.arange(block_q)  # [Bq]
+    k_pos = j * block_k + jnp.arange(block_k)  # [Bk], local to this call's keys
+    keep = keep_mask(q_pos, key_offset + k_pos, mask_blk, static.causal, batch_ndim=1)
+    s = masked_logits(
+        q_blk,
+        k_blk,
+        keep,
+        score_mode=static.score_mode,
+        scale=scale,
+        concat_score_weight=weight,
+        precision=static.precision,
+        compute_dtype=q_blk.dtype,
+    )  # [B, Bq, Bk]
+    if static.tv % block_k:  # only the last block holds padding, but shapes are static
+        s = jnp.where((k_pos < static.tv)[None, None, :], s, -jnp.inf)
+    return s
+
+
+def _run_block(static, blocks, ops, bounds, i, j, row_max, compute, carry):
+    """``compute(carry)`` unless block (i, j) provably cannot contribute.
+
+    A block can be skipped only when its every pair is masked by structure (``causal``:
+    all its keys lie in the future of all its queries) *and* its masked logits, at most
+    ``bound - 1e9``, are so far below every row's max so far (``row_max [B, Bq]``) that
+    their softmax weights are exactly 0 in the compute dtype.
+    """
+    if not static.causal:
+        return compute(carry)
+    block_q, block_k = blocks
+    all_future = ops.key_offset + j * block_k > (i + 1) * block_q - 1
+    q_bound, k_bound = bounds  # [B, Bq], [B]
+    top = q_bound * k_bound[:, None] - MASK_PENALTY  # [B, Bq], an upper bound of the logits
+    slack = _underflow_gap(row_max.dtype) + 1e-4 * (jnp.abs(top) + jnp.abs(row_max))
+    negligible = top + slack < row_max  # False for NaN or -inf maxima
+    real_row = (i * block_q + jnp.arange(block_q) < static.tq)[None, :]  # [1, Bq]
+    skip = jnp.logical_and(all_future, jnp.all(negligible | ~real_row))
+    return lax.cond(skip, lambda c: c, compute, carry)
+
+
+def _at_most_zero(x: Array) -> Array:
+    """``x`` with positive entries set to 0, with derivative 1 at 0 (unlike ``minimum``).
+
+    ``s - m <= 0`` in exact arithmetic, but XLA may recompute ``s`` for the ``exp`` with
+    another rounding than for the max; at ``|s| ~ 1e13`` one ulp exceeds ``exp``'s range.
+    """
+    return jnp.where(x > 0, jnp.zeros_like(x), x)
+
+
+def _dropout_scale(static: Static, rng: Array, i, j, shape, dtype) -> Array:
+    """Inverted-dropout factors of block (i, j): 0 or ``1 / (1 - rate)``."""
+    keep_prob = 1.0 - static.dropout_rate
+    key = jax.random.fold_in(jax.random.fold_in(rng, i), j)
+    keep = jax.random.bernoulli(key, keep_prob, shape)
+    return jnp.where(keep, jnp.asarray(1.0 / keep_prob, dtype), jnp.asarray(0.0, dtype))
+
+
+def _forward(static: Static, ops: Operands) -> tuple[Array, Array, Array]:
+    """Returns ``out [B, Tq, Dv]`` and the row statistics ``m, l [B, Tq]``.
+
+    ``P = exp(S - m) / l``. They are kept apart rather than as ``m + log(l)``: for fully
+    masked rows ``m`` is near -1e9, where float32 spacing (64) would swallow ``log(l)``.
+    """
+    blocks = static.forward_blocks
+    cut = _cut(static, ops, blocks)
+    dtype = ops.q.dtype
+    dv = ops.v.shape[-1]
 
     def query_block(args):
-        i, q_blk = args
+        i, q_blk, q_bound = args
         shape = q_blk.shape[:-1]  # [B, Bq]
         init = (
             jnp.full(shape, -jnp.inf, dtype),  # running max m
             jnp.zeros(shape, dtype),  # running normaliser l
-            jnp.zeros(shape + (v.shape[-1],), dtype),  # running weighted sum
+            jnp.zeros(shape + (dv,), dtype),  # running weighted sum
         )
 
         def key_block(j, carry):
             def compute(carry):
                 m, norm, acc = carry
-                vm_blk = None if vmb is None else vmb[j]
-                s, real = _logits(spec, blocks, q_blk, kb[j], vm_blk, scale, cw, i, j, key_offset)
-                s = jnp.where(real, s, -jnp.inf)  # [B, Bq, Bk]
+                mask_blk = None if cut.value_mask is None else cut.value_mask[j]
+                s = _block_logits(
+                    static,
+                    blocks,
+                    ops.key_offset,
+                    q_blk,
+                    cut.k[j],
+                    mask_blk,
+                    ops.scale,
+                    ops.concat_score_weight,
+                    i,
+                    j,
+                )  # [B, Bq, Bk]
                 m_new = jnp.maximum(m, s.max(-1))  # [B, Bq]
                 alpha = jnp.exp(m - m_new)  # [B, Bq]
-                p = jnp.exp(s - m_new[..., None])  # [B, Bq, Bk]
+                p = jnp.exp(_at_most_zero(s - m_new[..., None]))  # [B, Bq, Bk]
                 norm = norm * alpha + p.sum(-1)
-                if spec.dropout_rate > 0.0:
-                    p = p * _dropout_scale(spec, rng, i, j, p.shape, dtype)
-                pv = jnp.einsum("bqk,bkd->bqd", p, vb[j], precision=spec.precision)
+                if static.dropout_rate > 0.0:
+                    p = p * _dropout_scale(static, ops.rng, i, j, p.shape, dtype)
+                pv = jnp.einsum("bqk,bkd->bqd", p, cut.v[j], precision=static.precision)
                 return m_new, norm, acc * alpha[..., None] + pv  # [B, Bq, Dv]
 
-            needed = _needed(spec, blocks, i, j, first_valid, key_offset)
-            return _maybe(needed, compute, carry)
+            bounds = (q_bound, cut.k_bound[j])
+            return _run_block(static, blocks, ops, bounds, i, j, carry[0], compute, carry)
 
-        m, norm, acc = lax.fori_loop(0, kb.shape[0], key_block, init)
-        return acc / norm[..., None], (m, norm)
+        m, norm, acc = lax.fori_loop(0, cut.k.shape[0], key_block, init)
+        return acc / norm[..., None], m, norm
 
-    out, stats = lax.map(query_block, (jnp.arange(qb.shape[0]), qb))
-    return _from_blocks(out, spec.tq), stats
-
-
-def _public(spec: _Spec, out, stats):
-    """What :func:`_flash` returns: ``out``, plus ``(m, log l)`` ``[B, Tq]`` if asked."""
-    if not spec.with_stats:
-        return out, None
-    m, norm = stats
-    return out, (_from_blocks(m, spec.tq), _from_blocks(jnp.log(norm), spec.tq))
+    out, m, norm = lax.map(query_block, (jnp.arange(cut.q.shape[0]), cut.q, cut.q_bound))
+    return _from_blocks(out, static.tq), _from_blocks(m, static.tq), _from_blocks(norm, static.tq)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(spec, q, k, v, vm, first_valid, key_offset, scale, cw, rng):
-    """Returns ``(out [B, Tq, Dv], stats)``; see :func:`_public`.
+def _tangent(static, ops, tangents, out, m, norm) -> tuple[Array, Array]:
+    """The JVP of the output and of ``log l``, blockwise; linear in ``tangents``.
 
-    Gradients: ``m`` is a constant shift (no gradient); the VJP of ``log l`` is that of
-    the whole log-sum-exp ``m + log l`` (the softmax probabilities). Exact for any use
-    that depends on the statistics through ``stop_gradient(m) + log l``.
+    Args:
+      tangents: ``(dq, dk, dv, dscale, dconcat_score_weight)``, each None when zero.
+      out, m, norm: the forward's output ``[B, Tq, Dv]`` and statistics ``[B, Tq]``.
+
+    Returns:
+      ``(d_out [B, Tq, Dv], c [B, Tq])``, ``c`` being the tangent of ``log l``.
     """
-    if spec.materialise_primal:  # not differentiated, and faster materialised
-        return materialised_attention(
-            q,
-            k,
-            v,
-            vm,
-            scale,
-            cw,
-            score_mode=spec.score_mode,
-            causal=spec.causal,
-            dropout_rate=0.0,
-            dropout_rng=None,
-            precision=spec.precision,
-            compute_dtype=q.dtype,
-        )[0], None
-    args = (q, k, v, vm, first_valid, key_offset, scale, cw, rng)
-    return _public(spec, *_forward(spec, spec.blocks, *args))
+    dq, dk, dv, dscale, dcw = tangents
+    scores_move = any(t is not None for t in (dq, dk, dscale, dcw))
+    # Dropout is drawn per forward block, so the derivative pass must use those blocks.
+    blocks = static.forward_blocks if static.dropout_rate > 0.0 else static.backward_blocks
+    block_q, block_k = blocks
+    cut = _cut(static, ops, blocks)
+    dtype = ops.q.dtype
+    dqb = None if dq is None else _to_blocks(dq, block_q)  # [nQ, B, Bq, D]
+    dkb = None if dk is None else _to_blocks(dk, block_k)  # [nK, B, Bk, D]
+    dvb = None if dv is None else _to_blocks(dv, block_k)  # [nK, B, Bk, Dv]
+    # Padded query rows get m = +inf, l = 1, so that their P is exactly 0.
+    mb = _to_blocks(m, block_q, fill=jnp.inf)  # [nQ, B, Bq]
+    nb = _to_blocks(norm, block_q, fill=1)  # [nQ, B, Bq]
+    ob = _to_blocks(out, block_q)  # [nQ, B, Bq, Dv]
 
+    def query_block(args):
+        i, q_blk, q_bound, m_blk, n_blk, o_blk, dq_blk = args
 
-def _flash_fwd(spec, q, k, v, vm, first_valid, key_offset, scale, cw, rng):
-    args = (q, k, v, vm, first_valid, key_offset, scale, cw, rng)
-    out, stats = _forward(spec, spec.blocks, *args)
-    return _public(spec, out, stats), (*args, out, stats)
+        def key_block(j, carry):
+            def compute(carry):
+                acc, c = carry
+                mask_blk = None if cut.value_mask is None else cut.value_mask[j]
 
+                def scores(q_, k_, scale, weight):
+                    return _block_logits(
+                        static, blocks, ops.key_offset, q_, k_, mask_blk, scale, weight, i, j
+                    )
 
-def _flash_bwd(spec, residuals, cotangents):
-    q, k, v, vm, first_valid, key_offset, scale, cw, rng, out, (m, norm) = residuals
-    dout, dstats = cotangents
-    blocks = block_q, block_k = spec.blocks
-    qb, dob = _to_blocks(q, block_q), _to_blocks(dout, block_q)  # [nQ, B, Bq, D|Dv]
-    kb, vb = _to_blocks(k, block_k), _to_blocks(v, block_k)  # [nK, B, Bk, D|Dv]
-    vmb = None if vm is None else _to_blocks(vm, block_k, fill=False)  # [nK, B, Bk]
-    # rowsum(dP * P), minus the cotangent of log-sum-exp (whose VJP is P): [nQ, B, Bq].
-    delta = jnp.sum(dout * out, axis=-1)  # [B, Tq]
-    if dstats is not None:
-        delta = delta - dstats[1]
-    delta = _to_blocks(delta, block_q)
-    dtype = q.dtype
-
-    def key_block(carry, xs):
-        j, k_blk, v_blk, vm_blk = xs
-
-        def query_block(i, c):
-            def compute(c):
-                dk, dv, dq, dscale, dcw = c
-
-                def logits(q_blk, k_blk, scale, cw):
-                    return _logits(spec, blocks, q_blk, k_blk, vm_blk, scale, cw, i, j, key_offset)[
-                        0
-                    ]
-
-                s, logits_vjp = jax.vjp(logits, qb[i], k_blk, scale, cw)  # [B, Bq, Bk]
-                real = (j * block_k + jnp.arange(block_k) < spec.tv)[None, None]
-                p = jnp.exp(s - m[i][..., None]) / norm[i][..., None]  # [B, Bq, Bk]
-                p = jnp.where(real, p, 0.0)
-                dp = jnp.einsum("bqd,bkd->bqk", dob[i], v_blk, precision=spec.precision)
-                if spec.dropout_rate > 0.0:
-                    drop = _dropout_scale(spec, rng, i, j, p.shape, dtype)
-                    pd, dp = p * drop, dp * drop
+                primals = (q_blk, cut.k[j], ops.scale, ops.concat_score_weight)
+                if scores_move:
+                    tans = (dq_blk, None if dkb is None else dkb[j], dscale, dcw)
+                    tans = tuple(
+                        jax.tree.map(jnp.zeros_like, p) if t is None else t
+                        for p, t in zip(primals, tans, strict=True)
+                    )
+                    s, ds = jax.jvp(scores, primals, tans)  # [B, Bq, Bk] each
                 else:
-                    pd = p
-                dv = dv + jnp.einsum("bqk,bqd->bkd", pd, dob[i], precision=spec.precision)
-                ds = p * (dp - delta[i][..., None])  # [B, Bq, Bk]
-                dq_i, dk_j, dsc, dw = logits_vjp(ds)
-                return dk + dk_j, dv, dq.at[i].add(dq_i), dscale + dsc, dcw + dw
+                    s = scores(*primals)
+                p = jnp.exp(_at_most_zero(s - m_blk[..., None])) / n_blk[..., None]
+                drop = None
+                if static.dropout_rate > 0.0:
+                    drop = _dropout_scale(static, ops.rng, i, j, p.shape, dtype)
+                if scores_move:
+                    pds = p * ds  # [B, Bq, Bk]
+                    c = c + pds.sum(-1)
+                    pds = pds if drop is None else pds * drop
+                    acc = acc + jnp.einsum(
+                        "bqk,bkd->bqd", pds, cut.v[j], precision=static.precision
+                    )
+                if dvb is not None:
+                    pd = p if drop is None else p * drop
+                    acc = acc + jnp.einsum("bqk,bkd->bqd", pd, dvb[j], precision=static.precision)
+                return acc, c
 
-            return _maybe(_needed(spec, blocks, i, j, first_valid, key_offset), compute, c)
+            bounds = (q_bound, cut.k_bound[j])
+            return _run_block(static, blocks, ops, bounds, i, j, m_blk, compute, carry)
 
-        dq, dscale, dcw = carry
-        init = (jnp.zeros_like(k_blk), jnp.zeros_like(v_blk), dq, dscale, dcw)
-        dk, dv, dq, dscale, dcw = lax.fori_loop(0, qb.shape[0], query_block, init)
-        return (dq, dscale, dcw), (dk, dv)
+        # Rematerialised: reverse mode recomputes each block's P instead of storing it.
+        key_block = jax.checkpoint(key_block, prevent_cse=False)
 
-    xs = (jnp.arange(kb.shape[0]), kb, vb, vmb)
-    init = (jnp.zeros_like(qb), jnp.zeros_like(scale), jnp.zeros_like(cw))
-    (dq, dscale, dcw), (dk, dv) = lax.scan(key_block, init, xs)
-    dq, dk, dv = _from_blocks(dq, spec.tq), _from_blocks(dk, spec.tv), _from_blocks(dv, spec.tv)
-    return dq, dk, dv, None, None, None, dscale, dcw, None
+        init = (jnp.zeros(o_blk.shape, dtype), jnp.zeros(m_blk.shape, dtype))
+        acc, c = lax.fori_loop(0, cut.k.shape[0], key_block, init)
+        return acc - c[..., None] * o_blk, c
 
-
-_flash.defvjp(_flash_fwd, _flash_bwd)
+    xs = (jnp.arange(cut.q.shape[0]), cut.q, cut.q_bound, mb, nb, ob, dqb)  # dqb may be None
+    d_out, c = lax.map(query_block, xs)
+    return _from_blocks(d_out, static.tq), _from_blocks(c, static.tq)
 
 
-def chunked_attention(
-    query: jax.Array,
-    key: jax.Array,
-    value: jax.Array,
-    value_mask: jax.Array | None,
-    scale: jax.Array | None,
-    concat_score_weight: jax.Array | None,
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _attend(static: Static, ops: Operands) -> tuple[Array, Array, Array]:
+    """``(out [B, Tq, Dv], m [B, Tq], l [B, Tq])``; see :func:`_forward`."""
+    return _forward(static, ops)
+
+
+def attend_jvp(static: Static, primals, tangents):
+    """The JVP rule of :func:`_attend` (also used by the dispatcher's hybrid path).
+
+    ``m`` is treated as a constant shift (tangent 0), so ``l`` carries the whole
+    derivative of the log-sum-exp ``m + log l``; ``out`` is exact.
+    """
+    (ops,), (t_ops,) = primals, tangents
+    out, m, norm = _attend(static, ops)
+    zero = lambda t: None if isinstance(t, SymbolicZero) else t  # noqa: E731
+    tangents = (t_ops.q, t_ops.k, t_ops.v, t_ops.scale, t_ops.concat_score_weight)
+    tangents = tuple(zero(t) for t in tangents)
+    if all(t is None for t in tangents):
+        zeros = tuple(jnp.zeros_like(x) for x in (out, m, norm))
+        return (out, m, norm), zeros
+    d_out, c = _tangent(static, ops, tangents, out, m, norm)
+    return (out, m, norm), (d_out, jnp.zeros_like(m), norm * c)
+
+
+_attend.defjvp(attend_jvp, symbolic_zeros=True)
+
+
+def prepare(
+    query: Array,
+    key: Array,
+    value: Array,
+    value_mask: Array | None,
+    scale: Array | None,
+    concat_score_weight: Array | None,
     *,
     score_mode: str,
     causal: bool,
     dropout_rate: float,
-    dropout_rng: jax.Array | None,
-    block_size: int | tuple[int, int] | None,
+    dropout_rng: Array | None,
+    block_sizes: BlockSizes | None,
     precision: Any,
     compute_dtype: Any,
-    materialise_primal: bool = False,
-    key_offset: int | jax.Array = 0,
+    key_offset: int | Array = 0,
+) -> tuple[Static, Operands]:
+    """Flattens the batch, casts to ``compute_dtype`` and fixes the static settings."""
+    batch = query.shape[:-2]
+    tq, d = query.shape[-2:]
+    tv, dv = value.shape[-2:]
+    b = math.prod(batch)
+    blocks = block_sizes or BlockSizes.default(score_mode)
+    cdt = jnp.dtype(compute_dtype)
+    static = Static(
+        score_mode=score_mode,
+        causal=causal,
+        dropout_rate=float(dropout_rate),
+        tq=tq,
+        tv=tv,
+        forward_blocks=_clip(blocks.forward, tq, tv),
+        backward_blocks=_clip(blocks.backward, tq, tv),
+        precision=precision,
+    )
+    ops = Operands(
+        q=query.astype(cdt).reshape(b, tq, d),
+        k=key.astype(cdt).reshape(b, tv, d),
+        v=value.astype(cdt).reshape(b, tv, dv),
+        value_mask=None if value_mask is None else value_mask.reshape(b, tv),
+        key_offset=jnp.asarray(key_offset, jnp.int32),
+        scale=None if scale is None else scale.astype(cdt),
+        concat_score_weight=None
+        if concat_score_weight is None
+        else concat_score_weight.astype(cdt),
+        rng=dropout_rng if dropout_rate > 0.0 else None,
+    )
+    return static, ops
+
+
+def chunked_attention(
+    query: Array,
+    key: Array,
+    value: Array,
+    value_mask: Array | None,
+    scale: Array | None,
+    concat_score_weight: Array | None,
+    *,
     with_stats: bool = False,
-) -> jax.Array | tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    **options: Any,
+) -> Array | tuple[Array, tuple[Array, Array]]:
     """Blockwise attention with Keras semantics, before the query mask.
 
     Args:
@@ -304,70 +418,35 @@ def chunked_attention(
       value_mask: bool ``[..., Tv]`` or None.
       scale: scalar ``[]`` or None.
       concat_score_weight: scalar ``[]`` (concat mode) or None.
-      score_mode: ``"dot"`` or ``"concat"``.
-      causal: apply the top-left causal mask.
-      dropout_rate: dropout rate (0 disables); the random pattern depends on the blocks.
-      dropout_rng: PRNG key when ``dropout_rate > 0``.
-      block_size: block length for queries and keys, a pair ``(Bq, Bk)``, or None
-        for :func:`default_block_size`.
-      precision: matmul precision.
-      compute_dtype: dtype of the whole computation (float32 for 16-bit inputs).
-      materialise_primal: run a forward pass that is *not* differentiated through the
-        materialised path. Automatic dispatch sets it for mid-sized inputs, where the
-        materialised forward is faster while training still gets the chunked forward and
-        backward. Not with dropout (the two paths draw different patterns).
-      key_offset: global index of the first key (for a shard of a longer sequence: the
-        causal mask compares global positions). May be traced.
       with_stats: also return the softmax statistics of each row.
+      **options: the keyword arguments of :func:`prepare`: ``score_mode``, ``causal``,
+        ``dropout_rate`` (the random pattern depends on the blocks), ``dropout_rng``,
+        ``block_sizes`` (None: :meth:`BlockSizes.default`), ``precision``,
+        ``compute_dtype`` (of the whole computation: float32 for 16-bit inputs) and
+        ``key_offset`` (global position of the first key, for a shard of a longer
+        sequence; may be traced).
 
     Returns:
       ``[..., Tq, Dv]`` in ``compute_dtype``; with ``with_stats``, also ``(m, log_l)``,
       each ``[..., Tq]``, the row max and log-normaliser: the row's log-sum-exp is
-      ``m + log_l``. ``m`` carries no gradient; ``log_l``'s gradient is that of the whole
-      log-sum-exp, so use them as ``stop_gradient(m) + log_l``.
+      ``m + log_l``. ``m`` carries no derivative; ``log_l`` carries that of the whole
+      log-sum-exp, so use them as ``stop_gradient(m) + log_l``. Empty dimensions give
+      zeros (``m = -inf``, ``log_l = -inf`` for rows without keys), as the materialised
+      path does.
     """
-    batch = query.shape[:-2]
-    tq, d = query.shape[-2:]
-    tv, dv = value.shape[-2:]
-    b = math.prod(batch)
-    blocks = _clip_blocks(block_size or default_block_size(score_mode), tq, tv)
-    cdt = jnp.dtype(compute_dtype)
-    q = query.astype(cdt).reshape(b, tq, d)  # [B, Tq, D]
-    k = key.astype(cdt).reshape(b, tv, d)  # [B, Tv, D]
-    v = value.astype(cdt).reshape(b, tv, dv)  # [B, Tv, Dv]
-    key_offset = jnp.asarray(key_offset, jnp.int32)
-    # Global index of the first key any row may see (queries before it are fully masked
-    # under causal); the max over the batch, and tq when some row has no unmasked key.
-    vm, first_valid = None, key_offset
-    if value_mask is not None:
-        vm = value_mask.reshape(b, tv)  # [B, Tv]
-        first = jnp.where(vm.any(-1), key_offset + jnp.argmax(vm, -1), tq)
-        first_valid = first.max().astype(jnp.int32)
-    if materialise_primal and (dropout_rate > 0.0 or with_stats):
-        raise ValueError("materialise_primal needs dropout_rate=0 and with_stats=False")
-    spec = _Spec(
-        score_mode,
-        causal,
-        float(dropout_rate),
-        tq,
-        tv,
-        blocks,
-        materialise_primal,
-        with_stats,
-        precision,
-    )
-    one = jnp.ones((), cdt)
-    scale = one if scale is None else scale.astype(cdt)
-    cw = one if concat_score_weight is None else concat_score_weight.astype(cdt)
-    rng = dropout_rng if dropout_rate > 0.0 else None
-    out, stats = _flash(spec, q, k, v, vm, first_valid, key_offset, scale, cw, rng)
+    batch, tq, tv, dv = query.shape[:-2], query.shape[-2], key.shape[-2], value.shape[-1]
+    cdt = jnp.dtype(options["compute_dtype"])
+    if 0 in (math.prod(batch), tq, tv, dv):
+        out = jnp.zeros(batch + (tq, dv), cdt)
+        stats = (jnp.full(batch + (tq,), -jnp.inf, cdt),) * 2
+        return (out, stats) if with_stats else out
+    static, ops = prepare(query, key, value, value_mask, scale, concat_score_weight, **options)
+    out, m, norm = _attend(static, ops)
     out = out.reshape(batch + (tq, dv))  # [..., Tq, Dv]
     if not with_stats:
         return out
-    m, log_norm = (x.reshape(batch + (tq,)) for x in stats)  # [..., Tq]
-    return out, (m, log_norm)
+    return out, (m.reshape(batch + (tq,)), jnp.log(norm).reshape(batch + (tq,)))
 
 
-def _clip_blocks(block_size: int | tuple[int, int], tq: int, tv: int) -> tuple[int, int]:
-    block_q, block_k = block_size if isinstance(block_size, tuple) else (block_size,) * 2
-    return min(block_q, tq), min(block_k, tv)
+def _clip(blocks: tuple[int, int], tq: int, tv: int) -> tuple[int, int]:
+    return max(1, min(blocks[0], tq)), max(1, min(blocks[1], tv))

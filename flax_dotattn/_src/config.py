@@ -10,18 +10,27 @@ from __future__ import annotations
 import dataclasses
 import json
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import yaml
 
-_SCORE_MODES = ("dot", "concat")
-_PRECISIONS = ("default", "high", "highest")
-_IMPLEMENTATIONS = (None, "xla", "chunked", "cudnn")
-_FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+from flax_dotattn._src.blocks import BlockSizes
+from flax_dotattn._src.types import (
+    FLOAT_DTYPES,
+    IMPLEMENTATIONS,
+    PRECISIONS,
+    SCORE_MODES,
+    FloatDtypeName,
+    Implementation,
+    PrecisionName,
+    ScoreMode,
+)
+
 # Generic Keras ``Layer`` keys that carry nothing this library models; ignored on import.
 _KERAS_IGNORED_KEYS = frozenset(
     {
@@ -37,86 +46,106 @@ _KERAS_IGNORED_KEYS = frozenset(
 )
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     raise ValueError(message)
 
 
-def _dtype_name(field: str, value: Any, allow_none: bool) -> str | None:
-    if value is None:
-        if allow_none:
-            return None
-        _fail(f"DotAttentionConfig.{field} must be one of {_FLOAT_DTYPES}; received None.")
+def _received(name: str, value: Any) -> str:
+    return f"received {name}={value!r} of type {type(value).__name__}."
+
+
+# -- option checks: each returns the canonical value or raises a ValueError naming ``name``.
+
+
+def _check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        _fail(f"{name} must be a Python bool (it is static under jit); {_received(name, value)}")
+    return bool(value)
+
+
+def _check_optional_bool(name: str, value: Any) -> bool | None:
+    if value is not None and not isinstance(value, (bool, np.bool_)):
+        _fail(f"{name} must be None or a Python bool; {_received(name, value)}")
+    return None if value is None else bool(value)
+
+
+def _check_choice(choices: tuple[Any, ...]) -> Callable[[str, Any], Any]:
+    def check(name: str, value: Any) -> Any:
+        if not any(value is c or (type(value) is str and value == c) for c in choices):
+            _fail(f"{name} must be one of {choices!r}; received {name}={value!r}.")
+        return value
+
+    return check
+
+
+def _check_dropout_rate(name: str, value: Any) -> float:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(
+        value, (int, float, np.integer, np.floating)
+    ):
+        _fail(f"{name} must be a Python float in [0, 1); {_received(name, value)}")
+    # str() of a NumPy scalar is its shortest round-trip repr: np.float32(0.1) -> 0.1.
+    rate = float(str(value)) if isinstance(value, np.floating) else float(value)
+    if not 0.0 <= rate < 1.0:
+        _fail(f"{name} must be in [0, 1); received {name}={rate!r}.")
+    return rate
+
+
+def float_dtype_name(name: str, value: Any, *, allow_none: bool = False) -> str | None:
+    """The canonical name of a floating dtype, or a ValueError naming ``name``."""
+    if value is None and allow_none:
+        return None
     try:
-        name = jnp.dtype(value).name
+        dtype = jnp.dtype(value).name if value is not None else None
     except TypeError:
-        name = None
-    if name not in _FLOAT_DTYPES:
+        dtype = None
+    if dtype not in FLOAT_DTYPES:
         _fail(
-            f"DotAttentionConfig.{field} must be "
-            f"{'None or ' if allow_none else ''}one of {_FLOAT_DTYPES}; "
-            f"received {field}={value!r}."
+            f"{name} must be {'None or ' if allow_none else ''}one of {FLOAT_DTYPES} (a name "
+            f"or a dtype); received {name}={value!r}."
         )
-    return name
+    return dtype
 
 
-def _precision_name(value: Any) -> str | None:
+def _check_optional_dtype(name: str, value: Any) -> str | None:
+    return float_dtype_name(name, value, allow_none=True)
+
+
+def _check_precision(name: str, value: Any) -> str | None:
     if value is None:
         return None
     if isinstance(value, jax.lax.Precision):
         return value.name.lower()
-    if isinstance(value, str) and value.lower() in _PRECISIONS:
+    if isinstance(value, str) and value.lower() in PRECISIONS:
         return value.lower()
     _fail(
-        f"DotAttentionConfig.precision must be None, a jax.lax.Precision or one of "
-        f"{_PRECISIONS}; received precision={value!r}."
+        f"{name} must be None, a jax.lax.Precision or one of {PRECISIONS} (any case); "
+        f"received {name}={value!r}."
     )
-    return None  # unreachable
 
 
-def _block_size(value: Any) -> int | tuple[int, int] | None:
-    def positive(x: Any) -> bool:
-        return isinstance(x, int) and not isinstance(x, bool) and x >= 1
-
-    if value is None or positive(value):
-        return value
-    if isinstance(value, (list, tuple)) and len(value) == 2 and all(map(positive, value)):
-        return tuple(value)
-    _fail(
-        "DotAttentionConfig.block_size must be None, a positive int or a pair of them; "
-        f"received block_size={value!r}."
-    )
-    return None  # unreachable
+def _check_block_size(name: str, value: Any) -> BlockSizes | None:
+    return BlockSizes.coerce(value, name)
 
 
-def _check_type(field: str, value: Any, types: tuple[type, ...], expected: str) -> None:
-    if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
-        _fail(
-            f"DotAttentionConfig.{field} must be {expected}; "
-            f"received {field}={value!r} of type {type(value).__name__}."
-        )
+def _option(default: Any, doc: str, check: Callable[[str, Any], Any]) -> Any:
+    """Declares an option: its default, its one-line doc and its check, in one place."""
+    return dataclasses.field(default=default, metadata={"doc": doc, "check": check})
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DotAttentionConfig:
     """Hyper-parameters of :class:`DotAttention`, frozen, validated and hashable.
 
+    This dataclass is the one declaration of every option: its name, default, allowed
+    values, check and one-line doc. The Linen and NNX modules take their fields from it,
+    :func:`dot_attention` checks its keyword arguments with the same checks
+    (:func:`check_option`), and the docs below are generated from it.
+
     Being hashable, a config can be a static argument of ``jax.jit`` or a Flax module
     attribute. Dtypes and precision are stored by name so the config serialises.
 
     Attributes:
-      use_scale: learn a scalar ``scale`` for the logits (Keras ``use_scale``).
-      score_mode: ``"dot"`` or ``"concat"``.
-      dropout_rate: dropout on the attention weights, in ``[0, 1)`` (Keras ``dropout``).
-      causal: apply the causal mask by default.
-      deterministic: default for disabling dropout; None means "decide at call time".
-      dtype: computation dtype name (inputs are cast to it), or None to follow inputs.
-      param_dtype: dtype name of the learned scalars (default ``"float32"``).
-      precision: matmul precision name (``"default"``, ``"high"``, ``"highest"``) or
-        None.
-      implementation: None (automatic), ``"xla"``, ``"chunked"`` or ``"cudnn"``; see
-        :func:`dot_attention`.
-      block_size: blocks of the chunked path: None (measured default), an int, or a pair
-        ``(block_q, block_k)`` (stored as a tuple; a list is accepted).
+      {options}
 
     Examples:
       >>> from flax_dotattn import DotAttentionConfig
@@ -129,45 +158,64 @@ class DotAttentionConfig:
       0.1
     """
 
-    use_scale: bool = False
-    score_mode: str = "dot"
-    dropout_rate: float = 0.0
-    causal: bool = False
-    deterministic: bool | None = None
-    dtype: str | None = None
-    param_dtype: str = "float32"
-    precision: str | None = None
-    implementation: str | None = None
-    block_size: int | tuple[int, int] | None = None
+    use_scale: bool = _option(
+        False,
+        "learn a scalar ``scale`` that multiplies the logits (inside the ``tanh`` in "
+        "concat mode), initialised to 1.0 (Keras ``use_scale``).",
+        _check_bool,
+    )
+    score_mode: ScoreMode = _option(
+        "dot",
+        '``"dot"`` (``query @ key^T``) or ``"concat"`` (``sum(tanh(query + key))``), as '
+        "Keras's ``score_mode``.",
+        _check_choice(SCORE_MODES),
+    )
+    dropout_rate: float = _option(
+        0.0,
+        "dropout on the attention weights, in ``[0, 1)`` (Keras ``dropout``).",
+        _check_dropout_rate,
+    )
+    causal: bool = _option(
+        False,
+        "query ``i`` attends to keys ``j <= i`` only, top-left aligned when ``Tq != Tv`` "
+        "(see :func:`make_causal_mask`).",
+        _check_bool,
+    )
+    deterministic: bool | None = _option(
+        None,
+        "True disables dropout; None leaves it to the call, which must then decide "
+        "whenever ``dropout_rate > 0``.",
+        _check_optional_bool,
+    )
+    dtype: FloatDtypeName | None = _option(
+        None,
+        "computation dtype (name or dtype); inputs are cast to it (None: follow the inputs).",
+        _check_optional_dtype,
+    )
+    param_dtype: FloatDtypeName = _option(
+        "float32", "dtype (name or dtype) of the learned scalars.", float_dtype_name
+    )
+    precision: PrecisionName | None = _option(
+        None,
+        'matmul precision: None, a ``jax.lax.Precision`` or its name (``"default"``, '
+        '``"high"``, ``"highest"``, any case).',
+        _check_precision,
+    )
+    implementation: Implementation | None = _option(
+        None,
+        'None (automatic), ``"xla"``, ``"chunked"`` or ``"cudnn"``; see :func:`dot_attention`.',
+        _check_choice(IMPLEMENTATIONS),
+    )
+    block_size: BlockSizes | None = _option(
+        None,
+        "blocks of the chunked path: None (the measured default per score mode), an int, "
+        "a pair ``(Bq, Bk)`` or a :class:`BlockSizes`.",
+        _check_block_size,
+    )
 
     def __post_init__(self) -> None:
-        _check_type("use_scale", self.use_scale, (bool,), "a bool")
-        _check_type("causal", self.causal, (bool,), "a bool")
-        if self.deterministic is not None:
-            _check_type("deterministic", self.deterministic, (bool,), "None or a bool")
-        _check_type("score_mode", self.score_mode, (str,), f"one of {_SCORE_MODES}")
-        if self.score_mode not in _SCORE_MODES:
-            _fail(
-                f"DotAttentionConfig.score_mode must be one of {_SCORE_MODES}; "
-                f"received score_mode={self.score_mode!r}."
-            )
-        _check_type("dropout_rate", self.dropout_rate, (int, float), "a float in [0, 1)")
-        if not 0.0 <= self.dropout_rate < 1.0:
-            _fail(
-                "DotAttentionConfig.dropout_rate must be in [0, 1); "
-                f"received dropout_rate={self.dropout_rate!r}."
-            )
-        # Normalise to canonical, serialisable values.
-        object.__setattr__(self, "dropout_rate", float(self.dropout_rate))
-        object.__setattr__(self, "dtype", _dtype_name("dtype", self.dtype, True))
-        object.__setattr__(self, "param_dtype", _dtype_name("param_dtype", self.param_dtype, False))
-        object.__setattr__(self, "precision", _precision_name(self.precision))
-        if self.implementation not in _IMPLEMENTATIONS:
-            _fail(
-                f"DotAttentionConfig.implementation must be one of {_IMPLEMENTATIONS}; "
-                f"received implementation={self.implementation!r}."
-            )
-        object.__setattr__(self, "block_size", _block_size(self.block_size))
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, f.metadata["check"](f.name, getattr(self, f.name)))
 
     @classmethod
     def of(cls, obj: Any) -> DotAttentionConfig:
@@ -186,9 +234,9 @@ class DotAttentionConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Returns a plain ``dict`` of the fields (JSON/YAML-serialisable)."""
-        data = dataclasses.asdict(self)
-        if isinstance(self.block_size, tuple):
-            data["block_size"] = list(self.block_size)
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if self.block_size is not None:
+            data["block_size"] = self.block_size.to_dict()
         return data
 
     @classmethod
@@ -310,6 +358,33 @@ class DotAttentionConfig:
         return config
 
 
+OPTIONS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(DotAttentionConfig)}
+
+
+def check_option(name: str, value: Any) -> Any:
+    """Checks one option exactly as :class:`DotAttentionConfig` does; returns its value.
+
+    Raises:
+      ValueError: naming ``name``, the allowed values and the received value.
+    """
+    return OPTIONS[name].metadata["check"](name, value)
+
+
+def document_options(*names: str, indent: int = 6) -> Callable[[Any], Any]:
+    """Fills the ``{options}`` line of a docstring (indented by ``indent``) with Args-style
+    entries ``name: one-line doc`` for ``names`` (default: every option)."""
+
+    def fill(obj: Any) -> Any:
+        entries = [f"{name}: {OPTIONS[name].metadata['doc']}" for name in names or OPTIONS]
+        obj.__doc__ = obj.__doc__.replace("{options}", ("\n" + " " * indent).join(entries))
+        return obj
+
+    return fill
+
+
+document_options(indent=6)(DotAttentionConfig)
+
+
 def _from_keras_dtype(policy: Any) -> tuple[str | None, str]:
     """Maps a Keras dtype policy (name or serialised dict) to ``(dtype, param_dtype)``."""
     if policy is None:
@@ -318,8 +393,8 @@ def _from_keras_dtype(policy: Any) -> tuple[str | None, str]:
     if not isinstance(name, str):
         _fail(f"from_keras could not read the Keras dtype policy {policy!r}.")
     if name.startswith("mixed_"):
-        return _dtype_name("dtype", name[len("mixed_") :], False), "float32"
-    return _dtype_name("dtype", name, False), _dtype_name("param_dtype", name, False)
+        return float_dtype_name("dtype", name[len("mixed_") :]), "float32"
+    return float_dtype_name("dtype", name), float_dtype_name("param_dtype", name)
 
 
 # -- files ------------------------------------------------------------------------------

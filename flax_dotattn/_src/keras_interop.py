@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_dotattn._src.config import DotAttentionConfig
+from flax_dotattn._src.types import Array
 
 
 def _check_config(config: Any, fn: str) -> None:
@@ -24,7 +25,7 @@ def _check_config(config: Any, fn: str) -> None:
         )
 
 
-def params_from_keras(weights: Sequence[Any], config: DotAttentionConfig) -> dict[str, jnp.ndarray]:
+def params_from_keras(weights: Sequence[Any], config: DotAttentionConfig) -> dict[str, Array]:
     """Converts Keras ``layer.get_weights()`` output to a flax_dotattn params dict.
 
     Args:

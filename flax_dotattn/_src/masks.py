@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from flax_dotattn._src.types import Array
+
 #: What Keras subtracts from the logits of masked positions (``scores - 1e9``).
 MASK_PENALTY = 1.0e9
 
 
-def make_causal_mask(tq: int, tv: int) -> jnp.ndarray:
+def make_causal_mask(tq: int, tv: int) -> Array:
     """Returns the Keras causal mask: query ``i`` may attend to key ``j`` iff ``j <= i``.
 
     The mask is top-left aligned when ``Tq != Tv``, exactly as Keras builds it from
@@ -49,32 +51,41 @@ def make_causal_mask(tq: int, tv: int) -> jnp.ndarray:
     return rows >= cols  # [Tq, Tv]
 
 
-def combine_score_mask(
-    value_mask: jnp.ndarray | None, causal: bool, tq: int, tv: int, batch_ndim: int = 0
-) -> jnp.ndarray | None:
-    """Combines a value (key padding) mask with the causal mask.
+def keep_mask(
+    query_positions: Array,
+    key_positions: Array,
+    value_mask: Array | None,
+    causal: bool,
+    batch_ndim: int,
+) -> Array | None:
+    """Which (query, key) pairs may attend: the value mask AND the causal mask.
+
+    Both the materialised path (all positions) and the chunked path (one block's
+    positions) build their masks here.
 
     Args:
+      query_positions: int ``[Tq]``, global positions of the queries.
+      key_positions: int ``[Tv]``, global positions of the keys.
       value_mask: bool ``[..., Tv]`` or None.
-      causal: whether to AND in :func:`make_causal_mask`.
-      tq: query length ``Tq``.
-      tv: key/value length ``Tv``.
+      causal: AND in "key position <= query position" (top-left aligned, as
+        :func:`make_causal_mask`).
       batch_ndim: number of leading batch dims ``...`` of the scores; the causal mask
         gets that many leading 1s so no implicit rank promotion happens.
 
     Returns:
       A bool mask of the scores' rank that broadcasts to ``[..., Tq, Tv]``
-      (``[..., 1, Tv]``, ``[1.., Tq, Tv]`` or ``[..., Tq, Tv]``), or None when nothing
-      is masked.
+      (``[..., 1, Tv]``, ``[1.., Tq, Tv]`` or ``[..., Tq, Tv]``), ``True`` = keep, or None
+      when nothing is masked.
     """
     mask = None if value_mask is None else value_mask[..., None, :]  # [..., 1, Tv]
     if causal:
-        causal_mask = make_causal_mask(tq, tv).reshape((1,) * batch_ndim + (tq, tv))
-        mask = causal_mask if mask is None else jnp.logical_and(mask, causal_mask)
+        visible = query_positions[:, None] >= key_positions[None, :]  # [Tq, Tv]
+        visible = visible.reshape((1,) * batch_ndim + visible.shape)
+        mask = visible if mask is None else jnp.logical_and(mask, visible)
     return mask
 
 
-def apply_score_mask(scores: jnp.ndarray, mask: jnp.ndarray | None) -> jnp.ndarray:
+def apply_score_mask(scores: Array, mask: Array | None) -> Array:
     """Applies Keras's masking rule: masked logits become ``scores - 1e9``.
 
     The penalty is *subtracted*, not substituted, so a row whose keys are all masked

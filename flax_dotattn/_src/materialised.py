@@ -12,10 +12,11 @@ import jax
 import jax.numpy as jnp
 
 from flax_dotattn._src import masks as masks_lib
-from flax_dotattn._src.scores import attention_scores
+from flax_dotattn._src.scores import masked_logits
+from flax_dotattn._src.types import Array
 
 
-def dropout_weights(weights: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
+def dropout_weights(weights: Array, rate: float, rng: Array) -> Array:
     """Inverted dropout: keeps each weight with probability ``1 - rate``, scaled up."""
     keep_prob = 1.0 - rate
     keep = jax.random.bernoulli(rng, keep_prob, weights.shape)  # [..., Tq, Tv]
@@ -23,20 +24,20 @@ def dropout_weights(weights: jax.Array, rate: float, rng: jax.Array) -> jax.Arra
 
 
 def materialised_attention(
-    query: jax.Array,
-    key: jax.Array,
-    value: jax.Array,
-    value_mask: jax.Array | None,
-    scale: jax.Array | None,
-    concat_score_weight: jax.Array | None,
+    query: Array,
+    key: Array,
+    value: Array,
+    value_mask: Array | None,
+    scale: Array | None,
+    concat_score_weight: Array | None,
     *,
     score_mode: str,
     causal: bool,
     dropout_rate: float,
-    dropout_rng: jax.Array | None,
+    dropout_rng: Array | None,
     precision: Any,
     compute_dtype: Any,
-) -> tuple[jax.Array, jax.Array]:
+) -> tuple[Array, Array]:
     """Keras's computation, step by step, before the query mask.
 
     Args:
@@ -57,17 +58,19 @@ def materialised_attention(
       ``(output [..., Tq, Dv], weights [..., Tq, Tv])`` in ``compute_dtype``.
     """
     tq, tv = query.shape[-2], key.shape[-2]
-    scores = attention_scores(
+    keep = masks_lib.keep_mask(
+        jnp.arange(tq), jnp.arange(tv), value_mask, causal, batch_ndim=query.ndim - 2
+    )
+    scores = masked_logits(
         query,
         key,
+        keep,
         score_mode=score_mode,
         scale=scale,
         concat_score_weight=concat_score_weight,
         precision=precision,
         compute_dtype=compute_dtype,
     )  # [..., Tq, Tv]
-    score_mask = masks_lib.combine_score_mask(value_mask, causal, tq, tv, query.ndim - 2)
-    scores = masks_lib.apply_score_mask(scores, score_mask)  # [..., Tq, Tv]
     weights = jax.nn.softmax(scores, axis=-1)  # [..., Tq, Tv]
     if dropout_rate > 0.0:
         weights = dropout_weights(weights, dropout_rate, dropout_rng)

@@ -9,6 +9,7 @@ stream. ``model.train()`` / ``model.eval()`` flip ``deterministic`` as for
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,27 +17,21 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flax_dotattn._src.attention import Masks, dot_attention
-from flax_dotattn._src.call_args import cast_inputs, resolve_call
-from flax_dotattn._src.config import DotAttentionConfig
+from flax_dotattn._src import module_call
+from flax_dotattn._src.config import OPTIONS, DotAttentionConfig, document_options
 from flax_dotattn._src.linen import DotAttention as LinenDotAttention
+from flax_dotattn._src.types import Array, Masks
 
 
+@document_options()
 class DotAttention(nnx.Module):
     """Keras's ``Attention`` layer as a Flax NNX module.
 
+    The keyword arguments are the options of :class:`flax_dotattn.DotAttentionConfig`
+    (same names, defaults and checks), plus ``rngs``:
+
     Args:
-      use_scale: learn a scalar ``scale`` for the logits.
-      score_mode: ``"dot"`` or ``"concat"``.
-      dropout_rate: dropout on the attention weights, in ``[0, 1)``.
-      causal: default for the call's ``causal``.
-      deterministic: default for the call's ``deterministic`` (``train()`` sets False,
-        ``eval()`` True).
-      dtype: computation dtype; inputs are cast to it (None: follow the inputs).
-      param_dtype: dtype of the learned scalars.
-      precision: matmul precision.
-      implementation: None (automatic), ``"xla"``, ``"chunked"`` or ``"cudnn"``.
-      block_size: blocks of the chunked path (None: the measured default).
+      {options}
       rngs: an ``nnx.Rngs`` whose ``"dropout"`` stream feeds dropout (optional when no
         dropout is used, or when ``rngs`` is passed at call time).
 
@@ -53,47 +48,18 @@ class DotAttention(nnx.Module):
       1.0
     """
 
-    def __init__(
-        self,
-        *,
-        use_scale: bool = False,
-        score_mode: str = "dot",
-        dropout_rate: float = 0.0,
-        causal: bool = False,
-        deterministic: bool | None = None,
-        dtype: Any = None,
-        param_dtype: Any = jnp.float32,
-        precision: Any = None,
-        implementation: str | None = None,
-        block_size: int | tuple[int, int] | None = None,
-        rngs: nnx.Rngs | None = None,
-    ):
-        config = DotAttentionConfig(
-            use_scale=use_scale,
-            score_mode=score_mode,
-            dropout_rate=dropout_rate,
-            causal=causal,
-            deterministic=deterministic,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            precision=precision,
-            implementation=implementation,
-            block_size=block_size,
-        )  # validates
-        self.use_scale = config.use_scale
-        self.score_mode = config.score_mode
-        self.dropout_rate = config.dropout_rate
-        self.causal = config.causal
-        self.deterministic = config.deterministic
-        self.dtype = config.dtype
-        self.param_dtype = config.param_dtype
-        self.precision = config.precision
-        self.implementation = config.implementation
-        self.block_size = config.block_size
-        if config.use_scale:
-            self.scale = nnx.Param(jnp.ones((), config.param_dtype))
-        if config.score_mode == "concat":
-            self.concat_score_weight = nnx.Param(jnp.ones((), config.param_dtype))
+    def __init__(self, *, rngs: nnx.Rngs | None = None, **options: Any):
+        unknown = sorted(set(options) - set(OPTIONS))
+        if unknown:
+            raise ValueError(
+                f"DotAttention got unknown options {unknown}; expected options from "
+                f"{sorted(OPTIONS)} and rngs."
+            )
+        config = DotAttentionConfig(**options)  # validates
+        for name, value in module_call.config_fields(config).items():
+            setattr(self, name, value)
+        for name in config.param_names:
+            setattr(self, name, nnx.Param(jnp.ones((), config.param_dtype)))
         if rngs is None:
             self.rngs = nnx.data(None)
         elif isinstance(rngs, nnx.Rngs):
@@ -101,81 +67,71 @@ class DotAttention(nnx.Module):
         else:
             raise ValueError(f"rngs must be None or an nnx.Rngs; received a {type(rngs).__name__}.")
 
+    __init__.__signature__ = inspect.Signature(
+        [
+            inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+            *module_call.option_parameters(),
+            inspect.Parameter("rngs", inspect.Parameter.KEYWORD_ONLY, default=None),
+        ]
+    )
+
     @classmethod
     def from_config(cls, config: DotAttentionConfig, *, rngs: nnx.Rngs | None = None):
         """Builds the module from a :class:`DotAttentionConfig`."""
-        if not isinstance(config, DotAttentionConfig):
-            raise ValueError(
-                "DotAttention.from_config expects a DotAttentionConfig; "
-                f"received a {type(config).__name__}."
-            )
-        return cls(**{f: getattr(config, f) for f in config.to_dict()}, rngs=rngs)
+        config = module_call.check_config(config, "DotAttention.from_config")
+        return cls(**module_call.config_fields(config), rngs=rngs)
 
     @property
     def config(self) -> DotAttentionConfig:
         """The module's hyper-parameters as a :class:`DotAttentionConfig`."""
         return DotAttentionConfig.of(self)
 
-    def params(self) -> dict[str, jax.Array]:
+    def params(self) -> dict[str, Array]:
         """The learned scalars as a plain dict, as :func:`dot_attention` takes them."""
-        names = self.config.param_names
-        return {name: getattr(self, name)[...] for name in names}
+        return {name: getattr(self, name)[...] for name in self.config.param_names}
 
     def __call__(
         self,
-        query: jax.Array,
-        value: jax.Array,
-        key: jax.Array | None = None,
+        query: Array,
+        value: Array,
+        key: Array | None = None,
         masks: Masks = None,
         causal: bool | None = None,
         *,
         deterministic: bool | None = None,
         return_attention_scores: bool = False,
-        rngs: nnx.Rngs | jax.Array | None = None,
-    ) -> jax.Array | tuple[jax.Array, jax.Array]:
+        rngs: nnx.Rngs | Array | None = None,
+    ) -> Array | tuple[Array, Array]:
         """Applies attention; see :class:`flax_dotattn.DotAttention` for the arguments.
 
         ``rngs`` (an ``nnx.Rngs`` or a key) overrides the constructor's dropout stream.
         """
-        config = self.config
-        causal, deterministic = resolve_call(
-            config,
-            causal,
-            deterministic,
-            "constructor, call argument, or model.train()/model.eval()",
-        )
-        use_dropout = not deterministic and config.dropout_rate > 0.0
-        dropout_rng = None
-        if use_dropout:
-            source = self.rngs if rngs is None else rngs
-            if source is None:
-                raise ValueError(
-                    "dropout is active but no rngs were given: pass rngs=nnx.Rngs(...) to "
-                    "the constructor or the call."
-                )
-            if isinstance(source, nnx.Rngs):
-                dropout_rng = source["dropout"]()
-            elif isinstance(source, jax.Array):
-                dropout_rng = source
-            else:
-                dropout_rng = source()
-        query, value, key = cast_inputs(config.dtype, query, value, key)
-        return dot_attention(
+        return module_call.module_attention(
+            self.config,
             self.params(),
             query,
             value,
             key,
             masks,
             causal,
-            score_mode=config.score_mode,
-            dropout_rate=config.dropout_rate,
-            dropout_rng=dropout_rng,
             deterministic=deterministic,
             return_attention_scores=return_attention_scores,
-            precision=config.precision,
-            implementation=config.implementation,
-            block_size=config.block_size,
+            dropout_rng=lambda: self._dropout_key(rngs),
+            where_deterministic="constructor, call argument, or model.train()/model.eval()",
         )
+
+    def _dropout_key(self, rngs: nnx.Rngs | Array | None) -> Array:
+        source = self.rngs if rngs is None else rngs
+        if source is None:
+            raise ValueError(
+                "dropout is active but no rngs were given: pass rngs=nnx.Rngs(...) to "
+                "the constructor or the call."
+            )
+        if isinstance(source, nnx.Rngs):
+            return source["dropout"]()
+        if isinstance(source, jax.Array):
+            return source
+        return source()
 
 
 def from_linen(

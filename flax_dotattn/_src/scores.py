@@ -1,5 +1,8 @@
 """Keras attention logits: the ``"dot"`` and ``"concat"`` score functions.
 
+:func:`logits` and :func:`masked_logits` are the unchecked building blocks every kernel
+uses; :func:`attention_scores` is the public, validated entry point.
+
 Shape glossary: ``...`` batch dims, ``Tq``/``Tv`` query/key lengths, ``D`` depth.
 """
 
@@ -7,42 +10,25 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 
-Array = jax.Array
+from flax_dotattn._src import validation
+from flax_dotattn._src.config import float_dtype_name
+from flax_dotattn._src.masks import apply_score_mask
+from flax_dotattn._src.types import Array, ScoreMode
 
 
-def attention_scores(
+def logits(
     query: Array,
     key: Array,
     *,
-    score_mode: str = "dot",
-    scale: Array | None = None,
-    concat_score_weight: Array | None = None,
-    precision: Any = None,
-    compute_dtype: Any = None,
+    score_mode: str,
+    scale: Array | None,
+    concat_score_weight: Array | None,
+    precision: Any,
+    compute_dtype: Any,
 ) -> Array:
-    """Computes the unmasked Keras attention logits.
-
-    * ``"dot"``: ``scores = scale * (query @ key^T)`` (no ``1/sqrt(D)``).
-    * ``"concat"``: ``scores = concat_score_weight * sum(tanh(scale * (q + k)), -1)``.
-
-    ``scale`` is omitted when None.
-
-    Args:
-      query: ``[..., Tq, D]``.
-      key: ``[..., Tv, D]``.
-      score_mode: ``"dot"`` or ``"concat"``.
-      scale: scalar ``[]`` or None.
-      concat_score_weight: scalar ``[]``; required for ``"concat"``.
-      precision: passed to the matmul (``jax.lax.Precision`` or its name).
-      compute_dtype: dtype of the logits; defaults to the inputs' dtype.
-
-    Returns:
-      Logits ``[..., Tq, Tv]`` in ``compute_dtype``.
-    """
-    compute_dtype = compute_dtype or jnp.result_type(query, key)
+    """Unmasked logits ``[..., Tq, Tv]`` in ``compute_dtype``; arguments are trusted."""
     if score_mode == "dot":
         scores = jnp.einsum(
             "...qd,...kd->...qk",
@@ -62,3 +48,82 @@ def attention_scores(
         pre = scale.astype(compute_dtype) * pre
     weight = concat_score_weight.astype(compute_dtype)
     return weight * jnp.sum(jnp.tanh(pre), axis=-1)  # [..., Tq, Tv]
+
+
+def masked_logits(
+    query: Array,
+    key: Array,
+    keep: Array | None,
+    **options: Any,
+) -> Array:
+    """:func:`logits` with Keras's masking rule applied (``keep``: bool, broadcastable)."""
+    return apply_score_mask(logits(query, key, **options), keep)  # [..., Tq, Tv]
+
+
+def attention_scores(
+    query: Array,
+    key: Array,
+    *,
+    score_mode: ScoreMode = "dot",
+    scale: Array | float | None = None,
+    concat_score_weight: Array | float | None = None,
+    precision: Any = None,
+    compute_dtype: Any = None,
+) -> Array:
+    """Computes the unmasked Keras attention logits.
+
+    * ``"dot"``: ``scores = scale * (query @ key^T)`` (no ``1/sqrt(D)``).
+    * ``"concat"``: ``scores = concat_score_weight * sum(tanh(scale * (q + k)), -1)``.
+
+    ``scale`` is omitted when None.
+
+    Args:
+      query: ``[..., Tq, D]``, a real floating array.
+      key: ``[..., Tv, D]``, same batch dims ``...`` and depth ``D`` as ``query``.
+      score_mode: ``"dot"`` or ``"concat"``.
+      scale: a scalar (array of shape ``()`` or Python number) or None.
+      concat_score_weight: a scalar; required for ``"concat"``, rejected for ``"dot"``.
+      precision: passed to the matmul (``jax.lax.Precision`` or its name), or None.
+      compute_dtype: dtype of the logits; defaults to the inputs' dtype (float32 for
+        float16/bfloat16 inputs, as in :func:`dot_attention`).
+
+    Returns:
+      Logits ``[..., Tq, Tv]`` in ``compute_dtype``.
+
+    Raises:
+      ValueError: on bad shapes, dtypes, ``score_mode``, scalars or ``precision``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from flax_dotattn import attention_scores
+      >>> q = jnp.array([[1.0, 0.0], [0.0, 1.0]])   # [Tq=2, D=2]
+      >>> k = jnp.array([[0.0, 1.0], [1.0, 0.0]])   # [Tv=2, D=2]
+      >>> attention_scores(q, k, scale=2.0).tolist()
+      [[0.0, 2.0], [2.0, 0.0]]
+      >>> attention_scores(q, k, score_mode="concat", concat_score_weight=1.0).shape
+      (2, 2)
+    """
+    inputs = validation.check_inputs(
+        validation.params_of(scale=scale, concat_score_weight=concat_score_weight),
+        query,
+        key,
+        key,
+        None,
+        score_mode,
+        value_name="key",
+    )
+    precision = validation.check_precision(precision)
+    compute_dtype = (
+        inputs.compute_dtype
+        if compute_dtype is None
+        else jnp.dtype(float_dtype_name("compute_dtype", compute_dtype))
+    )
+    return logits(
+        inputs.query,
+        inputs.key,
+        score_mode=score_mode,
+        scale=inputs.scale,
+        concat_score_weight=inputs.concat_score_weight,
+        precision=precision,
+        compute_dtype=compute_dtype,
+    )

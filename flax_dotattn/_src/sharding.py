@@ -16,6 +16,7 @@ Shape glossary: ``...`` batch dims, ``Tq``/``Tv`` query/key lengths, ``D`` query
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -24,27 +25,28 @@ from jax import lax
 from jax.sharding import Mesh, PartitionSpec
 
 from flax_dotattn._src import validation
-from flax_dotattn._src.attention import Masks, Params
 from flax_dotattn._src.chunked import chunked_attention
+from flax_dotattn._src.config import check_option
+from flax_dotattn._src.types import Array, Masks, Params, ScoreMode
 
 
 def sequence_parallel_attention(
     params: Params,
-    query: jax.Array,
-    value: jax.Array,
-    key: jax.Array | None = None,
+    query: Array,
+    value: Array,
+    key: Array | None = None,
     masks: Masks = None,
     causal: bool = False,
     *,
     mesh: Mesh,
     axis_name: str,
-    score_mode: str = "dot",
+    score_mode: ScoreMode = "dot",
     dropout_rate: float = 0.0,
-    dropout_rng: jax.Array | None = None,
-    deterministic: bool = True,
+    dropout_rng: Array | None = None,
+    deterministic: bool | None = None,
     precision: Any = None,
-    block_size: int | tuple[int, int] | None = None,
-) -> jax.Array:
+    block_size: Any = None,
+) -> Array:
     """:func:`dot_attention` with keys/values sharded along ``Tv`` over ``axis_name``.
 
     Same semantics and arguments as :func:`dot_attention` (the weights cannot be
@@ -82,9 +84,10 @@ def sequence_parallel_attention(
       >>> bool(jnp.allclose(out, dot_attention(None, q, v, causal=True), atol=1e-6))
       True
     """
-    causal = validation.check_static_bool("causal", causal)
+    causal = check_option("causal", causal)
     dropout_rate, dropout_rng = validation.check_dropout(deterministic, dropout_rate, dropout_rng)
-    block_size = validation.check_block_size(block_size)
+    block_sizes = check_option("block_size", block_size)
+    precision = validation.check_precision(precision)
     inputs = validation.check_inputs(params, query, value, key, masks, score_mode)
     if not isinstance(mesh, Mesh):
         raise ValueError(f"mesh must be a jax.sharding.Mesh; received a {type(mesh).__name__}.")
@@ -101,6 +104,9 @@ def sequence_parallel_attention(
             f"{axis_name!r}; received value shape {tuple(inputs.value.shape)}."
         )
     shard_len = tv // n
+    batch, tq, dv = inputs.query.shape[:-2], inputs.query.shape[-2], inputs.value.shape[-1]
+    if 0 in (math.prod(batch), tq, tv, dv):  # nothing to attend over: zeros, as one device
+        return validation.finish(jnp.zeros(batch + (tq, dv), inputs.compute_dtype), inputs)
     nb = inputs.query.ndim - 2
     replicated = PartitionSpec()
     seq = PartitionSpec(*([None] * nb), axis_name, None)  # [..., Tv, D]
@@ -122,7 +128,7 @@ def sequence_parallel_attention(
             causal=causal,
             dropout_rate=dropout_rate,
             dropout_rng=rng,
-            block_size=block_size,
+            block_sizes=block_sizes,
             precision=precision,
             compute_dtype=inputs.compute_dtype,
             key_offset=index * shard_len,
@@ -154,6 +160,4 @@ def sequence_parallel_attention(
         inputs.concat_score_weight,
         dropout_rng,
     )
-    if inputs.query_mask is not None:
-        output = jnp.where(inputs.query_mask[..., None], output, 0)
-    return output.astype(inputs.dtype)
+    return validation.finish(output, inputs)

@@ -2,45 +2,55 @@
 
 Every check here is static (shapes, dtypes and Python values only), so it costs nothing
 under ``jax.jit`` and fires at trace time. Each error names the argument and states the
-expected and the received shape, dtype or value. Shape glossary: see
-:mod:`flax_dotattn._src.masks`.
+expected and the received shape, dtype or value. Options shared with the config are
+checked by the config's own checks (:func:`flax_dotattn._src.config.check_option`).
+
+Shape checks use chex's assertions for their messages and are enforced again without
+chex, so nothing broadcasts silently even when ``chex.disable_asserts()`` is in effect.
+Shape glossary: see :mod:`flax_dotattn._src.masks`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple, NoReturn
 
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-SCORE_MODES = ("dot", "concat")
-PARAM_NAMES = ("scale", "concat_score_weight")
-IMPLEMENTATIONS = (None, "xla", "chunked", "cudnn")
+from flax_dotattn._src.config import check_option
+from flax_dotattn._src.types import PARAM_NAMES, Array
 
 
 class AttentionInputs(NamedTuple):
     """Validated, normalised inputs shared by every implementation."""
 
-    query: jax.Array  # [..., Tq, D]
-    key: jax.Array  # [..., Tv, D]
-    value: jax.Array  # [..., Tv, Dv]
-    query_mask: jax.Array | None  # bool [..., Tq]
-    value_mask: jax.Array | None  # bool [..., Tv]
-    scale: jax.Array | None  # []
-    concat_score_weight: jax.Array | None  # []
+    query: Array  # [..., Tq, D]
+    key: Array  # [..., Tv, D]
+    value: Array  # [..., Tv, Dv]
+    query_mask: Array | None  # bool [..., Tq]
+    value_mask: Array | None  # bool [..., Tv]
+    scale: Array | None  # []
+    concat_score_weight: Array | None  # []
     dtype: jnp.dtype  # dtype of the inputs (and of the outputs)
     compute_dtype: jnp.dtype  # float32 for float16/bfloat16 inputs
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     raise ValueError(message)
 
 
-def _is_tracer_or_array(x: Any) -> bool:
+def _is_array(x: Any) -> bool:
     return isinstance(x, (jax.Array, np.ndarray, np.generic))
+
+
+def _require(ok: bool, assertion: Callable[..., None], *args: Any, message: str) -> None:
+    """Runs a chex assertion (ValueError, ``message``); enforces ``ok`` without chex too."""
+    assertion(*args, exception_type=ValueError, custom_message=message)
+    if not ok:
+        _fail(message)
 
 
 def check_static_bool(name: str, value: Any) -> bool:
@@ -53,55 +63,30 @@ def check_static_bool(name: str, value: Any) -> bool:
     return bool(value)
 
 
-def check_choice(name: str, value: Any, choices: Sequence[Any]) -> Any:
-    """Returns ``value`` if it is one of ``choices``, else raises a ValueError."""
-    if not any(value is c or (isinstance(value, str) and value == c) for c in choices):
-        _fail(f"{name} must be one of {tuple(choices)!r}; received {name}={value!r}.")
-    return value
-
-
-def check_dropout_rate(rate: Any) -> float:
-    """Returns ``rate`` as a float if it is a number in ``[0, 1)``."""
-    if isinstance(rate, bool) or not isinstance(rate, (int, float, np.floating, np.integer)):
-        _fail(
-            "dropout_rate must be a Python float in [0, 1); "
-            f"received dropout_rate={rate!r} of type {type(rate).__name__}."
-        )
-    rate = float(rate)
-    if not 0.0 <= rate < 1.0:
-        _fail(f"dropout_rate must be in [0, 1); received dropout_rate={rate!r}.")
-    return rate
-
-
-def _positive_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and x >= 1
-
-
-def check_block_size(block_size: Any) -> int | tuple[int, int] | None:
-    """Returns ``block_size`` if it is None, a positive int or a pair of them."""
-    if isinstance(block_size, (tuple, list)) and len(block_size) == 2:
-        if all(_positive_int(b) for b in block_size):
-            return tuple(block_size)
-    elif block_size is None or _positive_int(block_size):
-        return block_size
-    _fail(
-        "block_size must be None, a positive Python int or a pair (block_q, block_k) of "
-        f"them; received block_size={block_size!r}."
-    )
-    return None  # unreachable
+def check_precision(precision: Any) -> jax.lax.Precision | None:
+    """Checks ``precision`` as the config does; returns a ``jax.lax.Precision`` or None."""
+    name = check_option("precision", precision)
+    return None if name is None else jax.lax.Precision[name.upper()]
 
 
 def check_dropout(
     deterministic: Any, dropout_rate: Any, dropout_rng: Any
-) -> tuple[float, jax.Array | None]:
+) -> tuple[float, Array | None]:
     """Validates the dropout arguments; returns the effective ``(rate, rng)``.
 
     The rate is 0 and the rng None when no dropout applies (``deterministic=True`` or a
-    zero rate).
+    zero rate). With a positive rate ``deterministic`` must be given.
     """
-    deterministic = check_static_bool("deterministic", deterministic)
-    dropout_rate = check_dropout_rate(dropout_rate)
-    if deterministic or dropout_rate == 0.0:
+    dropout_rate = check_option("dropout_rate", dropout_rate)
+    deterministic = check_option("deterministic", deterministic)
+    if dropout_rate == 0.0:
+        return 0.0, None
+    if deterministic is None:
+        _fail(
+            f"deterministic must be True or False when dropout_rate > 0 (True: no dropout, "
+            f"as at inference); received deterministic=None with dropout_rate={dropout_rate}."
+        )
+    if deterministic:
         return 0.0, None
     if dropout_rng is None:
         _fail(
@@ -111,9 +96,9 @@ def check_dropout(
     return dropout_rate, dropout_rng
 
 
-def check_float_array(name: str, x: Any, layout: str) -> jax.Array:
+def check_float_array(name: str, x: Any, layout: str) -> Array:
     """Converts ``x`` to a JAX array and checks it is a real floating array of rank >= 2."""
-    if not _is_tracer_or_array(x):
+    if not _is_array(x):
         _fail(f"{name} must be an array of shape {layout}; received a {type(x).__name__}.")
     if not jnp.issubdtype(x.dtype, jnp.floating):
         _fail(
@@ -129,8 +114,8 @@ def check_float_array(name: str, x: Any, layout: str) -> jax.Array:
     return x
 
 
-def _check_mask(name: str, mask: Any, expected: tuple[int, ...], layout: str) -> jax.Array:
-    if not _is_tracer_or_array(mask):
+def _check_mask(name: str, mask: Any, expected: tuple[int, ...], layout: str) -> Array:
+    if not _is_array(mask):
         _fail(
             f"{name} must be None or an array of shape {layout} = {expected}; "
             f"received a {type(mask).__name__}."
@@ -145,11 +130,12 @@ def _check_mask(name: str, mask: Any, expected: tuple[int, ...], layout: str) ->
             f"received dtype {mask.dtype}."
         )
     mask = jnp.asarray(mask)
-    chex.assert_shape(
+    _require(
+        tuple(mask.shape) == tuple(expected),
+        chex.assert_shape,
         mask,
         expected,
-        exception_type=ValueError,
-        custom_message=(
+        message=(
             f"{name} must have shape {layout} = {expected}; received shape {tuple(mask.shape)}"
         ),
     )
@@ -158,14 +144,14 @@ def _check_mask(name: str, mask: Any, expected: tuple[int, ...], layout: str) ->
 
 def check_masks(
     masks: Any, query_shape: tuple[int, ...], value_shape: tuple[int, ...]
-) -> tuple[jax.Array | None, jax.Array | None]:
+) -> tuple[Array | None, Array | None]:
     """Validates ``masks = (query_mask, value_mask)`` and returns them as bool arrays."""
     if masks is None:
         return None, None
-    if _is_tracer_or_array(masks) or not isinstance(masks, Sequence) or len(masks) != 2:
+    if _is_array(masks) or not isinstance(masks, Sequence) or len(masks) != 2:
         received = (
             f"an array of shape {tuple(jnp.shape(masks))}"
-            if _is_tracer_or_array(masks)
+            if _is_array(masks)
             else f"{type(masks).__name__}"
             + (f" of length {len(masks)}" if isinstance(masks, Sequence) else "")
         )
@@ -181,7 +167,12 @@ def check_masks(
     return query_mask, value_mask
 
 
-def check_params(params: Any, score_mode: str) -> tuple[jax.Array | None, jax.Array | None]:
+def params_of(**scalars: Any) -> dict[str, Any]:
+    """A params mapping of the given scalars that are not None."""
+    return {name: x for name, x in scalars.items() if x is not None}
+
+
+def check_params(params: Any, score_mode: str) -> tuple[Array | None, Array | None]:
     """Validates the params mapping and returns ``(scale, concat_score_weight)``."""
     if params is None:
         params = {}
@@ -193,16 +184,15 @@ def check_params(params: Any, score_mode: str) -> tuple[jax.Array | None, jax.Ar
     unknown = sorted(str(k) for k in params if k not in PARAM_NAMES)
     if unknown:
         _fail(f"params has unknown keys {unknown}; expected only keys from {PARAM_NAMES!r}.")
-    leaves = {}
+    leaves: dict[str, Array | None] = dict.fromkeys(PARAM_NAMES)
     for name in PARAM_NAMES:
         if name not in params:
-            leaves[name] = None
             continue
         leaf = params[name]
-        if not _is_tracer_or_array(leaf) and not isinstance(leaf, (int, float)):
+        if not _is_array(leaf) and (isinstance(leaf, bool) or not isinstance(leaf, (int, float))):
             _fail(
-                f"params[{name!r}] must be a scalar array of shape (); "
-                f"received a {type(leaf).__name__}."
+                f"params[{name!r}] must be a real scalar (an array of shape () or a Python "
+                f"number); received a {type(leaf).__name__}."
             )
         leaf = jnp.asarray(leaf)
         if leaf.shape != ():
@@ -234,48 +224,57 @@ def check_inputs(
     value: Any,
     key: Any,
     masks: Any,
-    score_mode: str,
+    score_mode: Any,
+    *,
+    value_name: str = "value",
 ) -> AttentionInputs:
-    """Validates the array arguments of :func:`dot_attention` and normalises them."""
-    check_choice("score_mode", score_mode, SCORE_MODES)
+    """Validates the array arguments of :func:`dot_attention` and normalises them.
+
+    ``value_name`` is the name errors use for ``value`` (``"key"`` when the caller has
+    keys only, as :func:`attention_scores`).
+    """
+    score_mode = check_option("score_mode", score_mode)
     query = check_float_array("query", query, "[..., Tq, D]")
-    value = check_float_array("value", value, "[..., Tv, Dv]")
+    value = check_float_array(value_name, value, "[..., Tv, Dv]")
     key = value if key is None else check_float_array("key", key, "[..., Tv, D]")
 
     batch = tuple(query.shape[:-2])
-    for name, x in (("value", value), ("key", key)):
+    for name, x in ((value_name, value), ("key", key)):
         if x.ndim != query.ndim:
             _fail(
                 f"{name} must have the same rank as query ({query.ndim}: batch dims "
                 f"{batch}); received {name} shape {tuple(x.shape)} and query shape "
                 f"{tuple(query.shape)}."
             )
-        chex.assert_equal_shape_prefix(
+        _require(
+            tuple(x.shape[:-2]) == batch,
+            chex.assert_equal_shape_prefix,
             [query, x],
             query.ndim - 2,
-            exception_type=ValueError,
-            custom_message=(
+            message=(
                 f"{name} batch dims must equal query's {batch} (no broadcasting); "
                 f"received {name} shape {tuple(x.shape)} and query shape "
                 f"{tuple(query.shape)}"
             ),
         )
-    chex.assert_axis_dimension(
+    _require(
+        key.shape[-2] == value.shape[-2],
+        chex.assert_axis_dimension,
         key,
         -2,
         value.shape[-2],
-        exception_type=ValueError,
-        custom_message=(
+        message=(
             f"key and value must have the same length Tv; received key shape "
             f"{tuple(key.shape)} and value shape {tuple(value.shape)}"
         ),
     )
-    chex.assert_axis_dimension(
+    _require(
+        key.shape[-1] == query.shape[-1],
+        chex.assert_axis_dimension,
         key,
         -1,
         query.shape[-1],
-        exception_type=ValueError,
-        custom_message=(
+        message=(
             f"key depth must equal query depth D={query.shape[-1]}; received key shape "
             f"{tuple(key.shape)} and query shape {tuple(query.shape)}"
         ),
@@ -284,8 +283,8 @@ def check_inputs(
     query_mask, value_mask = check_masks(masks, query.shape, value.shape)
     scale, concat_score_weight = check_params(params, score_mode)
 
-    dtype = jnp.result_type(query, key, value)
-    compute_dtype = jnp.dtype(jnp.float32) if jnp.finfo(dtype).bits < 32 else jnp.dtype(dtype)
+    dtype = jnp.dtype(jnp.result_type(query, key, value))
+    compute_dtype = jnp.dtype(jnp.float32) if jnp.finfo(dtype).bits < 32 else dtype
     return AttentionInputs(
         query=query,
         key=key,
@@ -294,6 +293,13 @@ def check_inputs(
         value_mask=value_mask,
         scale=scale,
         concat_score_weight=concat_score_weight,
-        dtype=jnp.dtype(dtype),
+        dtype=dtype,
         compute_dtype=compute_dtype,
     )
+
+
+def finish(output: Array, inputs: AttentionInputs) -> Array:
+    """The common epilogue: zero the rows of masked queries, cast to the inputs' dtype."""
+    if inputs.query_mask is not None:
+        output = jnp.where(inputs.query_mask[..., None], output, 0)  # [..., Tq, Dv]
+    return output.astype(inputs.dtype)

@@ -1,0 +1,31 @@
+"""Type aliases and the allowed choices, declared once.
+
+The choices of each option are the arguments of its ``Literal`` alias, so the public
+signatures, the config and the validation read them from the same place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, get_args
+
+import jax
+
+#: The one array alias used in every signature.
+Array = jax.Array
+
+ScoreMode = Literal["dot", "concat"]
+Implementation = Literal["xla", "chunked", "cudnn"]
+PrecisionName = Literal["default", "high", "highest"]
+FloatDtypeName = Literal["float16", "bfloat16", "float32", "float64"]
+
+SCORE_MODES: tuple[str, ...] = get_args(ScoreMode)
+IMPLEMENTATIONS: tuple[str | None, ...] = (None, *get_args(Implementation))
+PRECISIONS: tuple[str, ...] = get_args(PrecisionName)
+FLOAT_DTYPES: tuple[str, ...] = get_args(FloatDtypeName)
+
+#: The learned scalars, in Keras's ``get_weights()`` order.
+PARAM_NAMES: tuple[str, ...] = ("scale", "concat_score_weight")
+
+Params = Mapping[str, Any] | None
+Masks = Sequence[Any] | None
