@@ -70,22 +70,17 @@ BAD_INPUTS = [
     (
         "query_mask_shape",
         dict(masks=(jnp.ones((2, 4), bool), None)),
-        r"query_mask must have shape \[\.\.\., Tq\] = \(2, 3\).*\(2, 4\)",
+        r"query_mask must have a shape broadcastable to \[\.\.\., Tq\] = \(2, 3\).*\(2, 4\)",
     ),
     (
         "value_mask_shape",
         dict(masks=(None, jnp.ones((2, 3), bool))),
-        r"value_mask must have shape \[\.\.\., Tv\] = \(2, 5\).*\(2, 3\)",
-    ),
-    (
-        "value_mask_broadcastable",
-        dict(masks=(None, jnp.ones((1, 5), bool))),
-        r"value_mask must have shape",
+        r"value_mask must have a shape broadcastable to \[\.\.\., Tv\] = \(2, 5\).*\(2, 3\)",
     ),
     (
         "value_mask_rank",
-        dict(masks=(None, jnp.ones((2, 1, 5), bool))),
-        r"value_mask must have shape",
+        dict(masks=(None, jnp.ones((1, 2, 5), bool))),
+        r"value_mask must have a shape broadcastable to \[\.\.\., Tv\] = \(2, 5\)",
     ),
     (
         "mask_string_dtype",
@@ -94,6 +89,35 @@ BAD_INPUTS = [
     ),
     ("mask_not_array", dict(masks=(None, "yes")), r"value_mask must be None or an array"),
     ("score_mode_typo", dict(score_mode="dott"), r"score_mode must be one of .*'dott'"),
+    (
+        "attention_mask_shape",
+        dict(attention_mask=jnp.ones((3, 4), bool)),
+        r"attention_mask must have a shape broadcastable to \[\.\.\., Tq, Tv\] = \(2, 3, 5\)"
+        r".*\(3, 4\)",
+    ),
+    (
+        "attention_mask_rank",
+        dict(attention_mask=jnp.ones((1, 2, 3, 5), bool)),
+        r"attention_mask must have a shape broadcastable.*rank at most 3",
+    ),
+    ("bias_integer", dict(bias=jnp.ones((3, 5), jnp.int32)), r"bias must have a real floating"),
+    (
+        "segment_ids_single_array",
+        dict(segment_ids=jnp.zeros((2, 3), jnp.int32)),
+        r"segment_ids must be None or a pair",
+    ),
+    (
+        "segment_ids_float",
+        dict(segment_ids=(jnp.zeros(3), jnp.zeros(5, jnp.int32))),
+        r"query_segment_ids must have an integer dtype",
+    ),
+    (
+        "kv_segment_ids_shape",
+        dict(segment_ids=(jnp.zeros(3, jnp.int32), jnp.zeros(4, jnp.int32))),
+        r"kv_segment_ids must have a shape broadcastable to \[\.\.\., Tv\] = \(2, 5\)",
+    ),
+    ("window_negative", dict(window=(-1, 0)), r"window must be None or a pair \(left, right\)"),
+    ("window_scalar", dict(window=3), r"window must be None or a pair"),
     ("unknown_param", dict(params={"scael": 1.0}), r"params has unknown keys \['scael'\]"),
     ("params_not_mapping", dict(params=[1.0]), r"params must be None or a mapping"),
     (
@@ -148,7 +172,7 @@ def test_bad_input_raises_value_error(overrides, pattern):
 
 
 def test_errors_fire_at_trace_time_under_jit():
-    with pytest.raises(ValueError, match="value_mask must have shape"):
+    with pytest.raises(ValueError, match="value_mask must have a shape"):
         jax.jit(lambda vm: call(masks=(None, vm)))(jnp.ones((2, 4), bool))
 
 
@@ -190,7 +214,9 @@ def test_bad_input_raises_at_trace_time_under_jit(overrides, pattern):
 
 def test_linen_module_errors_name_the_argument():
     layer = DotAttention(use_scale=True)
-    with pytest.raises(ValueError, match=r"value_mask must have shape \[\.\.\., Tv\]"):
+    with pytest.raises(
+        ValueError, match=r"value_mask must have a shape broadcastable to \[\.\.\., Tv\]"
+    ):
         layer.init(jax.random.key(0), Q, V, masks=(None, jnp.ones((2, 4), bool)))
     with pytest.raises(ValueError, match="query must have a real floating dtype"):
         layer.init(jax.random.key(0), Q.astype(jnp.int32), V)

@@ -122,7 +122,7 @@ def test_sequence_parallel_dropout_statistics():
         (dict(axis_name="model"), r"axis_name must be one of the mesh axes \('seq',\)"),
         (dict(value=jnp.ones((2, 30, 4))), r"Tv=30 must be divisible by the size 4"),
         (dict(mesh="seq"), r"mesh must be a jax.sharding.Mesh"),
-        (dict(masks=(None, jnp.ones((2, 31), bool))), r"value_mask must have shape"),
+        (dict(masks=(None, jnp.ones((2, 31), bool))), r"value_mask must have a shape"),
     ],
     ids=["unknown_axis", "tv_not_divisible", "mesh_not_a_mesh", "bad_mask"],
 )

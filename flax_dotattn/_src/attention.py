@@ -15,6 +15,7 @@ import jax
 
 from flax_dotattn._src import chunked, dispatch, fused, validation
 from flax_dotattn._src.config import check_option, document_options
+from flax_dotattn._src.masks import Masking
 from flax_dotattn._src.materialised import materialised_attention
 from flax_dotattn._src.types import Array, Implementation, Masks, Params, ScoreMode
 
@@ -30,6 +31,10 @@ def dot_attention(
     masks: Masks = None,
     causal: bool = False,
     *,
+    attention_mask: Array | None = None,
+    bias: Array | None = None,
+    segment_ids: tuple[Array, Array] | None = None,
+    window: tuple[int | None, int | None] | None = None,
     score_mode: ScoreMode = "dot",
     dropout_rate: float = 0.0,
     dropout_rng: Array | None = None,
@@ -50,6 +55,10 @@ def dot_attention(
     masks: Masks = None,
     causal: bool = False,
     *,
+    attention_mask: Array | None = None,
+    bias: Array | None = None,
+    segment_ids: tuple[Array, Array] | None = None,
+    window: tuple[int | None, int | None] | None = None,
     score_mode: ScoreMode = "dot",
     dropout_rate: float = 0.0,
     dropout_rng: Array | None = None,
@@ -61,7 +70,9 @@ def dot_attention(
 ) -> tuple[Array, Array]: ...
 
 
-@document_options("score_mode", "dropout_rate", "deterministic", "precision", "block_size")
+@document_options(
+    "window", "score_mode", "dropout_rate", "deterministic", "precision", "block_size"
+)
 def dot_attention(
     params: Params,
     query: Array,
@@ -70,6 +81,10 @@ def dot_attention(
     masks: Masks = None,
     causal: bool = False,
     *,
+    attention_mask: Array | None = None,
+    bias: Array | None = None,
+    segment_ids: tuple[Array, Array] | None = None,
+    window: tuple[int | None, int | None] | None = None,
     score_mode: ScoreMode = "dot",
     dropout_rate: float = 0.0,
     dropout_rng: Array | None = None,
@@ -107,11 +122,24 @@ def dot_attention(
       query: ``[..., Tq, D]``, a real floating array.
       value: ``[..., Tv, Dv]``, same leading dims as ``query``.
       key: ``[..., Tv, D]`` or None, in which case ``value`` is used (as in Keras).
-      masks: None or a pair ``(query_mask, value_mask)``; each is None or an array of
-        shape ``[..., Tq]`` / ``[..., Tv]``, bool or numeric (nonzero keeps). Masked
-        queries get zero output rows; masked values get no weight.
+      masks: None or a pair ``(query_mask, value_mask)``; each is None or an array
+        that broadcasts (NumPy rules) to ``[..., Tq]`` / ``[..., Tv]`` (e.g. ``[Tv]`` for
+        the whole batch, ``[B, 1, Tv]`` for inputs ``[B, H, T, D]``), bool or numeric
+        (nonzero keeps). Masked queries get zero output rows; masked values get no
+        weight.
       causal: Python bool (static). Query ``i`` attends to keys ``j <= i``, top-left
         aligned when ``Tq != Tv`` (see :func:`make_causal_mask`).
+      attention_mask: None or a bool/numeric mask broadcastable to ``[..., Tq, Tv]``
+        (nonzero keeps), for arbitrary patterns; the chunked path reads it block by
+        block and skips blocks it hides.
+      bias: None or a float array broadcastable to ``[..., Tq, Tv]``, added to the
+        logits after ``scale`` / ``concat_score_weight`` and before the masks
+        (relative positions, ALiBi). Differentiable; its gradient is summed over the
+        broadcast dims.
+      segment_ids: None or ``(query_segment_ids, kv_segment_ids)``, integer arrays
+        broadcastable to ``[..., Tq]`` / ``[..., Tv]``, for packed sequences: a query
+        attends only to keys of its own segment. The chunked path skips blocks whose
+        segments cannot meet.
       {options}
       dropout_rng: PRNG key; required when dropout is active.
       return_attention_scores: also return the (post-dropout) attention weights.
@@ -167,10 +195,21 @@ def dot_attention(
         "return_attention_scores", return_attention_scores
     )
     implementation = check_option("implementation", implementation)
+    window = check_option("window", window)
     block_sizes = check_option("block_size", block_size)
     precision = validation.check_precision(precision)
     dropout_rate, dropout_rng = validation.check_dropout(deterministic, dropout_rate, dropout_rng)
-    inputs = validation.check_inputs(params, query, value, key, masks, score_mode)
+    inputs = validation.check_inputs(
+        params,
+        query,
+        value,
+        key,
+        masks,
+        score_mode,
+        attention_mask=attention_mask,
+        bias=bias,
+        segment_ids=segment_ids,
+    )
     plan = dispatch.plan(
         inputs,
         implementation,
@@ -178,10 +217,12 @@ def dot_attention(
         return_attention_scores=return_attention_scores,
         dropout=dropout_rate > 0.0,
         causal=causal,
+        window=window,
     )
     options = dict(
         score_mode=score_mode,
         causal=causal,
+        window=window,
         dropout_rate=dropout_rate,
         dropout_rng=dropout_rng,
         precision=precision,
@@ -202,7 +243,8 @@ def _run(
         inputs.query,
         inputs.key,
         inputs.value,
-        inputs.value_mask,
+        inputs.masking,
+        inputs.bias,
         inputs.scale,
         inputs.concat_score_weight,
     )
@@ -220,7 +262,7 @@ def _cudnn(inputs: validation.AttentionInputs, block_sizes: Any, options: dict) 
 
     def keras(query, key, value, value_mask):
         return chunked.chunked_attention(
-            query, key, value, value_mask, inputs.scale, None,
+            query, key, value, Masking(value_mask=value_mask), None, inputs.scale, None,
             block_sizes=block_sizes, **options,
         )  # fmt: skip
 
@@ -228,7 +270,7 @@ def _cudnn(inputs: validation.AttentionInputs, block_sizes: Any, options: dict) 
         inputs.query,
         inputs.key,
         inputs.value,
-        inputs.value_mask,
+        inputs.masking.value_mask,
         inputs.scale,
         causal=options["causal"],
         fallback=keras,
@@ -238,11 +280,22 @@ def _cudnn(inputs: validation.AttentionInputs, block_sizes: Any, options: dict) 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _materialised_forward(static: chunked.Static, ops: chunked.Operands) -> Array:
     """A forward pass that runs materialised; its derivatives come from the chunked rule."""
-    return materialised_attention(
-        ops.q, ops.k, ops.v, ops.value_mask, ops.scale, ops.concat_score_weight,
-        score_mode=static.score_mode, causal=static.causal, dropout_rate=0.0,
-        dropout_rng=None, precision=static.precision, compute_dtype=ops.q.dtype,
-    )[0]  # fmt: skip
+
+    def unflatten(x):  # [B, T, ...] -> [..., T, ...]
+        return None if x is None else x.reshape(static.batch + x.shape[1:])
+
+    masking = ops.masking._replace(
+        value_mask=unflatten(ops.masking.value_mask),
+        query_segment_ids=unflatten(ops.masking.query_segment_ids),
+        kv_segment_ids=unflatten(ops.masking.kv_segment_ids),
+    )
+    out, _ = materialised_attention(
+        unflatten(ops.q), unflatten(ops.k), unflatten(ops.v), masking, ops.bias, ops.scale,
+        ops.concat_score_weight, score_mode=static.score_mode, causal=static.causal,
+        window=static.window, dropout_rate=0.0, dropout_rng=None, precision=static.precision,
+        compute_dtype=ops.q.dtype,
+    )  # fmt: skip
+    return out.reshape((-1,) + out.shape[-2:])  # [B, Tq, Dv]
 
 
 @functools.partial(_materialised_forward.defjvp, symbolic_zeros=True)
@@ -252,12 +305,12 @@ def _materialised_forward_jvp(static, primals, tangents):
 
 
 def _materialised_primal_chunked_derivatives(
-    query, key, value, value_mask, scale, concat_score_weight, block_sizes, options
+    query, key, value, masking, bias, scale, concat_score_weight, block_sizes, options
 ) -> Array:
     """Mid-sized inputs: the materialised forward is faster when nothing differentiates
     it, while derivatives keep the chunked path's O(T · block) memory."""
     static, ops = chunked.prepare(
-        query, key, value, value_mask, scale, concat_score_weight,
+        query, key, value, masking, bias, scale, concat_score_weight,
         block_sizes=block_sizes, **options,
     )  # fmt: skip
     out = _materialised_forward(static, ops)  # [B, Tq, Dv]

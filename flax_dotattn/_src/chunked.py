@@ -42,7 +42,7 @@ from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
 from flax_dotattn._src.blocks import BlockSizes
-from flax_dotattn._src.masks import MASK_PENALTY, keep_mask
+from flax_dotattn._src.masks import MASK_PENALTY, Masking, keep_mask
 from flax_dotattn._src.scores import masked_logits
 from flax_dotattn._src.types import Array
 
@@ -52,7 +52,9 @@ class Static(NamedTuple):
 
     score_mode: str
     causal: bool
+    window: tuple[int | None, int | None] | None
     dropout_rate: float
+    batch: tuple[int, ...]  # the batch dims ``...`` that ``B`` flattens
     tq: int
     tv: int
     forward_blocks: tuple[int, int]  # (Bq, Bk)
@@ -66,7 +68,8 @@ class Operands(NamedTuple):
     q: Array  # [B, Tq, D]
     k: Array  # [B, Tv, D]
     v: Array  # [B, Tv, Dv]
-    value_mask: Array | None  # bool [B, Tv]
+    masking: Masking  # value mask [B, Tv], full mask [..., Tq, Tv], segment ids [B, T]
+    bias: Array | None  # [..., Tq, Tv], broadcastable batch dims
     key_offset: Array  # int32 [], global position of key 0
     scale: Array | None  # []
     concat_score_weight: Array | None  # []
@@ -91,25 +94,52 @@ def _from_blocks(x: Array, length: int) -> Array:
     return x.reshape((x.shape[0], -1) + x.shape[3:])[:, :length]
 
 
+def _pad_pairs(x: Array | None, blocks: tuple[int, int], fill: Any = 0) -> Array | None:
+    """Pads the ``[..., Tq, Tv]`` axes of a full mask or bias to whole blocks."""
+    if x is None:
+        return None
+    pad_q, pad_k = (-x.shape[-2]) % blocks[0], (-x.shape[-1]) % blocks[1]
+    if not (pad_q or pad_k):
+        return x
+    widths = [(0, 0)] * (x.ndim - 2) + [(0, pad_q), (0, pad_k)]
+    return jnp.pad(x, widths, constant_values=fill)
+
+
+def _pair_block(static: Static, x: Array, blocks: tuple[int, int], i, j) -> Array:
+    """Block (i, j) of a padded ``[..., Tq, Tv]`` array, as ``[B, Bq, Bk]``."""
+    block_q, block_k = blocks
+    x = lax.dynamic_slice_in_dim(x, i * block_q, block_q, axis=-2)
+    x = lax.dynamic_slice_in_dim(x, j * block_k, block_k, axis=-1)  # [..., Bq, Bk]
+    return jnp.broadcast_to(x, static.batch + (block_q, block_k)).reshape(-1, block_q, block_k)
+
+
 def _underflow_gap(dtype: Any) -> float:
     """A gap ``g`` such that ``exp(x)`` is exactly 0 in ``dtype`` for every ``x < -g``."""
     return float(-np.log(np.finfo(jnp.dtype(dtype)).smallest_subnormal)) + 1.0
 
 
 class _Blocked(NamedTuple):
-    """The operands cut into blocks of one pass."""
+    """The operands of one pass cut into its blocks, and the bounds used for skipping."""
 
     q: Array  # [nQ, B, Bq, D]
     k: Array  # [nK, B, Bk, D]
     v: Array  # [nK, B, Bk, Dv]
     value_mask: Array | None  # [nK, B, Bk]
-    q_bound: Array  # [nQ, B, Bq]: bound of |s| per query row, divided by the key bound
-    k_bound: Array  # [nK, B]: the key factor of that bound
+    attention_mask: Array | None  # [..., nQ*Bq, nK*Bk]
+    bias: Array | None  # [..., nQ*Bq, nK*Bk]
+    q_segments: Array | None  # [nQ, B, Bq]
+    kv_segments: Array | None  # [nK, B, Bk]
+    q_segment_range: Array | None  # [nQ, 2, B]: min and max segment id of the block
+    kv_segment_range: Array | None  # [nK, 2, B]
+    q_bound: Array  # [nQ, B, Bq]: |logit| <= q_bound * k_bound (before the bias)
+    k_bound: Array  # [nK, B]
+    k_bound_all: Array  # []: max of k_bound
+    bias_max: Array  # []: max of the bias (0 without one)
 
 
 def _cut(static: Static, ops: Operands, blocks: tuple[int, int]) -> _Blocked:
     block_q, block_k = blocks
-    q, k = ops.q, ops.k
+    q, k, masking = ops.q, ops.k, ops.masking
     if static.score_mode == "dot":
         scale = 1.0 if ops.scale is None else jnp.abs(ops.scale)
         q_bound = scale * jnp.linalg.norm(q, axis=-1)  # [B, Tq]
@@ -117,28 +147,61 @@ def _cut(static: Static, ops: Operands, blocks: tuple[int, int]) -> _Blocked:
     else:  # |w * sum(tanh)| <= |w| * D
         q_bound = jnp.broadcast_to(jnp.abs(ops.concat_score_weight) * q.shape[-1], q.shape[:2])
         k_bound = jnp.ones(k.shape[:2], k.dtype)
+    k_bound = _to_blocks(k_bound, block_k).max(-1)  # [nK, B]
+    q_seg = kv_seg = q_range = kv_range = None
+    if masking.query_segment_ids is not None:
+        q_seg = _to_blocks(masking.query_segment_ids, block_q, fill=-1)  # [nQ, B, Bq]
+        kv_seg = _to_blocks(masking.kv_segment_ids, block_k, fill=-2)  # [nK, B, Bk]
+        # Padding ids (-1, -2) widen the ranges, which only makes the test weaker.
+        q_range = jnp.stack([q_seg.min(-1), q_seg.max(-1)], axis=1)  # [nQ, 2, B]
+        kv_range = jnp.stack([kv_seg.min(-1), kv_seg.max(-1)], axis=1)  # [nK, 2, B]
+    bias = None if ops.bias is None else lax.stop_gradient(ops.bias)
     return _Blocked(
         q=_to_blocks(q, block_q),
         k=_to_blocks(k, block_k),
         v=_to_blocks(ops.v, block_k),
         value_mask=None
-        if ops.value_mask is None
-        else _to_blocks(ops.value_mask, block_k, fill=False),
+        if masking.value_mask is None
+        else _to_blocks(masking.value_mask, block_k, fill=False),
+        attention_mask=_pad_pairs(masking.attention_mask, blocks, fill=False),
+        bias=_pad_pairs(ops.bias, blocks),
+        q_segments=q_seg,
+        kv_segments=kv_seg,
+        q_segment_range=q_range,
+        kv_segment_range=kv_range,
         q_bound=_to_blocks(q_bound, block_q),
-        k_bound=_to_blocks(k_bound, block_k).max(-1),
+        k_bound=k_bound,
+        k_bound_all=k_bound.max() if k_bound.size else jnp.zeros((), k.dtype),
+        bias_max=jnp.zeros((), q.dtype) if bias is None else bias.max().astype(q.dtype),
     )
 
 
-def _block_logits(static, blocks, key_offset, q_blk, k_blk, mask_blk, scale, weight, i, j) -> Array:
-    """Masked logits ``[B, Bq, Bk]`` of block (i, j); padded keys get ``-inf``."""
+def _block_logits(static, blocks, cut, key_offset, q_blk, k_blk, bias, scale, weight, i, j):
+    """Masked logits ``[B, Bq, Bk]`` of block (i, j); padded keys get ``-inf``.
+
+    ``bias`` is the padded full bias (or None): an argument so that derivatives reach it.
+    """
     block_q, block_k = blocks
     q_pos = i * block_q + jnp.arange(block_q)  # [Bq]
     k_pos = j * block_k + jnp.arange(block_k)  # [Bk], local to this call's keys
-    keep = keep_mask(q_pos, key_offset + k_pos, mask_blk, static.causal, batch_ndim=1)
+    masking = Masking(
+        value_mask=None if cut.value_mask is None else cut.value_mask[j],
+        attention_mask=None
+        if cut.attention_mask is None
+        else _pair_block(static, cut.attention_mask, blocks, i, j),
+        query_segment_ids=None if cut.q_segments is None else cut.q_segments[i],
+        kv_segment_ids=None if cut.kv_segments is None else cut.kv_segments[j],
+    )
+    keep = keep_mask(
+        q_pos, key_offset + k_pos, masking, causal=static.causal, window=static.window,
+        batch_ndim=1,
+    )  # fmt: skip
+    bias_blk = None if bias is None else _pair_block(static, bias, blocks, i, j)
     s = masked_logits(
         q_blk,
         k_blk,
         keep,
+        bias_blk,
         score_mode=static.score_mode,
         scale=scale,
         concat_score_weight=weight,
@@ -150,25 +213,109 @@ def _block_logits(static, blocks, key_offset, q_blk, k_blk, mask_blk, scale, wei
     return s
 
 
-def _run_block(static, blocks, ops, bounds, i, j, row_max, compute, carry):
-    """``compute(carry)`` unless block (i, j) provably cannot contribute.
+# -- which blocks run ---------------------------------------------------------------------
 
-    A block can be skipped only when its every pair is masked by structure (``causal``:
-    all its keys lie in the future of all its queries) *and* its masked logits, at most
-    ``bound - 1e9``, are so far below every row's max so far (``row_max [B, Bq]``) that
-    their softmax weights are exactly 0 in the compute dtype.
+
+def _band(static: Static, blocks, key_offset, i, n_k: int):
+    """Key blocks that ``causal``/``window`` may leave visible to query block i.
+
+    Returns ``(j_lo, j_hi, n_steps)``: blocks ``j_lo <= j <= j_hi`` (traced ints), of which
+    at most ``n_steps`` (static) exist.
     """
-    if not static.causal:
-        return compute(carry)
     block_q, block_k = blocks
-    all_future = ops.key_offset + j * block_k > (i + 1) * block_q - 1
-    q_bound, k_bound = bounds  # [B, Bq], [B]
-    top = q_bound * k_bound[:, None] - MASK_PENALTY  # [B, Bq], an upper bound of the logits
+    left, right = static.window or (None, None)
+    if static.causal:
+        right = 0 if right is None else min(right, 0)
+    first_q, last_q = i * block_q, (i + 1) * block_q - 1
+    j_lo = 0 if left is None else jnp.maximum((first_q - left - key_offset) // block_k, 0)
+    j_hi = (
+        n_k - 1 if right is None else jnp.minimum((last_q + right - key_offset) // block_k, n_k - 1)
+    )
+    n_steps = n_k
+    if left is not None and right is not None:
+        n_steps = min(n_k, -(-(block_q + left + right) // block_k) + 1)
+    return j_lo, j_hi, n_steps
+
+
+def _may_see(cut: _Blocked, i, j):
+    """False only when some mask hides every pair of block (i, j) (data-dependent tests;
+    positions are handled by :func:`_band`). Python True when nothing is tested."""
+    tests = []
+    if cut.value_mask is not None:
+        tests.append(jnp.any(cut.value_mask[j]))
+    if cut.q_segment_range is not None:
+        (q_lo, q_hi), (k_lo, k_hi) = cut.q_segment_range[i], cut.kv_segment_range[j]
+        tests.append(jnp.any(jnp.maximum(q_lo, k_lo) <= jnp.minimum(q_hi, k_hi)))
+    if cut.attention_mask is not None:
+        block_q, block_k = cut.q.shape[2], cut.k.shape[2]
+        m = lax.dynamic_slice_in_dim(cut.attention_mask, i * block_q, block_q, axis=-2)
+        tests.append(jnp.any(lax.dynamic_slice_in_dim(m, j * block_k, block_k, axis=-1)))
+    return functools.reduce(jnp.logical_and, tests) if tests else True
+
+
+def _negligible(static: Static, cut: _Blocked, i, k_bound, row_max) -> Array:
+    """Whether masked logits bounded by ``q_bound * k_bound + max(bias) - 1e9`` have
+    softmax weight exactly 0 in every real row of query block i (``row_max [B, Bq]``)."""
+    block_q = cut.q.shape[2]
+    top = cut.q_bound[i] * k_bound + cut.bias_max - MASK_PENALTY  # [B, Bq]
     slack = _underflow_gap(row_max.dtype) + 1e-4 * (jnp.abs(top) + jnp.abs(row_max))
     negligible = top + slack < row_max  # False for NaN or -inf maxima
     real_row = (i * block_q + jnp.arange(block_q) < static.tq)[None, :]  # [1, Bq]
-    skip = jnp.logical_and(all_future, jnp.all(negligible | ~real_row))
-    return lax.cond(skip, lambda c: c, compute, carry)
+    return jnp.all(negligible | ~real_row)
+
+
+def _maybe(run, fn, carry):
+    """``fn(carry)`` where ``run`` (Python True or a traced bool), else ``carry``."""
+    if run is True:
+        return fn(carry)
+    return lax.cond(run, fn, lambda c: c, carry)
+
+
+def _sweep(static, blocks, cut, key_offset, i, row_max, compute, carry, *, remat: bool):
+    """Runs ``compute(j, carry)`` over every key block j that can contribute to query
+    block i, in two passes.
+
+    Pass 1 walks the band of :func:`_band` and runs the blocks some pair of which is
+    visible. Pass 2 runs the rest, each only if :func:`_negligible` cannot prove that its
+    masked logits get zero weight (``row_max(carry)`` is the row max so far), so skipping
+    is exact under Keras's subtract-1e9 rule. It is itself skipped, in one test, when the
+    bound over all keys already proves it: the usual case, since the rows' visible keys
+    were seen in pass 1.
+    """
+    n_k = cut.k.shape[0]
+    j_lo, j_hi, n_steps = _band(static, blocks, key_offset, i, n_k)
+
+    def in_first_pass(j):
+        in_band = (j >= j_lo) & (j < j_lo + n_steps) & (j <= j_hi)
+        see = _may_see(cut, i, j)
+        return in_band if see is True else in_band & see
+
+    def first(t, carry):
+        j = jnp.minimum(j_lo + t, n_k - 1)
+        run = (j_lo + t < n_k) & (j_hi >= j_lo + t)
+        see = _may_see(cut, i, j)
+        run = run if see is True else run & see
+        return _maybe(run, lambda c: compute(j, c), carry)
+
+    def second(j, carry):
+        bound = cut.k_bound[j][:, None]  # [B, 1]
+        run = ~in_first_pass(j) & ~_negligible(static, cut, i, bound, row_max(carry))
+        return _maybe(run, lambda c: compute(j, c), carry)
+
+    if remat:
+        first, second = (jax.checkpoint(f, prevent_cse=False) for f in (first, second))
+    structural = (
+        static.causal
+        or static.window is not None
+        or cut.value_mask is not None
+        or cut.attention_mask is not None
+        or cut.q_segments is not None
+    )
+    if not structural:
+        return lax.fori_loop(0, n_k, first, carry)
+    carry = lax.fori_loop(0, n_steps, first, carry)
+    done = _negligible(static, cut, i, cut.k_bound_all, row_max(carry))
+    return lax.cond(done, lambda c: c, lambda c: lax.fori_loop(0, n_k, second, c), carry)
 
 
 def _at_most_zero(x: Array) -> Array:
@@ -200,7 +347,7 @@ def _forward(static: Static, ops: Operands) -> tuple[Array, Array, Array]:
     dv = ops.v.shape[-1]
 
     def query_block(args):
-        i, q_blk, q_bound = args
+        i, q_blk = args
         shape = q_blk.shape[:-1]  # [B, Bq]
         init = (
             jnp.full(shape, -jnp.inf, dtype),  # running max m
@@ -208,38 +355,27 @@ def _forward(static: Static, ops: Operands) -> tuple[Array, Array, Array]:
             jnp.zeros(shape + (dv,), dtype),  # running weighted sum
         )
 
-        def key_block(j, carry):
-            def compute(carry):
-                m, norm, acc = carry
-                mask_blk = None if cut.value_mask is None else cut.value_mask[j]
-                s = _block_logits(
-                    static,
-                    blocks,
-                    ops.key_offset,
-                    q_blk,
-                    cut.k[j],
-                    mask_blk,
-                    ops.scale,
-                    ops.concat_score_weight,
-                    i,
-                    j,
-                )  # [B, Bq, Bk]
-                m_new = jnp.maximum(m, s.max(-1))  # [B, Bq]
-                alpha = jnp.exp(m - m_new)  # [B, Bq]
-                p = jnp.exp(_at_most_zero(s - m_new[..., None]))  # [B, Bq, Bk]
-                norm = norm * alpha + p.sum(-1)
-                if static.dropout_rate > 0.0:
-                    p = p * _dropout_scale(static, ops.rng, i, j, p.shape, dtype)
-                pv = jnp.einsum("bqk,bkd->bqd", p, cut.v[j], precision=static.precision)
-                return m_new, norm, acc * alpha[..., None] + pv  # [B, Bq, Dv]
+        def compute(j, carry):
+            m, norm, acc = carry
+            s = _block_logits(
+                static, blocks, cut, ops.key_offset, q_blk, cut.k[j], cut.bias, ops.scale,
+                ops.concat_score_weight, i, j,
+            )  # fmt: skip
+            m_new = jnp.maximum(m, s.max(-1))  # [B, Bq]
+            alpha = jnp.exp(m - m_new)  # [B, Bq]
+            p = jnp.exp(_at_most_zero(s - m_new[..., None]))  # [B, Bq, Bk]
+            norm = norm * alpha + p.sum(-1)
+            if static.dropout_rate > 0.0:
+                p = p * _dropout_scale(static, ops.rng, i, j, p.shape, dtype)
+            pv = jnp.einsum("bqk,bkd->bqd", p, cut.v[j], precision=static.precision)
+            return m_new, norm, acc * alpha[..., None] + pv  # [B, Bq, Dv]
 
-            bounds = (q_bound, cut.k_bound[j])
-            return _run_block(static, blocks, ops, bounds, i, j, carry[0], compute, carry)
-
-        m, norm, acc = lax.fori_loop(0, cut.k.shape[0], key_block, init)
+        m, norm, acc = _sweep(
+            static, blocks, cut, ops.key_offset, i, lambda c: c[0], compute, init, remat=False
+        )
         return acc / norm[..., None], m, norm
 
-    out, m, norm = lax.map(query_block, (jnp.arange(cut.q.shape[0]), cut.q, cut.q_bound))
+    out, m, norm = lax.map(query_block, (jnp.arange(cut.q.shape[0]), cut.q))
     return _from_blocks(out, static.tq), _from_blocks(m, static.tq), _from_blocks(norm, static.tq)
 
 
@@ -247,14 +383,14 @@ def _tangent(static, ops, tangents, out, m, norm) -> tuple[Array, Array]:
     """The JVP of the output and of ``log l``, blockwise; linear in ``tangents``.
 
     Args:
-      tangents: ``(dq, dk, dv, dscale, dconcat_score_weight)``, each None when zero.
+      tangents: ``(dq, dk, dv, dbias, dscale, dconcat_score_weight)``, None when zero.
       out, m, norm: the forward's output ``[B, Tq, Dv]`` and statistics ``[B, Tq]``.
 
     Returns:
       ``(d_out [B, Tq, Dv], c [B, Tq])``, ``c`` being the tangent of ``log l``.
     """
-    dq, dk, dv, dscale, dcw = tangents
-    scores_move = any(t is not None for t in (dq, dk, dscale, dcw))
+    dq, dk, dv, dbias, dscale, dcw = tangents
+    scores_move = any(t is not None for t in (dq, dk, dbias, dscale, dcw))
     # Dropout is drawn per forward block, so the derivative pass must use those blocks.
     blocks = static.forward_blocks if static.dropout_rate > 0.0 else static.backward_blocks
     block_q, block_k = blocks
@@ -263,62 +399,58 @@ def _tangent(static, ops, tangents, out, m, norm) -> tuple[Array, Array]:
     dqb = None if dq is None else _to_blocks(dq, block_q)  # [nQ, B, Bq, D]
     dkb = None if dk is None else _to_blocks(dk, block_k)  # [nK, B, Bk, D]
     dvb = None if dv is None else _to_blocks(dv, block_k)  # [nK, B, Bk, Dv]
+    dbias = _pad_pairs(dbias, blocks)  # [..., nQ*Bq, nK*Bk]
     # Padded query rows get m = +inf, l = 1, so that their P is exactly 0.
     mb = _to_blocks(m, block_q, fill=jnp.inf)  # [nQ, B, Bq]
     nb = _to_blocks(norm, block_q, fill=1)  # [nQ, B, Bq]
     ob = _to_blocks(out, block_q)  # [nQ, B, Bq, Dv]
 
     def query_block(args):
-        i, q_blk, q_bound, m_blk, n_blk, o_blk, dq_blk = args
+        i, q_blk, m_blk, n_blk, o_blk, dq_blk = args
 
-        def key_block(j, carry):
-            def compute(carry):
-                acc, c = carry
-                mask_blk = None if cut.value_mask is None else cut.value_mask[j]
+        def compute(j, carry):
+            acc, c = carry
 
-                def scores(q_, k_, scale, weight):
-                    return _block_logits(
-                        static, blocks, ops.key_offset, q_, k_, mask_blk, scale, weight, i, j
-                    )
+            def scores(q_, k_, bias, scale, weight):
+                return _block_logits(
+                    static, blocks, cut, ops.key_offset, q_, k_, bias, scale, weight, i, j
+                )
 
-                primals = (q_blk, cut.k[j], ops.scale, ops.concat_score_weight)
-                if scores_move:
-                    tans = (dq_blk, None if dkb is None else dkb[j], dscale, dcw)
-                    tans = tuple(
-                        jax.tree.map(jnp.zeros_like, p) if t is None else t
-                        for p, t in zip(primals, tans, strict=True)
-                    )
-                    s, ds = jax.jvp(scores, primals, tans)  # [B, Bq, Bk] each
-                else:
-                    s = scores(*primals)
-                p = jnp.exp(_at_most_zero(s - m_blk[..., None])) / n_blk[..., None]
-                drop = None
-                if static.dropout_rate > 0.0:
-                    drop = _dropout_scale(static, ops.rng, i, j, p.shape, dtype)
-                if scores_move:
-                    pds = p * ds  # [B, Bq, Bk]
-                    c = c + pds.sum(-1)
-                    pds = pds if drop is None else pds * drop
-                    acc = acc + jnp.einsum(
-                        "bqk,bkd->bqd", pds, cut.v[j], precision=static.precision
-                    )
-                if dvb is not None:
-                    pd = p if drop is None else p * drop
-                    acc = acc + jnp.einsum("bqk,bkd->bqd", pd, dvb[j], precision=static.precision)
-                return acc, c
-
-            bounds = (q_bound, cut.k_bound[j])
-            return _run_block(static, blocks, ops, bounds, i, j, m_blk, compute, carry)
-
-        # Rematerialised: reverse mode recomputes each block's P instead of storing it.
-        key_block = jax.checkpoint(key_block, prevent_cse=False)
+            primals = (q_blk, cut.k[j], cut.bias, ops.scale, ops.concat_score_weight)
+            if scores_move:
+                tans = (dq_blk, None if dkb is None else dkb[j], dbias, dscale, dcw)
+                tans = tuple(
+                    jax.tree.map(jnp.zeros_like, p) if t is None else t
+                    for p, t in zip(primals, tans, strict=True)
+                )
+                s, ds = jax.jvp(scores, primals, tans)  # [B, Bq, Bk] each
+            else:
+                s = scores(*primals)
+            p = jnp.exp(_at_most_zero(s - m_blk[..., None])) / n_blk[..., None]
+            drop = None
+            if static.dropout_rate > 0.0:
+                drop = _dropout_scale(static, ops.rng, i, j, p.shape, dtype)
+            if scores_move:
+                pds = p * ds  # [B, Bq, Bk]
+                c = c + pds.sum(-1)
+                pds = pds if drop is None else pds * drop
+                acc = acc + jnp.einsum("bqk,bkd->bqd", pds, cut.v[j], precision=static.precision)
+            if dvb is not None:
+                pd = p if drop is None else p * drop
+                acc = acc + jnp.einsum("bqk,bkd->bqd", pd, dvb[j], precision=static.precision)
+            return acc, c
 
         init = (jnp.zeros(o_blk.shape, dtype), jnp.zeros(m_blk.shape, dtype))
-        acc, c = lax.fori_loop(0, cut.k.shape[0], key_block, init)
+        # Rematerialised (remat): reverse mode recomputes each block's P, never stores it.
+        acc, c = _sweep(
+            static, blocks, cut, ops.key_offset, i, lambda _: m_blk, compute, init, remat=True
+        )
         return acc - c[..., None] * o_blk, c
 
-    xs = (jnp.arange(cut.q.shape[0]), cut.q, cut.q_bound, mb, nb, ob, dqb)  # dqb may be None
-    d_out, c = lax.map(query_block, xs)
+    xs = (jnp.arange(cut.q.shape[0]), cut.q, mb, nb, ob, dqb)  # dqb may be None
+    # Each query block is rematerialised as a whole too, so that reverse mode stores only
+    # its inputs (the skipping decisions of pass 2 would otherwise be kept per block).
+    d_out, c = lax.map(jax.checkpoint(query_block, prevent_cse=False), xs)
     return _from_blocks(d_out, static.tq), _from_blocks(c, static.tq)
 
 
@@ -336,9 +468,8 @@ def attend_jvp(static: Static, primals, tangents):
     """
     (ops,), (t_ops,) = primals, tangents
     out, m, norm = _attend(static, ops)
-    zero = lambda t: None if isinstance(t, SymbolicZero) else t  # noqa: E731
-    tangents = (t_ops.q, t_ops.k, t_ops.v, t_ops.scale, t_ops.concat_score_weight)
-    tangents = tuple(zero(t) for t in tangents)
+    tangents = (t_ops.q, t_ops.k, t_ops.v, t_ops.bias, t_ops.scale, t_ops.concat_score_weight)
+    tangents = tuple(None if isinstance(t, SymbolicZero) else t for t in tangents)
     if all(t is None for t in tangents):
         zeros = tuple(jnp.zeros_like(x) for x in (out, m, norm))
         return (out, m, norm), zeros
@@ -347,18 +478,22 @@ def attend_jvp(static: Static, primals, tangents):
 
 
 _attend.defjvp(attend_jvp, symbolic_zeros=True)
+#: Jitted, so that eager calls reuse the compiled kernel instead of re-tracing it.
+_attend_jit = jax.jit(_attend, static_argnums=0)
 
 
 def prepare(
     query: Array,
     key: Array,
     value: Array,
-    value_mask: Array | None,
+    masking: Masking,
+    bias: Array | None,
     scale: Array | None,
     concat_score_weight: Array | None,
     *,
     score_mode: str,
     causal: bool,
+    window: tuple[int | None, int | None] | None = None,
     dropout_rate: float,
     dropout_rng: Array | None,
     block_sizes: BlockSizes | None,
@@ -376,18 +511,30 @@ def prepare(
     static = Static(
         score_mode=score_mode,
         causal=causal,
+        window=window,
         dropout_rate=float(dropout_rate),
+        batch=tuple(batch),
         tq=tq,
         tv=tv,
         forward_blocks=_clip(blocks.forward, tq, tv),
         backward_blocks=_clip(blocks.backward, tq, tv),
         precision=precision,
     )
+
+    def flat(x: Array | None, t: int) -> Array | None:
+        return None if x is None else x.reshape(b, t)
+
     ops = Operands(
         q=query.astype(cdt).reshape(b, tq, d),
         k=key.astype(cdt).reshape(b, tv, d),
         v=value.astype(cdt).reshape(b, tv, dv),
-        value_mask=None if value_mask is None else value_mask.reshape(b, tv),
+        masking=Masking(
+            value_mask=flat(masking.value_mask, tv),
+            attention_mask=masking.attention_mask,
+            query_segment_ids=flat(masking.query_segment_ids, tq),
+            kv_segment_ids=flat(masking.kv_segment_ids, tv),
+        ),
+        bias=None if bias is None else bias.astype(cdt),
         key_offset=jnp.asarray(key_offset, jnp.int32),
         scale=None if scale is None else scale.astype(cdt),
         concat_score_weight=None
@@ -402,7 +549,8 @@ def chunked_attention(
     query: Array,
     key: Array,
     value: Array,
-    value_mask: Array | None,
+    masking: Masking,
+    bias: Array | None,
     scale: Array | None,
     concat_score_weight: Array | None,
     *,
@@ -415,16 +563,18 @@ def chunked_attention(
       query: ``[..., Tq, D]``.
       key: ``[..., Tv, D]``.
       value: ``[..., Tv, Dv]``.
-      value_mask: bool ``[..., Tv]`` or None.
+      masking: value mask ``[..., Tv]``, full mask (broadcastable ``[..., Tq, Tv]``) and
+        segment ids ``[..., Tq]`` / ``[..., Tv]``, each None when absent.
+      bias: float, broadcastable ``[..., Tq, Tv]`` (same rank), or None.
       scale: scalar ``[]`` or None.
       concat_score_weight: scalar ``[]`` (concat mode) or None.
       with_stats: also return the softmax statistics of each row.
       **options: the keyword arguments of :func:`prepare`: ``score_mode``, ``causal``,
-        ``dropout_rate`` (the random pattern depends on the blocks), ``dropout_rng``,
-        ``block_sizes`` (None: :meth:`BlockSizes.default`), ``precision``,
-        ``compute_dtype`` (of the whole computation: float32 for 16-bit inputs) and
-        ``key_offset`` (global position of the first key, for a shard of a longer
-        sequence; may be traced).
+        ``window``, ``dropout_rate`` (the random pattern depends on the blocks),
+        ``dropout_rng``, ``block_sizes`` (None: :meth:`BlockSizes.default`),
+        ``precision``, ``compute_dtype`` (of the whole computation: float32 for 16-bit
+        inputs) and ``key_offset`` (global position of the first key, for a shard of a
+        longer sequence; may be traced).
 
     Returns:
       ``[..., Tq, Dv]`` in ``compute_dtype``; with ``with_stats``, also ``(m, log_l)``,
@@ -440,8 +590,8 @@ def chunked_attention(
         out = jnp.zeros(batch + (tq, dv), cdt)
         stats = (jnp.full(batch + (tq,), -jnp.inf, cdt),) * 2
         return (out, stats) if with_stats else out
-    static, ops = prepare(query, key, value, value_mask, scale, concat_score_weight, **options)
-    out, m, norm = _attend(static, ops)
+    static, ops = prepare(query, key, value, masking, bias, scale, concat_score_weight, **options)
+    out, m, norm = _attend_jit(static, ops)
     out = out.reshape(batch + (tq, dv))  # [..., Tq, Dv]
     if not with_stats:
         return out

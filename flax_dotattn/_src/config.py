@@ -123,6 +123,22 @@ def _check_precision(name: str, value: Any) -> str | None:
     )
 
 
+def _check_window(name: str, value: Any) -> tuple[int | None, int | None] | None:
+    def side(x: Any) -> bool:
+        return x is None or (
+            isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_)) and x >= 0
+        )
+
+    if value is None:
+        return None
+    if isinstance(value, (tuple, list)) and len(value) == 2 and all(map(side, value)):
+        return tuple(None if x is None else int(x) for x in value)
+    _fail(
+        f"{name} must be None or a pair (left, right) of non-negative ints (None: unbounded "
+        f"side); received {name}={value!r}."
+    )
+
+
 def _check_block_size(name: str, value: Any) -> BlockSizes | None:
     return BlockSizes.coerce(value, name)
 
@@ -201,6 +217,14 @@ class DotAttentionConfig:
         '``"high"``, ``"highest"``, any case).',
         _check_precision,
     )
+    window: tuple[int | None, int | None] | None = _option(
+        None,
+        "sliding window ``(left, right)``: query ``i`` sees keys ``i - left <= j <= i + "
+        "right`` (global positions, top-left aligned like ``causal``; a None side is "
+        "unbounded); with ``causal=True``, ``(w, 0)`` is a causal sliding window. The "
+        "chunked path computes only the blocks inside the band.",
+        _check_window,
+    )
     implementation: Implementation | None = _option(
         None,
         'None (automatic), ``"xla"``, ``"chunked"`` or ``"cudnn"``; see :func:`dot_attention`.',
@@ -237,6 +261,8 @@ class DotAttentionConfig:
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         if self.block_size is not None:
             data["block_size"] = self.block_size.to_dict()
+        if self.window is not None:
+            data["window"] = list(self.window)
         return data
 
     @classmethod
@@ -315,9 +341,10 @@ class DotAttentionConfig:
 
         What cannot be carried: ``deterministic`` (Keras uses the call's ``training``
         flag), ``precision``, ``implementation`` and ``block_size`` (Keras has one
-        materialised path); and in Keras 3 (``legacy=False``) ``causal``, which is
-        a call argument there (``layer(..., use_causal_mask=True)``): a warning is issued
-        when a causal config is exported that way. ``dtype=None`` ("follow the inputs")
+        materialised path), ``window`` (with a warning: Keras has none); and in Keras 3
+        (``legacy=False``) ``causal``, which is a call argument there
+        (``layer(..., use_causal_mask=True)``): a warning is issued when a causal config
+        is exported that way. ``dtype=None`` ("follow the inputs")
         exports as the ``param_dtype`` policy.
 
         Args:
@@ -355,6 +382,13 @@ class DotAttentionConfig:
                     UserWarning,
                     stacklevel=2,
                 )
+        if self.window is not None:
+            warnings.warn(
+                f"Keras's Attention has no sliding window; window={self.window} is not "
+                "exported (build the equivalent mask yourself).",
+                UserWarning,
+                stacklevel=2,
+            )
         return config
 
 

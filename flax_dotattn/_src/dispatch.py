@@ -52,6 +52,7 @@ def plan(
     return_attention_scores: bool,
     dropout: bool,
     causal: bool,
+    window: tuple[int | None, int | None] | None = None,
 ) -> Plan:
     """The :class:`Plan` for these (static) inputs and features.
 
@@ -67,6 +68,8 @@ def plan(
         dropout=dropout,
         causal=causal,
     )
+    extra = _unsupported_by_fused(inputs, window)
+    fused_reason = fused_reason or extra
     if implementation == "cudnn":
         if fused_reason:
             raise ValueError(f"implementation='cudnn' cannot run these inputs: {fused_reason}.")
@@ -89,6 +92,19 @@ def plan(
     if size < FORWARD_CROSSOVER_BYTES and not dropout:
         return Plan("chunked", materialise_primal=True)
     return Plan("chunked")
+
+
+def _unsupported_by_fused(inputs: AttentionInputs, window) -> str | None:
+    """Features this library does not (yet) map onto the fused kernel: they fall back, so
+    the numbers never differ from Keras's rule."""
+    features = {
+        "attention_mask": inputs.masking.attention_mask,
+        "bias": inputs.bias,
+        "segment_ids": inputs.masking.query_segment_ids,
+        "window": window,
+    }
+    given = [name for name, x in features.items() if x is not None]
+    return f"{', '.join(given)} given (not mapped onto the fused kernel)" if given else None
 
 
 def _fused_reason(inputs: AttentionInputs, **features: bool | str) -> str | None:

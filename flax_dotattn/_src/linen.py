@@ -63,6 +63,10 @@ class DotAttention(nn.Module):
         masks: Masks = None,
         causal: bool | None = None,
         *,
+        attention_mask: Array | None = None,
+        bias: Array | None = None,
+        segment_ids: tuple[Array, Array] | None = None,
+        window: tuple[int | None, int | None] | None = None,
         deterministic: bool | None = None,
         return_attention_scores: bool = False,
     ) -> Array | tuple[Array, Array]:
@@ -74,6 +78,8 @@ class DotAttention(nn.Module):
           key: ``[..., Tv, D]`` or None (use ``value``).
           masks: None or ``(query_mask [..., Tq], value_mask [..., Tv])``.
           causal: overrides the ``causal`` field when not None.
+          attention_mask, bias, segment_ids: see :func:`dot_attention`.
+          window: overrides the ``window`` field when not None.
           deterministic: overrides the ``deterministic`` field when not None. With
             ``dropout_rate > 0`` one of the two must be set.
           return_attention_scores: also return the weights ``[..., Tq, Tv]``.
@@ -96,6 +102,10 @@ class DotAttention(nn.Module):
             causal,
             deterministic=deterministic,
             return_attention_scores=return_attention_scores,
+            attention_mask=attention_mask,
+            bias=bias,
+            segment_ids=segment_ids,
+            window=window,
             dropout_rng=lambda: self.make_rng("dropout"),
             where_deterministic="as a module field or a call argument",
         )

@@ -11,6 +11,9 @@ This module knows nothing of the rest of the library.
 
 from __future__ import annotations
 
+import functools
+from typing import NamedTuple
+
 import jax.numpy as jnp
 
 from flax_dotattn._src.types import Array
@@ -51,38 +54,72 @@ def make_causal_mask(tq: int, tv: int) -> Array:
     return rows >= cols  # [Tq, Tv]
 
 
+class Masking(NamedTuple):
+    """Everything that masks (query, key) pairs, besides ``causal`` and ``window``.
+
+    Each entry is None when absent. Value masks and segment ids are broadcast to the full
+    batch (they are small); the full mask keeps its own (broadcastable) batch dims.
+    """
+
+    value_mask: Array | None = None  # bool [..., Tv]
+    attention_mask: Array | None = None  # bool, broadcastable to [..., Tq, Tv], same rank
+    query_segment_ids: Array | None = None  # int [..., Tq]
+    kv_segment_ids: Array | None = None  # int [..., Tv]
+
+
 def keep_mask(
     query_positions: Array,
     key_positions: Array,
-    value_mask: Array | None,
+    masking: Masking,
+    *,
     causal: bool,
+    window: tuple[int | None, int | None] | None,
     batch_ndim: int,
 ) -> Array | None:
-    """Which (query, key) pairs may attend: the value mask AND the causal mask.
+    """Which (query, key) pairs may attend: every mask ANDed.
 
     Both the materialised path (all positions) and the chunked path (one block's
-    positions) build their masks here.
+    positions and mask slices) build their masks here.
 
     Args:
       query_positions: int ``[Tq]``, global positions of the queries.
       key_positions: int ``[Tv]``, global positions of the keys.
-      value_mask: bool ``[..., Tv]`` or None.
+      masking: the value mask ``[..., Tv]``, full mask ``[..., Tq, Tv]`` and segment ids
+        ``[..., Tq]`` / ``[..., Tv]`` of these positions (None entries are ignored).
       causal: AND in "key position <= query position" (top-left aligned, as
         :func:`make_causal_mask`).
-      batch_ndim: number of leading batch dims ``...`` of the scores; the causal mask
-        gets that many leading 1s so no implicit rank promotion happens.
+      window: None or ``(left, right)``: AND in ``q - left <= k <= q + right`` (a None
+        side is unbounded).
+      batch_ndim: number of leading batch dims ``...`` of the scores; position masks
+        get that many leading 1s so no implicit rank promotion happens.
 
     Returns:
-      A bool mask of the scores' rank that broadcasts to ``[..., Tq, Tv]``
-      (``[..., 1, Tv]``, ``[1.., Tq, Tv]`` or ``[..., Tq, Tv]``), ``True`` = keep, or None
-      when nothing is masked.
+      A bool mask of the scores' rank that broadcasts to ``[..., Tq, Tv]``, ``True`` =
+      keep, or None when nothing is masked.
     """
-    mask = None if value_mask is None else value_mask[..., None, :]  # [..., 1, Tv]
+    masks = []
+    q_pos, k_pos = query_positions[:, None], key_positions[None, :]  # [Tq, 1], [1, Tv]
+    position_masks = []
     if causal:
-        visible = query_positions[:, None] >= key_positions[None, :]  # [Tq, Tv]
-        visible = visible.reshape((1,) * batch_ndim + visible.shape)
-        mask = visible if mask is None else jnp.logical_and(mask, visible)
-    return mask
+        position_masks.append(q_pos >= k_pos)
+    if window is not None:
+        left, right = window
+        if left is not None:
+            position_masks.append(k_pos >= q_pos - left)
+        if right is not None:
+            position_masks.append(k_pos <= q_pos + right)
+    for visible in position_masks:  # [Tq, Tv]
+        masks.append(visible.reshape((1,) * batch_ndim + visible.shape))
+    if masking.value_mask is not None:
+        masks.append(masking.value_mask[..., None, :])  # [..., 1, Tv]
+    if masking.attention_mask is not None:
+        masks.append(masking.attention_mask)  # [..., Tq, Tv] (broadcastable)
+    if masking.query_segment_ids is not None:
+        same = masking.query_segment_ids[..., :, None] == masking.kv_segment_ids[..., None, :]
+        masks.append(same)  # [..., Tq, Tv]
+    if not masks:
+        return None
+    return functools.reduce(jnp.logical_and, masks)
 
 
 def apply_score_mask(scores: Array, mask: Array | None) -> Array:

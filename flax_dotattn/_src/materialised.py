@@ -27,12 +27,14 @@ def materialised_attention(
     query: Array,
     key: Array,
     value: Array,
-    value_mask: Array | None,
+    masking: masks_lib.Masking,
+    bias: Array | None,
     scale: Array | None,
     concat_score_weight: Array | None,
     *,
     score_mode: str,
     causal: bool,
+    window: tuple[int | None, int | None] | None = None,
     dropout_rate: float,
     dropout_rng: Array | None,
     precision: Any,
@@ -44,11 +46,14 @@ def materialised_attention(
       query: ``[..., Tq, D]``.
       key: ``[..., Tv, D]``.
       value: ``[..., Tv, Dv]``.
-      value_mask: bool ``[..., Tv]`` or None.
+      masking: value mask ``[..., Tv]``, full mask (broadcastable ``[..., Tq, Tv]``) and
+        segment ids ``[..., Tq]`` / ``[..., Tv]``, each None when absent.
+      bias: float, broadcastable ``[..., Tq, Tv]`` (same rank), or None.
       scale: scalar ``[]`` or None.
       concat_score_weight: scalar ``[]`` (concat mode) or None.
       score_mode: ``"dot"`` or ``"concat"``.
       causal: apply the top-left causal mask.
+      window: None or the sliding window ``(left, right)``.
       dropout_rate: dropout rate on the weights (0 disables).
       dropout_rng: PRNG key when ``dropout_rate > 0``.
       precision: matmul precision.
@@ -59,12 +64,18 @@ def materialised_attention(
     """
     tq, tv = query.shape[-2], key.shape[-2]
     keep = masks_lib.keep_mask(
-        jnp.arange(tq), jnp.arange(tv), value_mask, causal, batch_ndim=query.ndim - 2
+        jnp.arange(tq),
+        jnp.arange(tv),
+        masking,
+        causal=causal,
+        window=window,
+        batch_ndim=query.ndim - 2,
     )
     scores = masked_logits(
         query,
         key,
         keep,
+        bias,
         score_mode=score_mode,
         scale=scale,
         concat_score_weight=concat_score_weight,

@@ -24,7 +24,7 @@ _FUNCTION_OPTIONS = tuple(
     name
     for name in OPTIONS
     if name in inspect.signature(dot_attention).parameters
-    and name not in ("causal", "deterministic")
+    and name not in ("causal", "deterministic", "window")
 )
 
 
@@ -73,6 +73,10 @@ def module_attention(
     *,
     deterministic: bool | None,
     return_attention_scores: bool,
+    attention_mask: Array | None = None,
+    bias: Array | None = None,
+    segment_ids: tuple[Array, Array] | None = None,
+    window: tuple[int | None, int | None] | None = None,
     dropout_rng: Callable[[], Array],
     where_deterministic: str,
 ) -> Array | tuple[Array, Array]:
@@ -84,7 +88,9 @@ def module_attention(
       query, value, key, masks: as :func:`dot_attention`.
       causal: the call's override of ``config.causal`` (None: keep it).
       deterministic: the call's override of ``config.deterministic`` (None: keep it).
-      return_attention_scores: as :func:`dot_attention`.
+      return_attention_scores, attention_mask, bias, segment_ids: as
+        :func:`dot_attention`.
+      window: the call's override of ``config.window`` (None: keep it).
       dropout_rng: returns the dropout key; called only when dropout is active.
       where_deterministic: where the user can set ``deterministic`` (for the error).
 
@@ -93,6 +99,7 @@ def module_attention(
         ``deterministic``, and for everything :func:`dot_attention` rejects.
     """
     causal = config.causal if causal is None else check_option("causal", causal)
+    window = config.window if window is None else check_option("window", window)
     if deterministic is None:
         deterministic = config.deterministic
     else:
@@ -115,6 +122,10 @@ def module_attention(
         key,
         masks,
         causal,
+        attention_mask=attention_mask,
+        bias=bias,
+        segment_ids=segment_ids,
+        window=window,
         deterministic=deterministic,
         dropout_rng=dropout_rng() if use_dropout else None,
         return_attention_scores=return_attention_scores,

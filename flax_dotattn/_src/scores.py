@@ -54,10 +54,15 @@ def masked_logits(
     query: Array,
     key: Array,
     keep: Array | None,
+    bias: Array | None = None,
     **options: Any,
 ) -> Array:
-    """:func:`logits` with Keras's masking rule applied (``keep``: bool, broadcastable)."""
-    return apply_score_mask(logits(query, key, **options), keep)  # [..., Tq, Tv]
+    """:func:`logits`, plus ``bias`` (broadcastable), then Keras's masking rule
+    (``keep``: bool, broadcastable; masked logits get 1e9 subtracted)."""
+    scores = logits(query, key, **options)  # [..., Tq, Tv]
+    if bias is not None:
+        scores = scores + bias.astype(scores.dtype)
+    return apply_score_mask(scores, keep)  # [..., Tq, Tv]
 
 
 def attention_scores(

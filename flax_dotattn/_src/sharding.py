@@ -40,6 +40,10 @@ def sequence_parallel_attention(
     *,
     mesh: Mesh,
     axis_name: str,
+    attention_mask: Array | None = None,
+    bias: Array | None = None,
+    segment_ids: tuple[Array, Array] | None = None,
+    window: tuple[int | None, int | None] | None = None,
     score_mode: ScoreMode = "dot",
     dropout_rate: float = 0.0,
     dropout_rng: Array | None = None,
@@ -61,6 +65,8 @@ def sequence_parallel_attention(
       key: ``[..., Tv, D]`` or None.
       masks: None or ``(query_mask [..., Tq], value_mask [..., Tv])``.
       causal: Python bool; the mask compares global positions.
+      attention_mask, bias, segment_ids, window: see :func:`dot_attention` (global
+        positions; a full mask or bias is split along ``Tv`` unless broadcast there).
       mesh: the device mesh.
       axis_name: the mesh axis to shard ``Tv`` over.
       score_mode, dropout_rate, dropout_rng, deterministic, precision, block_size: see
@@ -87,8 +93,19 @@ def sequence_parallel_attention(
     causal = check_option("causal", causal)
     dropout_rate, dropout_rng = validation.check_dropout(deterministic, dropout_rate, dropout_rng)
     block_sizes = check_option("block_size", block_size)
+    window = check_option("window", window)
     precision = validation.check_precision(precision)
-    inputs = validation.check_inputs(params, query, value, key, masks, score_mode)
+    inputs = validation.check_inputs(
+        params,
+        query,
+        value,
+        key,
+        masks,
+        score_mode,
+        attention_mask=attention_mask,
+        bias=bias,
+        segment_ids=segment_ids,
+    )
     if not isinstance(mesh, Mesh):
         raise ValueError(f"mesh must be a jax.sharding.Mesh; received a {type(mesh).__name__}.")
     if axis_name not in mesh.shape:
@@ -111,9 +128,21 @@ def sequence_parallel_attention(
     replicated = PartitionSpec()
     seq = PartitionSpec(*([None] * nb), axis_name, None)  # [..., Tv, D]
     seq_mask = PartitionSpec(*([None] * nb), axis_name)  # [..., Tv]
-    value_mask = inputs.value_mask
 
-    def shard(q, k, v, vm, scale, cw, rng):
+    def pair_spec(x: Array | None) -> PartitionSpec | None:  # [..., Tq, Tv] or broadcast
+        if x is None:
+            return None
+        return PartitionSpec(*([None] * (x.ndim - 1)), axis_name if x.shape[-1] == tv else None)
+
+    masking = inputs.masking
+    masking_specs = type(masking)(
+        value_mask=None if masking.value_mask is None else seq_mask,
+        attention_mask=pair_spec(masking.attention_mask),
+        query_segment_ids=None if masking.query_segment_ids is None else replicated,
+        kv_segment_ids=None if masking.kv_segment_ids is None else seq_mask,
+    )
+
+    def shard(q, k, v, masking, bias, scale, cw, rng):
         index = lax.axis_index(axis_name)
         if rng is not None:
             rng = jax.random.fold_in(rng, index)
@@ -121,11 +150,13 @@ def sequence_parallel_attention(
             q,
             k,
             v,
-            vm,
+            masking,
+            bias,
             scale,
             cw,
             score_mode=score_mode,
             causal=causal,
+            window=window,
             dropout_rate=dropout_rate,
             dropout_rng=rng,
             block_sizes=block_sizes,
@@ -144,7 +175,8 @@ def sequence_parallel_attention(
         replicated,
         seq,
         seq,
-        None if value_mask is None else seq_mask,
+        masking_specs,
+        pair_spec(inputs.bias),
         replicated,
         replicated,
         replicated,
@@ -155,7 +187,8 @@ def sequence_parallel_attention(
         inputs.query,
         inputs.key,
         inputs.value,
-        value_mask,
+        masking,
+        inputs.bias,
         inputs.scale,
         inputs.concat_score_weight,
         dropout_rng,

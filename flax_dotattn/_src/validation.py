@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_dotattn._src.config import check_option
+from flax_dotattn._src.masks import Masking
 from flax_dotattn._src.types import PARAM_NAMES, Array
 
 
@@ -31,7 +32,8 @@ class AttentionInputs(NamedTuple):
     key: Array  # [..., Tv, D]
     value: Array  # [..., Tv, Dv]
     query_mask: Array | None  # bool [..., Tq]
-    value_mask: Array | None  # bool [..., Tv]
+    masking: Masking  # value mask, full mask, segment ids
+    bias: Array | None  # float, broadcastable to [..., Tq, Tv], same rank
     scale: Array | None  # []
     concat_score_weight: Array | None  # []
     dtype: jnp.dtype  # dtype of the inputs (and of the outputs)
@@ -114,32 +116,93 @@ def check_float_array(name: str, x: Any, layout: str) -> Array:
     return x
 
 
-def _check_mask(name: str, mask: Any, expected: tuple[int, ...], layout: str) -> Array:
-    if not _is_array(mask):
+def _broadcastable(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
+    """Whether ``shape`` broadcasts to ``target`` by NumPy's rules (no rank beyond it)."""
+    if len(shape) > len(target):
+        return False
+    return all(s in (1, t) for s, t in zip(shape[::-1], target[::-1], strict=False))
+
+
+def _check_array(name: str, x: Any, expected: tuple[int, ...], layout: str, kind: str) -> Array:
+    """Checks an array that broadcasts to ``expected``; returns it as an array.
+
+    ``kind``: ``"mask"`` (bool or numeric), ``"float"`` or ``"int"``.
+    """
+    wanted = {
+        "mask": "be bool, or numeric where nonzero means keep",
+        "float": "have a real floating dtype",
+        "int": "have an integer dtype",
+    }[kind]
+    if not _is_array(x):
         _fail(
-            f"{name} must be None or an array of shape {layout} = {expected}; "
-            f"received a {type(mask).__name__}."
+            f"{name} must be None or an array broadcastable to {layout} = {expected}; "
+            f"received a {type(x).__name__}."
         )
-    if not (
-        mask.dtype == jnp.bool_
-        or jnp.issubdtype(mask.dtype, jnp.integer)
-        or jnp.issubdtype(mask.dtype, jnp.floating)
-    ):
-        _fail(
-            f"{name} must be bool, or numeric where nonzero means keep; "
-            f"received dtype {mask.dtype}."
-        )
-    mask = jnp.asarray(mask)
-    _require(
-        tuple(mask.shape) == tuple(expected),
-        chex.assert_shape,
-        mask,
-        expected,
-        message=(
-            f"{name} must have shape {layout} = {expected}; received shape {tuple(mask.shape)}"
-        ),
+    dtype = x.dtype
+    ok = {
+        "mask": dtype == jnp.bool_
+        or jnp.issubdtype(dtype, jnp.integer)
+        or jnp.issubdtype(dtype, jnp.floating),
+        "float": jnp.issubdtype(dtype, jnp.floating),
+        "int": jnp.issubdtype(dtype, jnp.integer) and dtype != jnp.bool_,
+    }[kind]
+    if not ok:
+        _fail(f"{name} must {wanted}; received dtype {dtype}.")
+    x = jnp.asarray(x)
+    message = (
+        f"{name} must have a shape broadcastable to {layout} = {expected} (NumPy rules, "
+        f"rank at most {len(expected)}); received shape {tuple(x.shape)}"
     )
-    return mask if mask.dtype == jnp.bool_ else mask != 0
+    # chex has no broadcastability assertion; the explicit check gives the message.
+    if not _broadcastable(tuple(x.shape), tuple(expected)):
+        _fail(message)
+    return x
+
+
+def _check_mask(name: str, mask: Any, expected: tuple[int, ...], layout: str) -> Array:
+    """A ``[..., T]`` mask broadcast to ``expected`` as bool."""
+    mask = _check_array(name, mask, expected, layout, "mask")
+    mask = mask if mask.dtype == jnp.bool_ else mask != 0
+    return jnp.broadcast_to(mask, expected)
+
+
+def _full_rank(x: Array, ndim: int) -> Array:
+    """Prepends size-1 dims up to ``ndim`` (no data is broadcast)."""
+    return x.reshape((1,) * (ndim - x.ndim) + x.shape)
+
+
+def check_pair_masks(
+    attention_mask: Any, bias: Any, segment_ids: Any, query_shape, value_shape
+) -> tuple[Array | None, Array | None, Array | None, Array | None]:
+    """Validates the full mask, the bias and the segment ids.
+
+    Returns ``(attention_mask, bias, query_segment_ids, kv_segment_ids)``: the mask (bool)
+    and bias at the scores' rank with their own broadcastable batch dims, the segment ids
+    broadcast to ``[..., Tq]`` / ``[..., Tv]``.
+    """
+    batch, tq, tv = tuple(query_shape[:-2]), query_shape[-2], value_shape[-2]
+    pair = batch + (tq, tv)
+    if attention_mask is not None:
+        attention_mask = _check_array(
+            "attention_mask", attention_mask, pair, "[..., Tq, Tv]", "mask"
+        )
+        if attention_mask.dtype != jnp.bool_:
+            attention_mask = attention_mask != 0
+        attention_mask = _full_rank(attention_mask, len(pair))
+    if bias is not None:
+        bias = _full_rank(_check_array("bias", bias, pair, "[..., Tq, Tv]", "float"), len(pair))
+    q_seg = kv_seg = None
+    if segment_ids is not None:
+        if _is_array(segment_ids) or not isinstance(segment_ids, Sequence) or len(segment_ids) != 2:
+            _fail(
+                "segment_ids must be None or a pair (query_segment_ids, kv_segment_ids) of "
+                f"integer arrays; received {type(segment_ids).__name__}."
+            )
+        q_seg = _check_array("query_segment_ids", segment_ids[0], batch + (tq,), "[..., Tq]", "int")
+        kv_seg = _check_array("kv_segment_ids", segment_ids[1], batch + (tv,), "[..., Tv]", "int")
+        q_seg = jnp.broadcast_to(q_seg, batch + (tq,))
+        kv_seg = jnp.broadcast_to(kv_seg, batch + (tv,))
+    return attention_mask, bias, q_seg, kv_seg
 
 
 def check_masks(
@@ -226,6 +289,9 @@ def check_inputs(
     masks: Any,
     score_mode: Any,
     *,
+    attention_mask: Any = None,
+    bias: Any = None,
+    segment_ids: Any = None,
     value_name: str = "value",
 ) -> AttentionInputs:
     """Validates the array arguments of :func:`dot_attention` and normalises them.
@@ -281,6 +347,9 @@ def check_inputs(
     )
 
     query_mask, value_mask = check_masks(masks, query.shape, value.shape)
+    attention_mask, bias, q_seg, kv_seg = check_pair_masks(
+        attention_mask, bias, segment_ids, query.shape, value.shape
+    )
     scale, concat_score_weight = check_params(params, score_mode)
 
     dtype = jnp.dtype(jnp.result_type(query, key, value))
@@ -290,7 +359,8 @@ def check_inputs(
         key=key,
         value=value,
         query_mask=query_mask,
-        value_mask=value_mask,
+        masking=Masking(value_mask, attention_mask, q_seg, kv_seg),
+        bias=bias,
         scale=scale,
         concat_score_weight=concat_score_weight,
         dtype=dtype,

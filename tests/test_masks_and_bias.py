@@ -1,0 +1,295 @@
+"""Broadcasting masks, full masks, additive bias, packed sequences and sliding windows.
+
+The reference is written here from the definition, independent of the library: the dense
+``[..., Tq, Tv]`` keep-mask built by hand with NumPy, then a plain einsum-softmax-einsum
+with Keras's rule (masked logits get 1e9 subtracted, masked queries give zero rows).
+"""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import assert_close
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jax.sharding import Mesh
+
+from flax_dotattn import DotAttention, dot_attention, sequence_parallel_attention
+from flax_dotattn import nnx as fdnnx
+from flax_dotattn._src import chunked
+
+
+def dense_keep(batch, tq, tv, *, value_mask=None, attention_mask=None, segments=None,
+               causal=False, window=None):  # fmt: skip
+    """The [..., Tq, Tv] bool keep-mask, by hand."""
+    keep = np.ones(batch + (tq, tv), bool)
+    i, j = np.arange(tq)[:, None], np.arange(tv)[None, :]
+    if causal:
+        keep &= j <= i
+    if window is not None:
+        left, right = window
+        if left is not None:
+            keep &= j >= i - left
+        if right is not None:
+            keep &= j <= i + right
+    if value_mask is not None:
+        keep &= np.broadcast_to(np.asarray(value_mask), batch + (tv,))[..., None, :]
+    if attention_mask is not None:
+        keep &= np.broadcast_to(np.asarray(attention_mask) != 0, batch + (tq, tv))
+    if segments is not None:
+        qs = np.broadcast_to(np.asarray(segments[0]), batch + (tq,))
+        ks = np.broadcast_to(np.asarray(segments[1]), batch + (tv,))
+        keep &= qs[..., :, None] == ks[..., None, :]
+    return keep
+
+
+def reference(q, k, v, keep, *, bias=None, query_mask=None, scale=None, weight=None):
+    """Keras's rule on a dense keep-mask: plain jnp, differentiable."""
+    if weight is None:
+        s = jnp.einsum("...qd,...kd->...qk", q, k, precision="highest")
+        s = s if scale is None else s * scale
+    else:
+        pre = q[..., :, None, :] + k[..., None, :, :]
+        s = weight * jnp.sum(jnp.tanh(pre if scale is None else scale * pre), -1)
+    if bias is not None:
+        s = s + bias
+    s = jnp.where(keep, s, s - 1e9)
+    w = jax.nn.softmax(s, axis=-1)
+    out = jnp.einsum("...qk,...kd->...qd", w, v, precision="highest")
+    if query_mask is not None:
+        out = jnp.where(np.broadcast_to(query_mask, out.shape[:-1])[..., None], out, 0)
+    return out
+
+
+BATCH, TQ, TV = (2, 3), 13, 11
+
+
+def _case(rng, name):
+    """Inputs ``[2, 3, T, D]`` (B=2, H=3) and one combination of features."""
+    q = jnp.asarray(rng.normal(size=BATCH + (TQ, 5)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=BATCH + (TV, 5)), jnp.float32)
+    v = jnp.asarray(rng.normal(size=BATCH + (TV, 4)), jnp.float32)
+    kw, ref = {}, {}
+    if "value_mask_shared" in name:  # [Tv], shared by the batch
+        kw["masks"] = (None, jnp.asarray(rng.random(TV) > 0.3))
+        ref["value_mask"] = kw["masks"][1]
+    if "value_mask_heads" in name:  # [B, 1, Tv] for [B, H, T, D]
+        vm = jnp.asarray(rng.random((2, 1, TV)) > 0.3).at[1, 0, :].set(False)
+        qm = jnp.asarray(rng.random((2, 1, TQ)) > 0.2)
+        kw["masks"] = (qm, vm)
+        ref["value_mask"], ref["query_mask"] = vm, qm
+    if "full_mask" in name:  # [Tq, Tv], broadcast over batch and heads
+        am = jnp.asarray(rng.random((TQ, TV)) > 0.4).at[2].set(False)
+        kw["attention_mask"] = am
+        ref["attention_mask"] = am
+    if "head_mask" in name:  # numeric [B, 1, Tq, Tv]
+        am = jnp.asarray(rng.random((2, 1, TQ, TV)) > 0.5, jnp.int32)
+        kw["attention_mask"] = am
+        ref["attention_mask"] = am
+    if "bias" in name:  # [1, 3, Tq, Tv]: per head, ALiBi-like
+        slopes = jnp.asarray([0.5, 0.25, 0.125])[:, None, None]
+        dist = jnp.arange(TV)[None, :] - jnp.arange(TQ)[:, None]  # [Tq, Tv]
+        kw["bias"] = (-slopes * jnp.abs(dist)[None])[None].astype(jnp.float32)
+        ref["bias"] = kw["bias"]
+    if "segments" in name:
+        qs = jnp.asarray(np.repeat([0, 1, 2], [5, 4, 4]))[None, None]  # [1, 1, Tq]
+        ks = jnp.asarray(np.repeat([0, 1, 2], [4, 4, 3]))  # [Tv]
+        kw["segment_ids"] = (qs, ks)
+        ref["segments"] = (qs, ks)
+    if "window" in name:
+        kw["window"] = (3, 1)
+        ref["window"] = (3, 1)
+    if "causal" in name:
+        kw["causal"] = True
+        ref["causal"] = True
+    return q, k, v, kw, ref
+
+
+CASES = [
+    "value_mask_shared",
+    "value_mask_heads",
+    "full_mask",
+    "head_mask",
+    "bias",
+    "segments",
+    "window",
+    "window_causal",
+    "full_mask_bias_causal",
+    "segments_window_value_mask_heads_bias",
+    "head_mask_segments_causal_value_mask_shared",
+]
+
+
+def _expected(q, k, v, ref, scale=None, weight=None):
+    query_mask = ref.pop("query_mask", None)
+    bias = ref.pop("bias", None)
+    keep = dense_keep(BATCH, TQ, TV, **ref)
+    return reference(q, k, v, keep, bias=bias, query_mask=query_mask, scale=scale, weight=weight)
+
+
+@pytest.mark.parametrize("score_mode", ["dot", "concat"])
+@pytest.mark.parametrize("implementation", ["xla", "chunked"])
+@pytest.mark.parametrize("name", CASES)
+def test_values_and_gradients_match_the_dense_reference(name, implementation, score_mode, rng):
+    q, k, v, kw, ref = _case(rng, name)
+    params = {"scale": jnp.float32(0.7)}
+    weight = None
+    if score_mode == "concat":
+        params["concat_score_weight"] = weight = jnp.float32(1.3)
+    extra = {"block_size": (4, 3)} if implementation == "chunked" else {}
+
+    def ours(q, k, v, bias):
+        args = dict(kw, bias=bias) if bias is not None else kw
+        return dot_attention(
+            params, q, v, k, score_mode=score_mode, implementation=implementation,
+            **extra, **args,
+        )  # fmt: skip
+
+    def theirs(q, k, v, bias):
+        r = dict(ref, bias=bias) if bias is not None else dict(ref)
+        return _expected(q, k, v, r, scale=params["scale"], weight=weight)
+
+    bias = kw.get("bias")
+    assert_close(ours(q, k, v, bias), theirs(q, k, v, bias), factor=5)
+    argnums = (0, 1, 2, 3) if bias is not None else (0, 1, 2)
+
+    def loss(fn):
+        return lambda *a: jnp.sum(jnp.sin(fn(*a)))
+
+    got = jax.grad(loss(ours), argnums)(q, k, v, bias)
+    want = jax.grad(loss(theirs), argnums)(q, k, v, bias)
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == w.shape
+        assert_close(g, w, factor=10)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
+def test_low_precision_chunked_matches_the_reference(dtype, rng):
+    q, k, v, kw, ref = _case(rng, "segments_window_value_mask_heads_bias")
+    q, k, v = (x.astype(dtype) for x in (q, k, v))
+    out = dot_attention(None, q, v, k, implementation="chunked", block_size=(5, 2), **kw)
+    expected = _expected(*(x.astype(jnp.float32) for x in (q, k, v)), ref)
+    assert out.dtype == dtype
+    assert_close(out, expected, dtype, factor=2)
+
+
+@pytest.mark.parametrize("name", ["full_mask_bias_causal", "segments_window_value_mask_heads_bias"])
+def test_sequence_parallel_takes_every_mask_with_global_positions(name, rng):
+    q, k, v, kw, ref = _case(rng, name)
+    tv = 12  # divisible by the 4 devices: pad keys by one (masked out by the value mask)
+    pad = [(0, 0), (0, 0), (0, tv - TV), (0, 0)]
+    k, v = jnp.pad(k, pad), jnp.pad(v, pad)
+    mesh = Mesh(np.array(jax.devices()[:4]), ("seq",))
+
+    def widen(x, axis_len, fill):
+        if x.shape[-1] != TV:
+            return x
+        widths = [(0, 0)] * (x.ndim - 1) + [(0, axis_len - TV)]
+        return jnp.pad(x, widths, constant_values=fill)
+
+    masks = kw.get("masks", (None, None))
+    vm = jnp.ones(tv, bool).at[TV:].set(False)
+    if masks[1] is not None:
+        wide = widen(masks[1], tv, False)
+        vm = wide & jnp.broadcast_to(vm, wide.shape)
+    kw2 = dict(kw, masks=(masks[0], vm))
+    for key_, fill in (("attention_mask", 0), ("bias", 0.0)):
+        if key_ in kw2:
+            kw2[key_] = widen(kw2[key_], tv, fill)
+    if "segment_ids" in kw2:
+        kw2["segment_ids"] = (kw2["segment_ids"][0], widen(kw2["segment_ids"][1], tv, 99))
+    out = sequence_parallel_attention(
+        None, q, v, k, mesh=mesh, axis_name="seq", block_size=(4, 2), **kw2
+    )
+    expected = dot_attention(None, q, v, k, implementation="xla", **kw2)
+    assert_close(out, expected, factor=5)
+
+
+def test_modules_pass_the_new_arguments(rng):
+    q, k, v, kw, _ = _case(rng, "full_mask_bias_causal")
+    masks = {key_: kw[key_] for key_ in ("attention_mask", "bias")}
+    expected = dot_attention(None, q, v, k, causal=True, window=(2, 0), **masks)
+    layer = DotAttention(window=(2, 0))
+    variables = layer.init(jax.random.key(0), q, v, k)
+    assert_close(layer.apply(variables, q, v, k, causal=True, **masks), expected)
+    assert_close(fdnnx.DotAttention(causal=True)(q, v, k, window=(2, 0), **masks), expected)
+
+
+# -- properties ---------------------------------------------------------------------------
+
+
+@settings(deadline=None)
+@given(
+    lengths=st.lists(st.integers(1, 6), min_size=1, max_size=4),
+    block=st.tuples(st.integers(1, 5), st.integers(1, 5)),
+    causal=st.booleans(),
+)
+def test_a_packed_row_equals_its_sequences_run_one_by_one(lengths, block, causal):
+    rng = np.random.default_rng(sum(lengths))
+    t = sum(lengths)
+    q, k, v = (jnp.asarray(rng.normal(size=(t, 3)), jnp.float32) for _ in range(3))
+    ids = jnp.asarray(np.repeat(np.arange(len(lengths)), lengths))
+    starts = np.cumsum([0] + lengths)
+    # Causal inside each segment: positions are global, so causal + segments = per-sequence
+    # causal (top-left alignment holds since each segment starts at its own diagonal).
+    packed = dot_attention(
+        None, q, v, k, causal=causal, segment_ids=(ids, ids), implementation="chunked",
+        block_size=block,
+    )  # fmt: skip
+    for a, b in itertools.pairwise(starts):
+        alone = dot_attention(None, q[a:b], v[a:b], k[a:b], causal=causal, implementation="xla")
+        assert_close(packed[a:b], alone)
+
+
+@settings(deadline=None)
+@given(t=st.integers(1, 9), causal=st.booleans(), impl=st.sampled_from(["xla", "chunked"]))
+def test_a_window_as_wide_as_the_sequence_changes_nothing(t, causal, impl):
+    rng = np.random.default_rng(t)
+    q, v = (jnp.asarray(rng.normal(size=(2, t, 3)), jnp.float32) for _ in range(2))
+    wide = dot_attention(None, q, v, causal=causal, window=(t, t), implementation=impl)
+    assert_close(wide, dot_attention(None, q, v, causal=causal, implementation=impl))
+
+
+@settings(deadline=None)
+@given(shape=st.sampled_from([(11,), (1, 11), (2, 1, 11), (1, 3, 11)]), seed=st.integers(0, 99))
+def test_broadcast_masks_equal_their_explicit_broadcast(shape, seed):
+    rng = np.random.default_rng(seed)
+    q, v = (jnp.asarray(rng.normal(size=(2, 3, 11, 4)), jnp.float32) for _ in range(2))
+    vm = jnp.asarray(rng.random(shape) > 0.4)
+    am = jnp.asarray(rng.random(shape[:-1] + (11, 11)) > 0.4)
+    explicit = (None, jnp.broadcast_to(vm, (2, 3, 11)))
+    for impl in ("xla", "chunked"):
+        got = dot_attention(None, q, v, masks=(None, vm), attention_mask=am, implementation=impl)
+        want = dot_attention(
+            None, q, v, masks=explicit, attention_mask=jnp.broadcast_to(am, (2, 3, 11, 11)),
+            implementation="xla",
+        )  # fmt: skip
+        assert_close(got, want)
+
+
+# -- cost ----------------------------------------------------------------------------------
+
+
+def test_eager_chunked_calls_reuse_the_compiled_kernel():
+    q = jnp.ones((1, 64, 8))
+    dot_attention(None, q, q, implementation="chunked", block_size=16)
+    before = chunked._attend_jit._cache_size()
+    for _ in range(3):
+        dot_attention(None, q + 1.0, q, implementation="chunked", block_size=16)
+    assert chunked._attend_jit._cache_size() <= before + 1
+
+
+def test_a_sliding_window_computes_only_the_band():
+    # T = 16384 with a (256, 0) causal window: the compiled program's temporaries stay
+    # linear in T, and the chunked sweep visits O(T * window) blocks (checked via _band).
+    static, _ = chunked.prepare(
+        jnp.ones((1, 16384, 8)), jnp.ones((1, 16384, 8)), jnp.ones((1, 16384, 8)),
+        chunked.Masking(), None, None, None, score_mode="dot", causal=True, window=(256, 0),
+        dropout_rate=0.0, dropout_rng=None, block_sizes=None, precision=None,
+        compute_dtype=jnp.float32,
+    )  # fmt: skip
+    block_q, block_k = static.forward_blocks
+    _, _, n_steps = chunked._band(static, static.forward_blocks, 0, 3, 16384 // block_k)
+    assert n_steps * block_k <= block_q + 256 + 2 * block_k
