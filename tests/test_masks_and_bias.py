@@ -177,7 +177,7 @@ def test_low_precision_chunked_matches_the_reference(dtype, rng):
 
 @pytest.mark.parametrize("name", ["full_mask_bias_causal", "segments_window_value_mask_heads_bias"])
 def test_sequence_parallel_takes_every_mask_with_global_positions(name, rng):
-    q, k, v, kw, ref = _case(rng, name)
+    q, k, v, kw, _ = _case(rng, name)
     tv = 12  # divisible by the 4 devices: pad keys by one (masked out by the value mask)
     pad = [(0, 0), (0, 0), (0, tv - TV), (0, 0)]
     k, v = jnp.pad(k, pad), jnp.pad(v, pad)
