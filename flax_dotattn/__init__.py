@@ -8,11 +8,13 @@ Public API:
   that round-trip through dict/JSON/YAML and Keras configs.
 * :func:`params_from_keras`, :func:`params_to_keras`: weight conversion with Keras.
 * :func:`sequence_parallel_attention`: keys/values sharded along ``Tv`` over a mesh axis.
+* :func:`which_implementation`: which path a call would take, and why.
 * :func:`make_causal_mask`, :func:`attention_scores`: building blocks.
 * :class:`BlockSizes`: the chunked path's block lengths.
 """
 
 from flax_dotattn._src.attention import dot_attention as dot_attention
+from flax_dotattn._src.attention import which_implementation as which_implementation
 from flax_dotattn._src.blocks import BlockSizes as BlockSizes
 from flax_dotattn._src.config import DotAttentionConfig as DotAttentionConfig
 from flax_dotattn._src.config import load_config as load_config
@@ -40,4 +42,5 @@ __all__ = (
     "params_to_keras",
     "save_config",
     "sequence_parallel_attention",
+    "which_implementation",
 )

@@ -9,7 +9,8 @@ This module imports neither flax nor keras.
 from __future__ import annotations
 
 import functools
-from typing import Any, Literal, overload
+import inspect
+from typing import Any, Literal, NamedTuple, overload
 
 import jax
 
@@ -19,7 +20,7 @@ from flax_dotattn._src.masks import Masking
 from flax_dotattn._src.materialised import materialised_attention
 from flax_dotattn._src.types import Array, Implementation, Masks, Params, ScoreMode
 
-__all__ = ["Masks", "Params", "dot_attention"]
+__all__ = ["Masks", "Params", "dot_attention", "which_implementation"]
 
 
 @overload
@@ -190,6 +191,53 @@ def dot_attention(
       [[1. 2.]
        [1. 2.]]
     """
+    checked = _check_and_plan(**locals())
+    output, weights = _run(checked.plan, checked.inputs, checked.block_sizes, checked.options)
+    output = validation.finish(output, checked.inputs)  # [..., Tq, Dv]
+    if checked.return_attention_scores:
+        return output, weights.astype(checked.inputs.dtype)  # [..., Tq, Tv]
+    return output
+
+
+def which_implementation(*args: Any, **kwargs: Any) -> dispatch.Plan:
+    """Which implementation :func:`dot_attention` would run for these arguments, and why.
+
+    Takes exactly :func:`dot_attention`'s arguments (arrays, not shapes) and checks them
+    the same way; nothing is computed.
+
+    Returns:
+      A :class:`Plan`: ``implementation`` (``"xla"``, ``"chunked"`` or ``"cudnn"``),
+      ``materialise_primal`` (chunked derivatives, but a forward pass that nothing
+      differentiates runs materialised) and a human-readable ``reason``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from flax_dotattn import which_implementation
+      >>> which_implementation(None, jnp.ones((8, 128, 64)), jnp.ones((8, 128, 64))).implementation
+      'xla'
+      >>> plan = which_implementation(None, jnp.ones((1, 4096, 64)), jnp.ones((1, 4096, 64)))
+      >>> plan.implementation, plan.reason
+      ('chunked', 'the materialised scores would take 64 MiB >= 32 MiB')
+    """
+    bound = inspect.signature(dot_attention).bind(*args, **kwargs)
+    bound.apply_defaults()
+    return _check_and_plan(**bound.arguments).plan
+
+
+class _Checked(NamedTuple):
+    inputs: validation.AttentionInputs
+    plan: dispatch.Plan
+    block_sizes: Any
+    options: dict
+    return_attention_scores: bool
+
+
+def _check_and_plan(
+    params, query, value, key, masks, causal, *, attention_mask, bias, segment_ids, window,
+    score_mode, dropout_rate, dropout_rng, deterministic, return_attention_scores, precision,
+    implementation, block_size,
+) -> _Checked:  # fmt: skip
+    """Validates :func:`dot_attention`'s arguments and plans the call."""
     causal = check_option("causal", causal)
     return_attention_scores = validation.check_static_bool(
         "return_attention_scores", return_attention_scores
@@ -228,11 +276,7 @@ def dot_attention(
         precision=precision,
         compute_dtype=inputs.compute_dtype,
     )
-    output, weights = _run(plan, inputs, block_sizes, options)  # [..., Tq, Dv], [..., Tq, Tv]
-    output = validation.finish(output, inputs)
-    if return_attention_scores:
-        return output, weights.astype(inputs.dtype)
-    return output
+    return _Checked(inputs, plan, block_sizes, options, return_attention_scores)
 
 
 def _run(

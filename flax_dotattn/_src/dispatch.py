@@ -34,6 +34,7 @@ class Plan(NamedTuple):
 
     implementation: str  # "xla", "chunked" or "cudnn"
     materialise_primal: bool = False  # chunked, but a forward without gradient materialises
+    reason: str = ""  # why, in words
 
 
 def materialised_bytes(inputs: AttentionInputs, score_mode: str) -> int:
@@ -73,7 +74,7 @@ def plan(
     if implementation == "cudnn":
         if fused_reason:
             raise ValueError(f"implementation='cudnn' cannot run these inputs: {fused_reason}.")
-        return Plan("cudnn")
+        return Plan("cudnn", reason="requested")
     if implementation == "chunked" and return_attention_scores:
         raise ValueError(
             "implementation='chunked' never forms the [..., Tq, Tv] weights, so it cannot "
@@ -81,17 +82,23 @@ def plan(
             "or 'xla')."
         )
     if implementation is not None:
-        return Plan(implementation)
+        return Plan(implementation, reason="requested")
     if fused_reason is None:
-        return Plan("cudnn")
+        return Plan("cudnn", reason="on GPU the fused kernel takes these inputs")
     if return_attention_scores:
-        return Plan("xla")
+        return Plan("xla", reason="the weights are returned, which only xla forms")
     size = materialised_bytes(inputs, score_mode)
+    mib = f"{size / 2**20:.3g} MiB"
     if size < CHUNKED_CROSSOVER_BYTES:
-        return Plan("xla")
+        return Plan("xla", reason=f"the materialised scores would take {mib} < 16 MiB")
     if size < FORWARD_CROSSOVER_BYTES and not dropout:
-        return Plan("chunked", materialise_primal=True)
-    return Plan("chunked")
+        return Plan(
+            "chunked",
+            materialise_primal=True,
+            reason=f"the materialised scores would take {mib}, between 16 and 32 MiB: "
+            "derivatives run chunked, a forward pass nothing differentiates materialised",
+        )
+    return Plan("chunked", reason=f"the materialised scores would take {mib} >= 32 MiB")
 
 
 def _unsupported_by_fused(inputs: AttentionInputs, window) -> str | None:
