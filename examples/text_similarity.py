@@ -164,9 +164,16 @@ def train(cfg: dict, attention: DotAttentionConfig | None, name: str, bar) -> di
 
 
 def _best_window(query, value) -> int:
-    """Start of the value window that matches the query in the most positions."""
+    """Start of the value window most like the query: most tokens in common (a near miss
+    keeps all or all but one), then most tokens in place."""
     n = len(query)
-    return max(range(len(value) - n + 1), key=lambda s: int(np.sum(value[s : s + n] == query)))
+
+    def likeness(s: int) -> tuple[int, int]:
+        window = value[s : s + n]
+        common = sum(min(np.sum(window == t), np.sum(query == t)) for t in set(query.tolist()))
+        return int(common), int(np.sum(window == query))
+
+    return max(range(len(value) - n + 1), key=likeness)
 
 
 def save_attention_picture(result: dict, path: pathlib.Path) -> bool:
