@@ -8,6 +8,7 @@ offline: no intersphinx, and the furo theme ships its assets.
 
 from __future__ import annotations
 
+import doctest
 import inspect
 import os
 import pathlib
@@ -83,6 +84,13 @@ myst_heading_anchors = 3
 # Docstring examples (plain ``>>>`` blocks in the API reference) are already run by
 # pytest's --doctest-modules, so they are not run twice here.
 doctest_test_doctest_blocks = ""
+# Sphinx's defaults plus NORMALIZE_WHITESPACE, so long outputs can be wrapped on the page.
+doctest_default_flags = (
+    doctest.ELLIPSIS
+    | doctest.IGNORE_EXCEPTION_DETAIL
+    | doctest.DONT_ACCEPT_TRUE_FOR_1
+    | doctest.NORMALIZE_WHITESPACE
+)
 doctest_global_setup = """
 import os
 os.environ.setdefault("KERAS_BACKEND", "jax")
