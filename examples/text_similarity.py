@@ -1,7 +1,7 @@
-"""The seed document's CNN + Attention text-similarity network, in Flax, trained with optax.
+"""The CNN + Attention text-similarity network of Keras's ``Attention`` documentation, in Flax.
 
-Architecture (as in the ``tf.keras.layers.Attention`` documentation): a shared token
-embedding, a shared ``Conv1D`` with ``same`` padding, ``DotAttention`` between the query
+Architecture (the code example of the ``tf.keras.layers.Attention`` documentation): a shared
+token embedding, a shared ``Conv1D`` with ``same`` padding, ``DotAttention`` between the query
 and value encodings, global average pooling of the query encoding and of the attention
 output, concatenation, and dense layers. Padding masks flow into the attention and the
 pooling.
@@ -13,12 +13,16 @@ the network must line query positions up with value positions, which is what att
 does. The same network without attention (value encoding pooled instead) is trained as a
 baseline.
 
-Run: ``python examples/text_similarity.py [--steps 1500] [--baseline false] ...``
+After training it draws the attention weights of one positive pair and one near miss
+(``out/text_similarity_attention.png``; needs matplotlib, ``pip install -e ".[examples]"``).
+
+Run: ``python examples/text_similarity.py [--steps 1500] [--baseline false] [--out-dir out]``
 (see ``configs/text_similarity.yaml``).
 """
 
 from __future__ import annotations
 
+import pathlib
 import sys
 import time
 
@@ -81,23 +85,32 @@ class TextSimilarity(nn.Module):
     attention: DotAttentionConfig | None
 
     @nn.compact
-    def __call__(self, query_ids, value_ids, *, train: bool = False):
+    def __call__(self, query_ids, value_ids, *, train: bool = False, return_weights=False):
+        """Logits ``[B]``; with ``return_weights``, also the attention weights ``[B, Lq, Lv]``."""
         q_mask, v_mask = query_ids != 0, value_ids != 0  # [B, Lq], [B, Lv]
         embed = nn.Embed(self.vocab, self.embed_dim)  # shared token embedding
         cnn = nn.Conv(self.filters, (self.kernel_size,), padding="SAME")  # shared Conv1D
-        # The seed's snippet embeds query_input twice; the value input is meant here.
+        # The documentation's snippet embeds query_input twice; the value input is meant.
         query_enc = cnn(embed(query_ids))  # [B, Lq, F]
         value_enc = cnn(embed(value_ids))  # [B, Lv, F]
+        weights = None
         if self.attention is not None:
             attended = DotAttention.from_config(self.attention)(
-                query_enc, value_enc, masks=(q_mask, v_mask), deterministic=not train
-            )  # [B, Lq, F]
+                query_enc,
+                value_enc,
+                masks=(q_mask, v_mask),
+                deterministic=not train,
+                return_attention_scores=return_weights,
+            )  # [B, Lq, F], or that and the weights [B, Lq, Lv]
+            if return_weights:
+                attended, weights = attended
             pooled = masked_mean(attended, q_mask)
         else:
             pooled = masked_mean(value_enc, v_mask)  # the no-attention baseline
         x = jnp.concatenate([masked_mean(query_enc, q_mask), pooled], axis=-1)
         x = nn.relu(nn.Dense(self.hidden)(x))
-        return nn.Dense(1)(x)[..., 0]  # logits [B]
+        logits = nn.Dense(1)(x)[..., 0]  # [B]
+        return (logits, weights) if return_weights else logits
 
 
 def train(cfg: dict, attention: DotAttentionConfig | None, name: str, bar) -> dict:
@@ -141,7 +154,71 @@ def train(cfg: dict, attention: DotAttentionConfig | None, name: str, bar) -> di
     seconds = time.perf_counter() - start
     acc = float(accuracy(params, eval_q, eval_v, eval_y))
     bar.update(task, status=f"held-out accuracy {acc:.1%}")
-    return {"accuracy": acc, "seconds": seconds, "params": params, "model": model}
+    return {
+        "accuracy": acc,
+        "seconds": seconds,
+        "params": params,
+        "model": model,
+        "eval": (eval_q, eval_v, eval_y),
+    }
+
+
+def _best_window(query, value) -> int:
+    """Start of the value window most like the query: most tokens in common (a near miss
+    keeps all or all but one), then most tokens in place."""
+    n = len(query)
+
+    def likeness(s: int) -> tuple[int, int]:
+        window = value[s : s + n]
+        common = sum(min(np.sum(window == t), np.sum(query == t)) for t in set(query.tolist()))
+        return int(common), int(np.sum(window == query))
+
+    return max(range(len(value) - n + 1), key=likeness)
+
+
+def save_attention_picture(result: dict, path: pathlib.Path) -> bool:
+    """Draws where the query attends in the value, for one positive pair and one near miss.
+
+    Each panel is the weight matrix ``[Lq, Lv]`` of one held-out pair (padding left out),
+    with the window that holds the query's pattern (or its near miss) outlined.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.patches import Rectangle
+    except ImportError:
+        print("matplotlib is not installed (pip install -e '.[examples]'): no picture")
+        return False
+    eval_q, eval_v, eval_y = result["eval"]
+    lengths = (eval_q != 0).sum(-1)  # [N]
+    positive = int(np.argmax(eval_y == 1))
+    same_length = (eval_y == 0) & (lengths == lengths[positive])  # panels of equal height
+    picks = [positive, int(np.argmax(same_length if same_length.any() else eval_y == 0))]
+    q, v = eval_q[picks], eval_v[picks]
+    logits, weights = result["model"].apply(
+        {"params": result["params"]}, q, v, return_weights=True
+    )  # [2], [2, Lq, Lv]
+    probs, weights = np.asarray(jax.nn.sigmoid(logits)), np.asarray(weights)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 2.6))
+    for ax, i, name in zip(axes, range(2), ("positive pair", "near miss"), strict=True):
+        lq, lv = int((q[i] != 0).sum()), int((v[i] != 0).sum())
+        image = ax.imshow(weights[i, :lq, :lv], cmap="viridis", vmin=0.0, vmax=1.0)
+        start = _best_window(q[i, :lq], v[i, :lv])
+        ax.add_patch(
+            Rectangle((start - 0.5, -0.5), lq, lq, fill=False, edgecolor="white", linewidth=1.5)
+        )
+        ax.set_xticks(range(lv), [str(t) for t in v[i, :lv]], fontsize=7)
+        ax.set_yticks(range(lq), [str(t) for t in q[i, :lq]], fontsize=7)
+        ax.set_xlabel("value token (position)")
+        ax.set_ylabel("query token")
+        ax.set_title(f"{name}: label {int(eval_y[picks[i]])}, predicted {probs[i]:.2f}", fontsize=9)
+    fig.colorbar(image, ax=list(axes), shrink=0.9, pad=0.02, label="attention weight")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return True
 
 
 def main(argv=None) -> dict:
@@ -164,6 +241,9 @@ def main(argv=None) -> dict:
         print(
             f"learned attention scale: {float(with_att['params']['DotAttention_0']['scale']):.3f}"
         )
+    picture = pathlib.Path(cfg["out_dir"]) / "text_similarity_attention.png"
+    if save_attention_picture(with_att, picture):
+        print(f"attention weights (a positive pair and a near miss): {picture}")
     return {k: {"accuracy": r["accuracy"], "seconds": r["seconds"]} for k, r in results.items()}
 
 

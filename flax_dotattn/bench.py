@@ -15,10 +15,17 @@ Implementations:
 * ``jax_nn``: ``jax.nn.dot_product_attention`` on ``[B, T, 1, D]`` with ``scale=1.0``.
 * ``keras``: Keras 3's ``keras.layers.Attention`` on the JAX backend (when installed).
 
+``--plot PATH`` draws the results (time and peak memory against T, forward and
+forward+backward, one line per implementation) with matplotlib, which is imported only
+then (``pip install -e ".[examples]"``); ``--from-json`` redraws a saved ``--json`` run
+without measuring again.
+
 Examples:
-  python -m flax_dotattn.bench                      # the README table (several minutes)
+  python -m flax_dotattn.bench                      # the full table (several minutes)
+  python -m flax_dotattn.bench --quick --plot bench.png --json bench.json   # ~2 minutes
   python -m flax_dotattn.bench --shapes 8x512 --impls naive,default --no-memory
   python -m flax_dotattn.bench --markdown bench.md --json bench.json
+  python -m flax_dotattn.bench --from-json bench.json --plot bench.png
 """
 
 from __future__ import annotations
@@ -38,6 +45,29 @@ IMPLS = ("naive", "default", "xla", "chunked", "jax_nn", "keras")
 MODES = ("fwd", "fwd_bwd")
 DEFAULT_SHAPES = ("32x128", "8x512", "4x1024", "1x4096", "1x16384")
 LONG_SHAPE = "1x65536"  # chunked forward+backward only
+#: ``--quick``: one sequence per shape (so the x axis is T alone), 3 samples, no Keras.
+QUICK_SHAPES = ("1x256", "1x1024", "1x4096")
+QUICK_IMPLS = ("naive", "default", "xla", "chunked", "jax_nn")
+QUICK_REPEATS = 3
+#: One colour and marker per implementation, the same in every panel.
+#: Open markers and dashes let lines that coincide (naive, xla and the automatic choice
+#: below the crossover run the same computation) show through each other.
+_STYLE = {
+    "naive": dict(color="black", marker="o", linestyle="--", fillstyle="none"),
+    "default": dict(color="tab:blue", marker="s", linestyle="-", fillstyle="full"),
+    "xla": dict(color="tab:cyan", marker="v", linestyle=":", fillstyle="none"),
+    "chunked": dict(color="tab:orange", marker="D", linestyle="-", fillstyle="none"),
+    "jax_nn": dict(color="tab:green", marker="^", linestyle="-", fillstyle="full"),
+    "keras": dict(color="tab:red", marker="x", linestyle="-.", fillstyle="full"),
+}
+_LABELS = {
+    "naive": "naive einsum-softmax-einsum",
+    "default": "dot_attention (automatic)",
+    "xla": 'dot_attention "xla"',
+    "chunked": 'dot_attention "chunked"',
+    "jax_nn": "jax.nn.dot_product_attention",
+    "keras": "keras.layers.Attention",
+}
 
 
 def _parse_shape(text: str) -> tuple[int, int]:
@@ -227,6 +257,104 @@ def machine() -> str:
     )
 
 
+def load_average() -> tuple[float, float, float]:
+    """The 1-, 5- and 15-minute load averages (how busy the machine was)."""
+    try:
+        return os.getloadavg()
+    except OSError:  # not available on this platform
+        return (float("nan"),) * 3
+
+
+def _require_matplotlib():
+    """Imports matplotlib with a non-interactive backend, or explains how to get it."""
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise RuntimeError(
+            "--plot needs matplotlib, which is not installed; it comes with the examples "
+            'extra: pip install -e ".[examples]" (or pip install matplotlib).'
+        ) from e
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot(rows: Sequence[dict[str, Any]], path: str, title: str = "") -> str:
+    """Draws time and peak memory against T, forward and forward+backward, to ``path``.
+
+    Four panels on log axes: median time (top) and peak memory (bottom), forward (left)
+    and forward+backward (right), one line per implementation in the same colour
+    everywhere. Entries without a value (e.g. ``--no-memory``) are left out.
+
+    Args:
+      rows: result rows as :func:`main` writes them to ``--json`` (``batch``, ``length``,
+        ``mode``, ``impl``, ``seconds``, ``peak_mib``).
+      path: image file to write; the suffix picks the format (``.png``, ``.svg``, ...).
+      title: figure title, e.g. the machine and its load.
+
+    Returns:
+      ``path``.
+
+    Raises:
+      RuntimeError: when matplotlib is not installed.
+    """
+    plt = _require_matplotlib()
+    batches = {r["batch"] for r in rows}
+    ticks = sorted({(r["length"], r["batch"]) for r in rows})
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7.2), sharex=True, squeeze=False)
+    panels = (("seconds", 1e3, "median time per call (ms)"), ("peak_mib", 1.0, "peak MiB"))
+    for col, mode in enumerate(MODES):
+        for row, (field, factor, label) in enumerate(panels):
+            ax = axes[row][col]
+            for impl in IMPLS:
+                points = sorted(
+                    (r["length"], r[field] * factor)
+                    for r in rows
+                    if r["impl"] == impl
+                    and r["mode"] == mode
+                    and r.get(field) is not None
+                    and r[field] > 0
+                )
+                if not points:
+                    continue
+                lengths, values = zip(*points, strict=True)
+                ax.plot(lengths, values, label=_LABELS[impl], linewidth=1.5, **_STYLE[impl])
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.grid(True, which="major", alpha=0.3)
+            ax.set_ylabel(label)
+            if row == 0:
+                ax.set_title("forward" if mode == "fwd" else "forward + backward")
+            if row == 1:
+                ax.set_xlabel("sequence length T" + ("" if len(batches) == 1 else " (B x T)"))
+                ax.set_xticks([t for t, _ in ticks])
+                if len(batches) == 1:
+                    ax.set_xticklabels([str(t) for t, _ in ticks])
+                else:
+                    ax.set_xticklabels([f"{b}x{t}" for t, b in ticks], rotation=35, ha="right")
+                ax.minorticks_off()
+    handles: dict[str, Any] = {}  # one legend entry per implementation, across panels
+    for ax in (a for line in axes for a in line):
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, handle)
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=3, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0.08, 1, 0.97 if title else 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_title(machine_text: str, depth: int, load: Sequence[float] | None) -> str:
+    """The figure title: machine, depth and dtype, and the load average during the run."""
+    text = f"{machine_text}; D = {depth}, float32"
+    if load:
+        text += f"\nload average (1 min) {load[0]:.2f} at start, {load[-1]:.2f} at end"
+    return text
+
+
 def to_markdown(rows: list[dict[str, Any]], header: str) -> str:
     lines = [
         header,
@@ -255,13 +383,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--shapes",
         type=lambda s: [_parse_shape(x) for x in s.split(",")],
-        default=[_parse_shape(s) for s in DEFAULT_SHAPES],
-        help="comma-separated BATCHxLENGTH list (default: %(default)s)",
+        default=None,
+        help=f"comma-separated BATCHxLENGTH list (default: {','.join(DEFAULT_SHAPES)})",
     )
     parser.add_argument("--depth", type=_positive_int("--depth"), default=64)
-    parser.add_argument("--impls", type=_parse_list(IMPLS, "--impls"), default=list(IMPLS))
+    parser.add_argument(
+        "--impls",
+        type=_parse_list(IMPLS, "--impls"),
+        default=None,
+        help=f"comma-separated subset of {','.join(IMPLS)} (default: all)",
+    )
     parser.add_argument("--modes", type=_parse_list(MODES, "--modes"), default=list(MODES))
-    parser.add_argument("--repeats", type=_positive_int("--repeats"), default=7)
+    parser.add_argument(
+        "--repeats", type=_positive_int("--repeats"), default=None, help="samples (default: 7)"
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip memory probes")
     parser.add_argument(
         "--long",
@@ -274,7 +409,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=16384,
         help="skip T² implementations beyond this length",
     )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"a short run: shapes {','.join(QUICK_SHAPES)}, {QUICK_REPEATS} samples, "
+        f"implementations {','.join(QUICK_IMPLS)} (unless --shapes/--impls/--repeats given)",
+    )
     parser.add_argument("--json", help="also write the rows as JSON to this path")
+    parser.add_argument(
+        "--plot",
+        help="also draw time and peak memory against T to this image (needs matplotlib)",
+    )
+    parser.add_argument(
+        "--from-json",
+        dest="from_json",
+        help="do not measure: read a --json file written earlier (use with --plot/--markdown)",
+    )
     parser.add_argument("--markdown", help="also write a Markdown table to this path")
     parser.add_argument("--_memory-probe", dest="memory_probe", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -283,6 +433,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         impl, mode, b, t, d = args.memory_probe.split(",")
         print(measure_memory_here(impl, mode, int(b), int(t), int(d)))
         return 0
+
+    if args.plot:
+        try:
+            _require_matplotlib()  # fail now, not after minutes of measuring
+        except RuntimeError as e:
+            parser.error(str(e))
+    if args.from_json:
+        with open(args.from_json) as f:
+            saved = json.load(f)
+        rows, depth = saved["rows"], saved.get("depth", args.depth)
+        load = saved.get("load_average_1min")
+        header = f"Machine: {saved['machine']}; D = {depth}, float32."
+        if args.markdown:
+            with open(args.markdown, "w") as f:
+                f.write(to_markdown(rows, header))
+        if args.plot:
+            plot(rows, args.plot, plot_title(saved["machine"], depth, load))
+            print(f"plot: {args.plot}")
+        return 0
+
+    # Options left unset take the --quick or the full run's values.
+    if args.shapes is None:
+        args.shapes = [_parse_shape(s) for s in (QUICK_SHAPES if args.quick else DEFAULT_SHAPES)]
+    if args.impls is None:
+        args.impls = list(QUICK_IMPLS if args.quick else IMPLS)
+    if args.repeats is None:
+        args.repeats = QUICK_REPEATS if args.quick else 7
 
     impls = list(args.impls)
     if "keras" in impls:
@@ -298,8 +475,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         groups.append((b, t, "fwd_bwd", ["chunked"]))
 
     rows: list[dict[str, Any]] = []
+    load_start = load_average()
     header = f"Machine: {machine()}; D = {args.depth}, float32."
-    print(header, flush=True)
+    print(header, f"Load average (1 min) at start: {load_start[0]:.2f}.", flush=True)
     for b, t, mode, group in groups:
         linear = ("chunked", "default")
         group = [i for i in group if i in linear or t <= args.max_naive_length]
@@ -328,12 +506,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                 flush=True,
             )
 
+    load = [load_start[0], load_average()[0]]
+    header += f" Load average (1 min): {load[0]:.2f} at start, {load[1]:.2f} at end."
+    print(f"Load average (1 min) at end: {load[1]:.2f}.")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": machine(), "depth": args.depth, "rows": rows}, f, indent=2)
+            saved = {"machine": machine(), "depth": args.depth, "load_average_1min": load}
+            json.dump({**saved, "rows": rows}, f, indent=2)
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(to_markdown(rows, header))
+    if args.plot:
+        plot(rows, args.plot, plot_title(machine(), args.depth, load))
+        print(f"plot: {args.plot}")
     return 0
 
 
