@@ -60,6 +60,10 @@ nitpick_ignore_regex = [
     (r"py:.*", r"(Any|Mapping|Sequence|Path)"),
     (r"py:.*", r"(jax|jnp|np|numpy|flax|nn|nnx)(\..*)?"),
     (r"py:.*", r"(Array|Params|Masks)"),  # flax_dotattn's private type aliases
+    # Literal aliases of the choices (flax_dotattn/_src/types.py), and the dispatcher's
+    # Plan (a NamedTuple whose fields which_implementation documents).
+    (r"py:.*", r"(ScoreMode|FloatDtypeName|PrecisionName|Implementation)"),
+    (r"py:.*", r"(flax_dotattn\._src\.dispatch\.)?Plan"),
 ]
 
 # -- autodoc / napoleon ----------------------------------------------------------------

@@ -19,8 +19,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, settings
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+# Hypothesis profiles for every test module: "ci" (default) is bounded and derandomised;
+# HYPOTHESIS_PROFILE=dev explores more.
+settings.register_profile(
+    "ci",
+    max_examples=10,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile("dev", max_examples=200, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # Scripts that regenerate recorded references (they need TensorFlow), not tests.
 collect_ignore_glob = ["fixtures/*.py"]

@@ -5,27 +5,15 @@ derandomised) or ``dev`` (more examples), e.g.
 ``HYPOTHESIS_PROFILE=dev pytest tests/test_properties.py``.
 """
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from conftest import assert_close, tolerance
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from keras_reference import keras_attention
 
 from flax_dotattn import dot_attention
-
-settings.register_profile(
-    "ci",
-    max_examples=10,
-    deadline=None,
-    derandomize=True,
-    suppress_health_check=[HealthCheck.too_slow],
-)
-settings.register_profile("dev", max_examples=200, deadline=None)
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @st.composite

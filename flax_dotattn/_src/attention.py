@@ -199,6 +199,10 @@ def dot_attention(
     return output
 
 
+#: Read once at import: documentation tools may later replace ``__signature__``.
+_SIGNATURE = inspect.signature(dot_attention)
+
+
 def which_implementation(*args: Any, **kwargs: Any) -> dispatch.Plan:
     """Which implementation :func:`dot_attention` would run for these arguments, and why.
 
@@ -206,7 +210,7 @@ def which_implementation(*args: Any, **kwargs: Any) -> dispatch.Plan:
     the same way; nothing is computed.
 
     Returns:
-      A :class:`Plan`: ``implementation`` (``"xla"``, ``"chunked"`` or ``"cudnn"``),
+      A ``Plan`` named tuple: ``implementation`` (``"xla"``, ``"chunked"`` or ``"cudnn"``),
       ``materialise_primal`` (chunked derivatives, but a forward pass that nothing
       differentiates runs materialised) and a human-readable ``reason``.
 
@@ -219,7 +223,7 @@ def which_implementation(*args: Any, **kwargs: Any) -> dispatch.Plan:
       >>> plan.implementation, plan.reason
       ('chunked', 'the materialised scores would take 64 MiB >= 32 MiB')
     """
-    bound = inspect.signature(dot_attention).bind(*args, **kwargs)
+    bound = _SIGNATURE.bind(*args, **kwargs)
     bound.apply_defaults()
     return _check_and_plan(**bound.arguments).plan
 

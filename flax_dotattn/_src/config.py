@@ -155,7 +155,7 @@ class DotAttentionConfig:
     This dataclass is the one declaration of every option: its name, default, allowed
     values, check and one-line doc. The Linen and NNX modules take their fields from it,
     :func:`dot_attention` checks its keyword arguments with the same checks
-    (:func:`check_option`), and the docs below are generated from it.
+    (``check_option``), and the docs below are generated from it.
 
     Being hashable, a config can be a static argument of ``jax.jit`` or a Flax module
     attribute. Dtypes and precision are stored by name so the config serialises.
