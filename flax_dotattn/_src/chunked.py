@@ -591,7 +591,10 @@ def chunked_attention(
         stats = (jnp.full(batch + (tq,), -jnp.inf, cdt),) * 2
         return (out, stats) if with_stats else out
     static, ops = prepare(query, key, value, masking, bias, scale, concat_score_weight, **options)
-    out, m, norm = _attend_jit(static, ops)
+    # Eager calls go through the jitted kernel (compiled once per shape); traced calls
+    # inline the kernel into the caller's trace.
+    traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(ops))
+    out, m, norm = (_attend if traced else _attend_jit)(static, ops)
     out = out.reshape(batch + (tq, dv))  # [..., Tq, Dv]
     if not with_stats:
         return out
