@@ -107,19 +107,32 @@ class _Blocked(NamedTuple):
     k_bound: Array  # [nK, B]: the key factor of that bound
 
 
-def _cut(static: Static, ops: Operands, blocks: tuple[int, int]) -> _Blocked:
-    block_q, block_k = blocks
+def logit_bounds(static: Static, ops: Operands) -> tuple[Array, Array]:
+    """``(q_bound [B, Tq], k_bound [B, Tv])`` with ``|s_ij| <= q_bound_i * k_bound_j``."""
     q, k = ops.q, ops.k
     if static.score_mode == "dot":
         scale = 1.0 if ops.scale is None else jnp.abs(ops.scale)
-        q_bound = scale * jnp.linalg.norm(q, axis=-1)  # [B, Tq]
-        k_bound = jnp.linalg.norm(k, axis=-1)  # [B, Tv]
-    else:  # |w * sum(tanh)| <= |w| * D
-        q_bound = jnp.broadcast_to(jnp.abs(ops.concat_score_weight) * q.shape[-1], q.shape[:2])
-        k_bound = jnp.ones(k.shape[:2], k.dtype)
+        return scale * jnp.linalg.norm(q, axis=-1), jnp.linalg.norm(k, axis=-1)
+    # |w * sum(tanh)| <= |w| * D
+    q_bound = jnp.broadcast_to(jnp.abs(ops.concat_score_weight) * q.shape[-1], q.shape[:2])
+    return q_bound, jnp.ones(k.shape[:2], k.dtype)
+
+
+def negligible(top: Array, row_max: Array) -> Array:
+    """Whether logits at most ``top`` get softmax weight exactly 0 next to ``row_max``.
+
+    False for NaN or -inf maxima.
+    """
+    slack = _underflow_gap(row_max.dtype) + 1e-4 * (jnp.abs(top) + jnp.abs(row_max))
+    return top + slack < row_max
+
+
+def _cut(static: Static, ops: Operands, blocks: tuple[int, int]) -> _Blocked:
+    block_q, block_k = blocks
+    q_bound, k_bound = logit_bounds(static, ops)  # [B, Tq], [B, Tv]
     return _Blocked(
-        q=_to_blocks(q, block_q),
-        k=_to_blocks(k, block_k),
+        q=_to_blocks(ops.q, block_q),
+        k=_to_blocks(ops.k, block_k),
         v=_to_blocks(ops.v, block_k),
         value_mask=None
         if ops.value_mask is None
@@ -164,10 +177,8 @@ def _run_block(static, blocks, ops, bounds, i, j, row_max, compute, carry):
     all_future = ops.key_offset + j * block_k > (i + 1) * block_q - 1
     q_bound, k_bound = bounds  # [B, Bq], [B]
     top = q_bound * k_bound[:, None] - MASK_PENALTY  # [B, Bq], an upper bound of the logits
-    slack = _underflow_gap(row_max.dtype) + 1e-4 * (jnp.abs(top) + jnp.abs(row_max))
-    negligible = top + slack < row_max  # False for NaN or -inf maxima
     real_row = (i * block_q + jnp.arange(block_q) < static.tq)[None, :]  # [1, Bq]
-    skip = jnp.logical_and(all_future, jnp.all(negligible | ~real_row))
+    skip = jnp.logical_and(all_future, jnp.all(negligible(top, row_max) | ~real_row))
     return lax.cond(skip, lambda c: c, compute, carry)
 
 
