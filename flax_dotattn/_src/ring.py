@@ -1,0 +1,640 @@
+"""Ring (context-parallel) attention: queries, keys and values sharded along the sequence.
+
+Each of the ``n`` devices of a mesh axis keeps its shard of the queries. The key/value
+shards (with their value-mask shards) travel around the ring with ``lax.ppermute``: at
+step ``s`` device ``r`` holds the shard of device ``r - s``, runs the chunked kernel on
+(its queries, that shard) and merges the result into its running softmax statistics
+(row max ``m``, normaliser ``l`` and weighted sum), exactly as the online softmax of one
+device does across its key blocks. After ``n`` steps every query has seen every key.
+
+Derivatives. The ring is a ``jax.custom_jvp``: its tangent is a second ring that rotates
+the key/value tangents with their shards and, per (query shard, key shard) pair, runs the
+kernel's tangent with the *final* row statistics. That tangent is linear in the input
+tangents; it is wrapped in ``linear_call`` with a hand-written transpose, a third ring in
+which the cotangents of each key/value shard ride along with the shard (one more rotation
+brings them home). Reverse mode therefore never stacks per-step residuals: the forward,
+the tangent and the backward pass each hold O(T / n) activations per device (the shards,
+the output and ``(m, l)``), plus the kernel's O(block) working set.
+
+Layouts. ``"contiguous"``: device ``r`` holds positions ``[r T/n, (r+1) T/n)``. With a
+causal mask that leaves device 0 with one shard pair of work and device ``n-1`` with
+``n``. ``"zigzag"`` cuts the sequence into ``2n`` chunks and gives device ``r`` chunks
+``r`` and ``2n-1-r``: one early and one late chunk, so each device does the same work.
+Inputs and outputs stay in natural order; the reordering is two ``ppermute`` s each way
+inside the ``shard_map``. A (query chunk, key chunk) pair whose keys all lie in the future
+of its queries is skipped when that is provably exact (the kernel's own bound test, at
+shard level, against the rows' running max), otherwise it is computed.
+
+Shape glossary: ``...`` batch dims, ``Tq``/``Tv`` query/key lengths, ``D`` query/key
+depth, ``Dv`` value depth, ``B`` the flattened batch, ``n`` the size of the mesh axis,
+``C`` (``Cq``/``Cv``) a chunk's length: ``T / n`` (contiguous) or ``T / (2n)`` (zigzag).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.custom_derivatives import SymbolicZero, linear_call
+from jax.sharding import PartitionSpec
+
+from flax_dotattn._src import chunked, validation
+from flax_dotattn._src.blocks import BlockSizes
+from flax_dotattn._src.config import check_option
+from flax_dotattn._src.masks import MASK_PENALTY
+from flax_dotattn._src.sharding import check_mesh_axis
+from flax_dotattn._src.types import Array, Masks, Params, ScoreMode
+
+Layout = Literal["contiguous", "zigzag"]
+LAYOUTS: tuple[str, ...] = ("contiguous", "zigzag")
+
+
+class Ring(NamedTuple):
+    """Static settings of one ring call (hashable)."""
+
+    axis_name: Any
+    size: int  # n, devices on the ring
+    zigzag: bool  # two chunks per device (r and 2n-1-r) instead of one (r)
+    cq: int  # query chunk length Cq
+    cv: int  # key/value chunk length Cv
+    pair: chunked.Static  # the kernel's settings for one (query chunk, key chunk) pair
+
+    @property
+    def chunks(self) -> int:
+        """Chunks per device."""
+        return 2 if self.zigzag else 1
+
+
+class Shards(NamedTuple):
+    """One device's operands, batch flattened to ``B``, chunks in layout order."""
+
+    q: Array  # [B, chunks * Cq, D]
+    k: Array  # [B, chunks * Cv, D]
+    v: Array  # [B, chunks * Cv, Dv]
+    value_mask: Array | None  # bool [B, chunks * Cv]
+    scale: Array | None  # []
+    concat_score_weight: Array | None  # []
+    rng: Array | None  # dropout key
+
+
+# -- bookkeeping ------------------------------------------------------------------------
+
+
+def chunk_ids(ring: Ring, device: Any) -> tuple[Any, ...]:
+    """Global indices of the chunks ``device`` holds (ints, or traced when ``device`` is)."""
+    if ring.zigzag:
+        return device, 2 * ring.size - 1 - device
+    return (device,)
+
+
+def _split(ring: Ring, x: Array | None) -> tuple[Array, ...] | None:
+    """``[B, chunks * C, ...]`` -> ``chunks`` arrays ``[B, C, ...]``."""
+    return None if x is None else tuple(jnp.split(x, ring.chunks, axis=1))
+
+
+def _join(xs: tuple[Array, ...] | None) -> Array | None:
+    return None if xs is None else jnp.concatenate(xs, axis=1)
+
+
+def _rotate(ring: Ring, tree: Any) -> Any:
+    """Sends every leaf of ``tree`` one step along the ring (device r -> r + 1)."""
+    perm = [(i, (i + 1) % ring.size) for i in range(ring.size)]
+    return jax.tree.map(lambda x: lax.ppermute(x, ring.axis_name, perm), tree)
+
+
+def _source(ring: Ring, step: Any) -> Any:
+    """The device whose key/value shard this device holds at ``step``."""
+    return (lax.axis_index(ring.axis_name) - step) % ring.size
+
+
+def _steps(ring: Ring, compute: Callable, kv: Any, carry: Any, travelling=lambda c: c) -> Any:
+    """``carry = compute(step, kv, carry)`` for steps ``0..n-1``, rotating ``kv`` and the
+    ``travelling(carry)`` part between steps; returns the last carry."""
+
+    def body(step, state):
+        kv, carry = state
+        carry = compute(step, kv, carry)
+        return _rotate(ring, kv), travelling(carry)
+
+    kv, carry = lax.fori_loop(0, ring.size - 1, body, (kv, carry))
+    return compute(ring.size - 1, kv, carry)
+
+
+def _pair(ring: Ring, shards: Shards, q_id, k_id, q, k, v, vm) -> chunked.Operands:
+    """The kernel's operands for a query chunk (global index ``q_id``) against a key chunk
+    (``k_id``): causal compares global positions through ``key_offset``; dropout draws
+    from the rng folded with both indices."""
+    rng = shards.rng
+    if rng is not None:
+        rng = jax.random.fold_in(jax.random.fold_in(rng, q_id), k_id)
+    return chunked.Operands(
+        q=q,
+        k=k,
+        v=v,
+        value_mask=vm,
+        key_offset=jnp.asarray(k_id * ring.cv - q_id * ring.cq, jnp.int32),
+        scale=shards.scale,
+        concat_score_weight=shards.concat_score_weight,
+        rng=rng,
+    )
+
+
+def _pairs(ring: Ring, shards: Shards, step, kv):
+    """The ``(a, b, operands)`` of this step's pairs: query chunk ``a`` against the
+    visiting key chunk ``b``."""
+    k, v, vm = kv[:3]
+    q = _split(ring, shards.q)
+    q_ids = chunk_ids(ring, lax.axis_index(ring.axis_name))
+    k_ids = chunk_ids(ring, _source(ring, step))
+    for a in range(ring.chunks):
+        for b in range(ring.chunks):
+            mask = None if vm is None else vm[b]
+            yield a, b, _pair(ring, shards, q_ids[a], k_ids[b], q[a], k[b], v[b], mask)
+
+
+def _maybe(ring: Ring, ops: chunked.Operands, row_max: Array, compute: Callable, carry: Any):
+    """``compute(carry)``, or ``carry`` when the pair provably cannot contribute.
+
+    Causal only: a pair is skipped when all its keys lie in the future of all its queries
+    *and* their masked logits (at most ``bound - 1e9``, the kernel's bound) are so far
+    below every row's max so far (``row_max [B, Cq]``) that their softmax weights are
+    exactly 0. Rows that see no key (Keras: they average over every key) keep the pair.
+    """
+    if not ring.pair.causal:
+        return compute(carry)
+    all_future = ops.key_offset > ring.cq - 1
+    q_bound, k_bound = chunked.logit_bounds(ring.pair, ops)  # [B, Cq], [B, Cv]
+    top = q_bound * k_bound.max(-1)[:, None] - MASK_PENALTY  # [B, Cq]
+    skip = jnp.logical_and(all_future, jnp.all(chunked.negligible(top, row_max)))
+    return lax.cond(skip, lambda c: c, compute, carry)
+
+
+def _blocks_computed(ring: Ring, key_offset: Array) -> Array:
+    """Kernel blocks of one pair that hold a visible (query, key) pair: those the kernel
+    computes when every row sees a key (its bound test skips the others)."""
+    static = ring.pair
+    block_q, block_k = static.forward_blocks
+    n_q, n_k = -(-static.tq // block_q), -(-static.tv // block_k)
+    if not static.causal:
+        return jnp.int32(n_q * n_k)
+    i = jnp.arange(n_q)[:, None]
+    j = jnp.arange(n_k)[None, :]
+    return jnp.sum(key_offset + j * block_k <= (i + 1) * block_q - 1, dtype=jnp.int32)
+
+
+# -- forward ----------------------------------------------------------------------------
+
+
+def _merge(stats, out, m, norm):
+    """Merges a pair's ``out [B, Cq, Dv]``, ``m, l [B, Cq]`` into the running ``(m, l,
+    acc)`` (``acc`` the unnormalised weighted sum), as the sharded merge does."""
+    m_run, l_run, acc = stats
+    top = jnp.maximum(m_run, m)  # [B, Cq]
+    alpha, beta = jnp.exp(m_run - top), jnp.exp(m - top)
+    acc = acc * alpha[..., None] + out * (norm * beta)[..., None]  # [B, Cq, Dv]
+    return top, l_run * alpha + norm * beta, acc
+
+
+def _ring_forward(ring: Ring, shards: Shards) -> tuple[tuple[Array, Array, Array], Array]:
+    """``(out [B, chunks*Cq, Dv], m, l [B, chunks*Cq])`` and this device's kernel blocks."""
+    dtype, dv = shards.q.dtype, shards.v.shape[-1]
+    rows = (shards.q.shape[0], ring.cq)  # [B, Cq]
+    stats = tuple(
+        (jnp.full(rows, -jnp.inf, dtype), jnp.zeros(rows, dtype), jnp.zeros((*rows, dv), dtype))
+        for _ in range(ring.chunks)
+    )
+
+    def compute(step, kv, carry):
+        stats, work = list(carry[0]), carry[1]
+        for a, _, ops in _pairs(ring, shards, step, kv):
+
+            def run(state, ops=ops):
+                st, work = state
+                out, m, norm = chunked._forward(ring.pair, ops)
+                return _merge(st, out, m, norm), work + _blocks_computed(ring, ops.key_offset)
+
+            stats[a], work = _maybe(ring, ops, stats[a][0], run, (stats[a], work))
+        return tuple(stats), work
+
+    kv = tuple(_split(ring, x) for x in (shards.k, shards.v, shards.value_mask))
+    stats, work = _steps(ring, compute, kv, (stats, jnp.int32(0)))
+    m, norm, acc = (jnp.concatenate(x, axis=1) for x in zip(*stats, strict=True))
+    return (acc / norm[..., None], m, norm), work
+
+
+# -- derivatives ------------------------------------------------------------------------
+# The tangent is linear in ``(dq, dk, dv, dscale, dcw)``; ``present`` (static) says which
+# are nonzero, and only those travel as ``linear`` arguments.
+
+
+def _expand(present: tuple[bool, ...], linear: Any) -> list[Any]:
+    it = iter(linear)
+    return [next(it) if p else None for p in present]
+
+
+def _select(present: tuple[bool, ...], items: Any) -> tuple[Any, ...]:
+    return tuple(x for x, p in zip(items, present, strict=True) if p)
+
+
+def _pair_tangent(ring: Ring, ops, present, row, results, a):
+    """The pair's linear map ``(present tangents) -> d_out [B, Cq, Dv]``.
+
+    Every pair uses the *final* ``(out, m, l)`` of its rows, so the pairs'
+    ``A - c * out`` add up to the row's ``sum(A) - sum(c) * out``: the exact JVP.
+    """
+    out, m, norm = (x[a] for x in results)
+
+    def tangent(*linear):
+        tangents = tuple(_expand(present, linear))
+        return chunked._tangent(ring.pair, ops, tangents, out, m, norm)[0]
+
+    return tangent, m
+
+
+def _tangent_ring(ring: Ring, present, residuals, linear) -> Array:
+    """The JVP of the ring's output ``[B, chunks*Cq, Dv]``; k/v tangents travel along."""
+    shards, results = residuals
+    results = tuple(_split(ring, x) for x in results)
+    dq, dk, dv, dscale, dcw = _expand(present, linear)
+    dq = _split(ring, dq)
+
+    def compute(step, kv, d_out):
+        d_out = list(d_out)
+        dk, dv = kv[3:]
+        for a, b, ops in _pairs(ring, shards, step, kv):
+            row = (
+                None if dq is None else dq[a],
+                None if dk is None else dk[b],
+                None if dv is None else dv[b],
+                dscale,
+                dcw,
+            )
+            tangent, m = _pair_tangent(ring, ops, present, row, results, a)
+
+            def run(acc, tangent=tangent, row=row):
+                return acc + tangent(*_select(present, row))
+
+            d_out[a] = _maybe(ring, ops, m, run, d_out[a])
+        return tuple(d_out)
+
+    kv = tuple(_split(ring, x) for x in (shards.k, shards.v, shards.value_mask, dk, dv))
+    d_out = _steps(ring, compute, kv, tuple(jnp.zeros_like(o) for o in results[0]))
+    return _join(d_out)
+
+
+def _tangent_ring_transpose(ring: Ring, present, residuals, ct: Array):
+    """The transpose of :func:`_tangent_ring` (reverse mode): a third ring.
+
+    The cotangents of each key/value shard ride along with the shard and reach their owner
+    by one more rotation at the end; those of the queries and of the scalars accumulate in
+    place (``shard_map`` sums the scalars' partial cotangents over the axis).
+    """
+    shards, results = residuals
+    results = tuple(_split(ring, x) for x in results)
+    ct = _split(ring, ct)  # chunks [B, Cq, Dv]
+    zeros = lambda x: tuple(jnp.zeros_like(c) for c in _split(ring, x))  # noqa: E731
+    has_q, has_k, has_v, has_scale, has_cw = present
+    carry = (
+        zeros(shards.q) if has_q else None,  # stays
+        jnp.zeros_like(shards.scale) if has_scale else None,  # stays
+        jnp.zeros_like(shards.concat_score_weight) if has_cw else None,  # stays
+        zeros(shards.k) if has_k else None,  # travels with its shard
+        zeros(shards.v) if has_v else None,  # travels with its shard
+    )
+
+    def compute(step, kv, carry):
+        ct_q, ct_scale, ct_cw, ct_k, ct_v = (list(c) if isinstance(c, tuple) else c for c in carry)
+        for a, b, ops in _pairs(ring, shards, step, kv):
+            row = (
+                None if ct_q is None else ct_q[a],
+                None if ct_k is None else ct_k[b],
+                None if ct_v is None else ct_v[b],
+                ct_scale,
+                ct_cw,
+            )
+            tangent, m = _pair_tangent(ring, ops, present, row, results, a)
+            example = _select(present, (ops.q, ops.k, ops.v, ops.scale, ops.concat_score_weight))
+
+            def run(acc, tangent=tangent, example=example, a=a):
+                cts = jax.linear_transpose(tangent, *example)(ct[a])
+                return tuple(x + y for x, y in zip(acc, cts, strict=True))
+
+            row = _expand(present, _maybe(ring, ops, m, run, _select(present, row)))
+            if has_q:
+                ct_q[a] = row[0]
+            if has_k:
+                ct_k[b] = row[1]
+            if has_v:
+                ct_v[b] = row[2]
+            ct_scale, ct_cw = row[3], row[4]
+        return tuple(
+            tuple(c) if isinstance(c, list) else c for c in (ct_q, ct_scale, ct_cw, ct_k, ct_v)
+        )
+
+    def travelling(carry):
+        return (*carry[:3], *_rotate(ring, carry[3:]))
+
+    kv = tuple(_split(ring, x) for x in (shards.k, shards.v, shards.value_mask))
+    carry = travelling(_steps(ring, compute, kv, carry, travelling))  # k/v cts go home
+    ct_q, ct_scale, ct_cw, ct_k, ct_v = carry
+    return _select(present, (_join(ct_q), _join(ct_k), _join(ct_v), ct_scale, ct_cw))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _ring(ring: Ring, shards: Shards) -> Array:
+    """This device's output ``[B, chunks * Cq, Dv]``, chunks in layout order."""
+    return _ring_forward(ring, shards)[0][0]
+
+
+@functools.partial(_ring.defjvp, symbolic_zeros=True)
+def _ring_jvp(ring: Ring, primals, tangents):
+    (shards,), (t_shards,) = primals, tangents
+    results, _ = _ring_forward(ring, shards)
+    out = results[0]
+    zero = lambda t: None if isinstance(t, SymbolicZero) else t  # noqa: E731
+    full = (t_shards.q, t_shards.k, t_shards.v, t_shards.scale, t_shards.concat_score_weight)
+    full = tuple(zero(t) for t in full)
+    present = tuple(t is not None for t in full)
+    if not any(present):
+        return out, jnp.zeros_like(out)
+    d_out = linear_call(
+        functools.partial(_tangent_ring, ring, present),
+        functools.partial(_tangent_ring_transpose, ring, present),
+        (shards, results),
+        _select(present, full),
+    )
+    return out, d_out
+
+
+# -- layouts ----------------------------------------------------------------------------
+
+
+def _zigzag_perms(n: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """Where the natural chunks ``2r`` and ``2r + 1`` of device ``r`` go: chunk ``c`` to
+    device ``c`` if ``c < n`` else ``2n - 1 - c``."""
+    dest = lambda c: c if c < n else 2 * n - 1 - c  # noqa: E731
+    return [(r, dest(2 * r)) for r in range(n)], [(r, dest(2 * r + 1)) for r in range(n)]
+
+
+def _to_zigzag(ring: Ring, x: Array) -> Array:
+    """``[B, 2C, ...]`` natural chunks ``(2r, 2r+1)`` -> zigzag chunks ``(r, 2n-1-r)``.
+
+    An even device receives its first chunk from the even-chunk permutation, an odd one
+    from the odd-chunk permutation; the other permutation brings the second chunk.
+    """
+    evens, odds = _zigzag_perms(ring.size)
+    first, second = jnp.split(x, 2, axis=1)
+    from_even = lax.ppermute(first, ring.axis_name, evens)
+    from_odd = lax.ppermute(second, ring.axis_name, odds)
+    odd = lax.axis_index(ring.axis_name) % 2 == 1
+    return jnp.concatenate(
+        [jnp.where(odd, from_odd, from_even), jnp.where(odd, from_even, from_odd)], axis=1
+    )
+
+
+def _from_zigzag(ring: Ring, x: Array) -> Array:
+    """The inverse of :func:`_to_zigzag`."""
+    evens, odds = _zigzag_perms(ring.size)
+    invert = lambda perm: [(dst, src) for src, dst in perm]  # noqa: E731
+    first, second = jnp.split(x, 2, axis=1)
+    odd = lax.axis_index(ring.axis_name) % 2 == 1
+    to_even = lax.ppermute(jnp.where(odd, second, first), ring.axis_name, invert(evens))
+    to_odd = lax.ppermute(jnp.where(odd, first, second), ring.axis_name, invert(odds))
+    return jnp.concatenate([to_even, to_odd], axis=1)
+
+
+# -- entry point ------------------------------------------------------------------------
+
+
+def _check_layout(layout: Any, causal: bool) -> str:
+    if layout is None:
+        return "zigzag" if causal else "contiguous"
+    if not any(layout is c or (type(layout) is str and layout == c) for c in LAYOUTS):
+        raise ValueError(f"layout must be None or one of {LAYOUTS!r}; received layout={layout!r}.")
+    return layout
+
+
+class _Plan(NamedTuple):
+    inputs: validation.AttentionInputs
+    ring: Ring
+    options: dict  # of chunked.prepare
+
+
+def _plan(
+    params: Params,
+    query: Array,
+    value: Array,
+    key: Array | None = None,
+    masks: Masks = None,
+    causal: bool = False,
+    *,
+    mesh: Any,
+    axis_name: Any,
+    score_mode: ScoreMode = "dot",
+    dropout_rate: float = 0.0,
+    dropout_rng: Array | None = None,
+    deterministic: bool | None = None,
+    precision: Any = None,
+    block_size: Any = None,
+    layout: Layout | None = None,
+) -> _Plan:
+    """Validates the arguments as the other entry points do and fixes the ring's settings."""
+    causal = check_option("causal", causal)
+    dropout_rate, dropout_rng = validation.check_dropout(deterministic, dropout_rate, dropout_rng)
+    block_sizes = check_option("block_size", block_size) or BlockSizes.default(score_mode)
+    precision = validation.check_precision(precision)
+    inputs = validation.check_inputs(params, query, value, key, masks, score_mode)
+    n = check_mesh_axis(mesh, axis_name)
+    layout = _check_layout(layout, causal)
+    parts = 2 * n if layout == "zigzag" else n
+    for name, x in (("query", inputs.query), ("value", inputs.value)):
+        length = x.shape[-2]
+        if length % parts:
+            raise ValueError(
+                f"{name} length {'Tq' if name == 'query' else 'Tv'}={length} must be "
+                f"divisible by {parts} ({'2 x ' if layout == 'zigzag' else ''}the size {n} "
+                f"of mesh axis {axis_name!r}, layout={layout!r}); received {name} shape "
+                f"{tuple(x.shape)}."
+            )
+    cq, cv = inputs.query.shape[-2] // parts, inputs.value.shape[-2] // parts
+    pair = chunked.Static(
+        score_mode=score_mode,
+        causal=causal,
+        dropout_rate=dropout_rate,
+        tq=cq,
+        tv=cv,
+        forward_blocks=chunked._clip(block_sizes.forward, cq, cv),
+        backward_blocks=chunked._clip(block_sizes.backward, cq, cv),
+        precision=precision,
+    )
+    ring = Ring(axis_name, n, layout == "zigzag", cq, cv, pair)
+    return _Plan(inputs, ring, dict(dropout_rng=dropout_rng))
+
+
+def _shard_mapped(plan: _Plan, mesh, body: Callable, out_spec: Any) -> Any:
+    """Runs ``body(ring, shards)`` on every device of the axis, the sequence sharded."""
+    inputs, ring = plan.inputs, plan.ring
+    nb = inputs.query.ndim - 2
+    seq = PartitionSpec(*([None] * nb), ring.axis_name, None)  # [..., T, D]
+    seq_mask = PartitionSpec(*([None] * nb), ring.axis_name)  # [..., T]
+    cdt = inputs.compute_dtype
+
+    def local(q, k, v, vm, scale, cw, rng):
+        batch = q.shape[:-2]
+        b = math.prod(batch)
+        q, k, v = (x.reshape((b, *x.shape[-2:])) for x in (q, k, v))
+        vm = None if vm is None else vm.reshape((b, vm.shape[-1]))
+        if ring.zigzag:
+            q, k, v = (_to_zigzag(ring, x) for x in (q, k, v))
+            vm = None if vm is None else _to_zigzag(ring, vm)
+        shards = Shards(
+            q=q.astype(cdt),
+            k=k.astype(cdt),
+            v=v.astype(cdt),
+            value_mask=vm,
+            scale=None if scale is None else scale.astype(cdt),
+            concat_score_weight=None if cw is None else cw.astype(cdt),
+            rng=rng,
+        )
+        return body(ring, shards, batch)
+
+    in_specs = (seq, seq, seq, None if inputs.value_mask is None else seq_mask) + (
+        PartitionSpec(),
+    ) * 3
+    return jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=in_specs,
+        out_specs=out_spec(seq),
+        axis_names=frozenset({ring.axis_name}),
+        check_vma=False,
+    )(
+        inputs.query,
+        inputs.key,
+        inputs.value,
+        inputs.value_mask,
+        inputs.scale,
+        inputs.concat_score_weight,
+        plan.options["dropout_rng"],
+    )
+
+
+def ring_attention(
+    params: Params,
+    query: Array,
+    value: Array,
+    key: Array | None = None,
+    masks: Masks = None,
+    causal: bool = False,
+    *,
+    mesh: Any,
+    axis_name: Any,
+    score_mode: ScoreMode = "dot",
+    dropout_rate: float = 0.0,
+    dropout_rng: Array | None = None,
+    deterministic: bool | None = None,
+    precision: Any = None,
+    block_size: Any = None,
+    layout: Layout | None = None,
+) -> Array:
+    """:func:`dot_attention` with queries, keys and values sharded along the sequence.
+
+    Same semantics and arguments as :func:`dot_attention` (the weights cannot be
+    returned). The sequence axes (``Tq`` of the query, ``Tv`` of key, value and their
+    masks) are split over the ``n`` devices of mesh axis ``axis_name``; every device keeps
+    its queries while the key/value shards circulate around the ring, so each device holds
+    O(T / n) activations in the forward pass and in both derivative modes. Inputs and
+    output are global arrays in natural order (sharded or not); other mesh axes (e.g.
+    ``"data"`` over the batch) are left to the compiler, so batch sharding composes.
+
+    Layouts: ``"contiguous"`` gives device ``r`` the ``r``-th of ``n`` slices; ``"zigzag"``
+    cuts the sequence into ``2n`` chunks and gives device ``r`` chunks ``r`` and
+    ``2n-1-r``, which balances causal work (reordered inside, invisible outside). Key
+    chunks entirely in the future of a query chunk are skipped when that is exact.
+    Dropout draws an independent pattern per (query chunk, key chunk) pair, so it differs
+    from one device's pattern (same statistics).
+
+    Args:
+      params: see :func:`dot_attention`.
+      query: ``[..., Tq, D]``; ``Tq`` divisible by ``n`` (contiguous) or ``2n`` (zigzag).
+      value: ``[..., Tv, Dv]``; ``Tv`` divisible likewise. ``Tq != Tv`` is allowed, also
+        with ``causal`` (top-left aligned, as :func:`dot_attention`).
+      key: ``[..., Tv, D]`` or None.
+      masks: None or ``(query_mask [..., Tq], value_mask [..., Tv])``.
+      causal: Python bool; the mask compares global positions.
+      mesh: the ``jax.sharding.Mesh`` (with every process's devices when running across
+        processes).
+      axis_name: the mesh axis that carries the ring.
+      score_mode, dropout_rate, dropout_rng, deterministic, precision, block_size: see
+        :func:`dot_attention`; ``block_size`` sets the kernel's blocks inside each chunk.
+      layout: None (``"zigzag"`` when causal, else ``"contiguous"``), ``"contiguous"`` or
+        ``"zigzag"``.
+
+    Returns:
+      ``[..., Tq, Dv]``, sharded like the query along ``Tq``.
+
+    Raises:
+      ValueError: for everything :func:`dot_attention` rejects, an unknown ``axis_name``
+        or ``layout``, or lengths not divisible as above.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, numpy as np
+      >>> from jax.sharding import Mesh
+      >>> from flax_dotattn import dot_attention, ring_attention
+      >>> mesh = Mesh(np.array(jax.devices()[:1]), ("seq",))
+      >>> q, v = jnp.ones((2, 4, 3)), jnp.arange(48.0).reshape(2, 8, 3) / 48
+      >>> out = ring_attention(None, q, v, causal=True, mesh=mesh, axis_name="seq")
+      >>> bool(jnp.allclose(out, dot_attention(None, q, v, causal=True), atol=1e-6))
+      True
+    """
+    plan = _plan(
+        params, query, value, key, masks, causal, mesh=mesh, axis_name=axis_name,
+        score_mode=score_mode, dropout_rate=dropout_rate, dropout_rng=dropout_rng,
+        deterministic=deterministic, precision=precision, block_size=block_size,
+        layout=layout,
+    )  # fmt: skip
+    inputs = plan.inputs
+    batch, tq, tv = inputs.query.shape[:-2], inputs.query.shape[-2], inputs.value.shape[-2]
+    dv = inputs.value.shape[-1]
+    if 0 in (math.prod(batch), tq, tv, dv):  # nothing to attend over: zeros, as one device
+        return validation.finish(jnp.zeros((*batch, tq, dv), inputs.compute_dtype), inputs)
+
+    def body(ring, shards, batch):
+        out = _ring(ring, shards)
+        if ring.zigzag:
+            out = _from_zigzag(ring, out)
+        return out.reshape((*batch, *out.shape[1:]))  # [..., Tq / n, Dv]
+
+    output = _shard_mapped(plan, mesh, body, lambda seq: seq)
+    return validation.finish(output, inputs)
+
+
+def blocks_per_device(
+    params: Params,
+    query: Array,
+    value: Array,
+    key: Array | None = None,
+    masks: Masks = None,
+    causal: bool = False,
+    **options: Any,
+) -> np.ndarray:
+    """Kernel blocks each device computes in one forward pass of :func:`ring_attention`
+    (same arguments): ``int [n]``, for benchmarks.
+
+    Measured where the ring decides: pairs it skips are not counted. Inside a computed
+    pair, the blocks holding a visible (query, key) pair are counted: those the kernel
+    computes when every row sees a key (its bound test skips the others).
+    """
+    plan = _plan(params, query, value, key, masks, causal, **options)
+
+    def body(ring, shards, batch):
+        return _ring_forward(ring, shards)[1][None]  # [1]
+
+    axis = PartitionSpec(plan.ring.axis_name)
+    return np.asarray(_shard_mapped(plan, options["mesh"], body, lambda seq: axis))
