@@ -72,12 +72,12 @@ class Ring(NamedTuple):
 
 
 class Shards(NamedTuple):
-    """One device's operands, batch flattened to ``B``, chunks in layout order."""
+    """One device's operands, batch flattened to ``B``, its chunks stacked in front."""
 
-    q: Array  # [B, chunks * Cq, D]
-    k: Array  # [B, chunks * Cv, D]
-    v: Array  # [B, chunks * Cv, Dv]
-    value_mask: Array | None  # bool [B, chunks * Cv]
+    q: Array  # [chunks, B, Cq, D]
+    k: Array  # [chunks, B, Cv, D]
+    v: Array  # [chunks, B, Cv, Dv]
+    value_mask: Array | None  # bool [chunks, B, Cv]
     scale: Array | None  # []
     concat_score_weight: Array | None  # []
     rng: Array | None  # dropout key
@@ -86,20 +86,12 @@ class Shards(NamedTuple):
 # -- bookkeeping ------------------------------------------------------------------------
 
 
-def chunk_ids(ring: Ring, device: Any) -> tuple[Any, ...]:
-    """Global indices of the chunks ``device`` holds (ints, or traced when ``device`` is)."""
-    if ring.zigzag:
-        return device, 2 * ring.size - 1 - device
-    return (device,)
-
-
-def _split(ring: Ring, x: Array | None) -> tuple[Array, ...] | None:
-    """``[B, chunks * C, ...]`` -> ``chunks`` arrays ``[B, C, ...]``."""
-    return None if x is None else tuple(jnp.split(x, ring.chunks, axis=1))
-
-
-def _join(xs: tuple[Array, ...] | None) -> Array | None:
-    return None if xs is None else jnp.concatenate(xs, axis=1)
+def chunk_id(ring: Ring, device: Any, a: Any) -> Any:
+    """Global index of the ``a``-th chunk that ``device`` holds (``a``, ``device`` may be
+    traced): ``device`` (contiguous), or ``device`` then ``2n - 1 - device`` (zigzag)."""
+    if not ring.zigzag:
+        return device
+    return jnp.where(a == 0, device, 2 * ring.size - 1 - device)
 
 
 def _rotate(ring: Ring, tree: Any) -> Any:
@@ -108,54 +100,60 @@ def _rotate(ring: Ring, tree: Any) -> Any:
     return jax.tree.map(lambda x: lax.ppermute(x, ring.axis_name, perm), tree)
 
 
-def _source(ring: Ring, step: Any) -> Any:
-    """The device whose key/value shard this device holds at ``step``."""
-    return (lax.axis_index(ring.axis_name) - step) % ring.size
+def _steps(ring: Ring, shards: Shards, pair_step: Callable, extra: Any, carry: Any,
+           travelling: Callable = lambda c: c) -> Any:  # fmt: skip
+    """Runs ``carry = pair_step(a, b, ops, extra_b, carry)`` for every ring step and every
+    pair of (query chunk ``a``, visiting key chunk ``b``): ``ops`` are the pair's kernel
+    operands, ``extra_b`` chunk ``b`` of each leaf of ``extra`` (stacked like the keys,
+    e.g. their tangents), which travels with the keys and values.
+
+    ``travelling(carry)`` is the part of ``carry`` that rotates along with them (e.g. the
+    visiting shard's cotangents). ``n - 1`` rotations: the last step sends nothing. The
+    pairs of one step run in a loop, so the kernel is traced twice per ring, not per pair.
+    """
+    me = lax.axis_index(ring.axis_name)
+
+    def step(index, visiting, carry):
+        k, v, vm, extra = visiting
+        local = shards._replace(k=k, v=v, value_mask=vm)
+        source = (me - index) % ring.size  # whose key/value chunks are visiting
+
+        def pair(p, carry):
+            a, b = divmod(p, ring.chunks)
+            ops = _pair(ring, local, chunk_id(ring, me, a), chunk_id(ring, source, b), a, b)
+            return pair_step(a, b, ops, jax.tree.map(lambda x: x[b], extra), carry)
+
+        if ring.chunks == 1:
+            return pair(0, carry)
+        return lax.fori_loop(0, ring.chunks**2, pair, carry)
+
+    def body(index, state):
+        visiting, carry = state
+        carry = step(index, visiting, carry)
+        return _rotate(ring, visiting), travelling(carry)
+
+    visiting = (shards.k, shards.v, shards.value_mask, extra)
+    visiting, carry = lax.fori_loop(0, ring.size - 1, body, (visiting, carry))
+    return step(ring.size - 1, visiting, carry)
 
 
-def _steps(ring: Ring, compute: Callable, kv: Any, carry: Any, travelling=lambda c: c) -> Any:
-    """``carry = compute(step, kv, carry)`` for steps ``0..n-1``, rotating ``kv`` and the
-    ``travelling(carry)`` part between steps; returns the last carry."""
-
-    def body(step, state):
-        kv, carry = state
-        carry = compute(step, kv, carry)
-        return _rotate(ring, kv), travelling(carry)
-
-    kv, carry = lax.fori_loop(0, ring.size - 1, body, (kv, carry))
-    return compute(ring.size - 1, kv, carry)
-
-
-def _pair(ring: Ring, shards: Shards, q_id, k_id, q, k, v, vm) -> chunked.Operands:
-    """The kernel's operands for a query chunk (global index ``q_id``) against a key chunk
-    (``k_id``): causal compares global positions through ``key_offset``; dropout draws
-    from the rng folded with both indices."""
+def _pair(ring: Ring, shards: Shards, q_id, k_id, a, b) -> chunked.Operands:
+    """The kernel's operands for query chunk ``a`` (global index ``q_id``) against the
+    visiting key chunk ``b`` (``k_id``): causal compares global positions through
+    ``key_offset``; dropout draws from the rng folded with both global indices."""
     rng = shards.rng
     if rng is not None:
         rng = jax.random.fold_in(jax.random.fold_in(rng, q_id), k_id)
     return chunked.Operands(
-        q=q,
-        k=k,
-        v=v,
-        value_mask=vm,
+        q=shards.q[a],
+        k=shards.k[b],
+        v=shards.v[b],
+        value_mask=None if shards.value_mask is None else shards.value_mask[b],
         key_offset=jnp.asarray(k_id * ring.cv - q_id * ring.cq, jnp.int32),
         scale=shards.scale,
         concat_score_weight=shards.concat_score_weight,
         rng=rng,
     )
-
-
-def _pairs(ring: Ring, shards: Shards, step, kv):
-    """The ``(a, b, operands)`` of this step's pairs: query chunk ``a`` against the
-    visiting key chunk ``b``."""
-    k, v, vm = kv[:3]
-    q = _split(ring, shards.q)
-    q_ids = chunk_ids(ring, lax.axis_index(ring.axis_name))
-    k_ids = chunk_ids(ring, _source(ring, step))
-    for a in range(ring.chunks):
-        for b in range(ring.chunks):
-            mask = None if vm is None else vm[b]
-            yield a, b, _pair(ring, shards, q_ids[a], k_ids[b], q[a], k[b], v[b], mask)
 
 
 def _maybe(ring: Ring, ops: chunked.Operands, row_max: Array, compute: Callable, carry: Any):
@@ -202,35 +200,37 @@ def _merge(stats, out, m, norm):
 
 
 def _ring_forward(ring: Ring, shards: Shards) -> tuple[tuple[Array, Array, Array], Array]:
-    """``(out [B, chunks*Cq, Dv], m, l [B, chunks*Cq])`` and this device's kernel blocks."""
+    """``(out [chunks, B, Cq, Dv], m, l [chunks, B, Cq])`` and the kernel blocks this
+    device computed (int32 [])."""
     dtype, dv = shards.q.dtype, shards.v.shape[-1]
-    rows = (shards.q.shape[0], ring.cq)  # [B, Cq]
-    stats = tuple(
-        (jnp.full(rows, -jnp.inf, dtype), jnp.zeros(rows, dtype), jnp.zeros((*rows, dv), dtype))
-        for _ in range(ring.chunks)
+    rows = shards.q.shape[:-1]  # [chunks, B, Cq]
+    init = (
+        jnp.full(rows, -jnp.inf, dtype),  # running max m
+        jnp.zeros(rows, dtype),  # running normaliser l
+        jnp.zeros((*rows, dv), dtype),  # running weighted sum
     )
 
-    def compute(step, kv, carry):
-        stats, work = list(carry[0]), carry[1]
-        for a, _, ops in _pairs(ring, shards, step, kv):
+    def pair_step(a, b, ops, _, carry):
+        stats, work = carry
+        row = tuple(x[a] for x in stats)
 
-            def run(state, ops=ops):
-                st, work = state
-                out, m, norm = chunked._forward(ring.pair, ops)
-                return _merge(st, out, m, norm), work + _blocks_computed(ring, ops.key_offset)
+        def compute(state):
+            row, work = state
+            out, m, norm = chunked._forward(ring.pair, ops)
+            return _merge(row, out, m, norm), work + _blocks_computed(ring, ops.key_offset)
 
-            stats[a], work = _maybe(ring, ops, stats[a][0], run, (stats[a], work))
-        return tuple(stats), work
+        row, work = _maybe(ring, ops, row[0], compute, (row, work))
+        return tuple(x.at[a].set(y) for x, y in zip(stats, row, strict=True)), work
 
-    kv = tuple(_split(ring, x) for x in (shards.k, shards.v, shards.value_mask))
-    stats, work = _steps(ring, compute, kv, (stats, jnp.int32(0)))
-    m, norm, acc = (jnp.concatenate(x, axis=1) for x in zip(*stats, strict=True))
+    (m, norm, acc), work = _steps(ring, shards, pair_step, (), (init, jnp.int32(0)))
     return (acc / norm[..., None], m, norm), work
 
 
 # -- derivatives ------------------------------------------------------------------------
 # The tangent is linear in ``(dq, dk, dv, dscale, dcw)``; ``present`` (static) says which
-# are nonzero, and only those travel as ``linear`` arguments.
+# are nonzero, and only those travel as ``linear`` arguments. Every pair uses the *final*
+# ``(out, m, l)`` of its rows, so the pairs' ``A - c * out`` (see chunked._tangent) add up
+# to the row's ``sum(A) - sum(c) * out``: the exact JVP.
 
 
 def _expand(present: tuple[bool, ...], linear: Any) -> list[Any]:
@@ -242,113 +242,73 @@ def _select(present: tuple[bool, ...], items: Any) -> tuple[Any, ...]:
     return tuple(x for x, p in zip(items, present, strict=True) if p)
 
 
-def _pair_tangent(ring: Ring, ops, present, row, results, a):
-    """The pair's linear map ``(present tangents) -> d_out [B, Cq, Dv]``.
-
-    Every pair uses the *final* ``(out, m, l)`` of its rows, so the pairs'
-    ``A - c * out`` add up to the row's ``sum(A) - sum(c) * out``: the exact JVP.
-    """
-    out, m, norm = (x[a] for x in results)
-
-    def tangent(*linear):
-        tangents = tuple(_expand(present, linear))
-        return chunked._tangent(ring.pair, ops, tangents, out, m, norm)[0]
-
-    return tangent, m
-
-
 def _tangent_ring(ring: Ring, present, residuals, linear) -> Array:
-    """The JVP of the ring's output ``[B, chunks*Cq, Dv]``; k/v tangents travel along."""
-    shards, results = residuals
-    results = tuple(_split(ring, x) for x in results)
+    """The JVP of the ring's output ``[chunks, B, Cq, Dv]``; k/v tangents travel along."""
+    shards, (out, m, norm) = residuals
     dq, dk, dv, dscale, dcw = _expand(present, linear)
-    dq = _split(ring, dq)
 
-    def compute(step, kv, d_out):
-        d_out = list(d_out)
-        dk, dv = kv[3:]
-        for a, b, ops in _pairs(ring, shards, step, kv):
-            row = (
-                None if dq is None else dq[a],
-                None if dk is None else dk[b],
-                None if dv is None else dv[b],
-                dscale,
-                dcw,
-            )
-            tangent, m = _pair_tangent(ring, ops, present, row, results, a)
+    def pair_step(a, b, ops, visiting, d_out):
+        dk_b, dv_b = visiting
+        tangents = (None if dq is None else dq[a], dk_b, dv_b, dscale, dcw)
 
-            def run(acc, tangent=tangent, row=row):
-                return acc + tangent(*_select(present, row))
+        def compute(acc):
+            return acc + chunked._tangent(ring.pair, ops, tangents, out[a], m[a], norm[a])[0]
 
-            d_out[a] = _maybe(ring, ops, m, run, d_out[a])
-        return tuple(d_out)
+        return d_out.at[a].set(_maybe(ring, ops, m[a], compute, d_out[a]))
 
-    kv = tuple(_split(ring, x) for x in (shards.k, shards.v, shards.value_mask, dk, dv))
-    d_out = _steps(ring, compute, kv, tuple(jnp.zeros_like(o) for o in results[0]))
-    return _join(d_out)
+    return _steps(ring, shards, pair_step, (dk, dv), jnp.zeros_like(out))
 
 
-def _tangent_ring_transpose(ring: Ring, present, residuals, ct: Array):
+def _tangent_ring_transpose(ring: Ring, present, residuals, ct: Array) -> tuple[Array, ...]:
     """The transpose of :func:`_tangent_ring` (reverse mode): a third ring.
 
     The cotangents of each key/value shard ride along with the shard and reach their owner
     by one more rotation at the end; those of the queries and of the scalars accumulate in
     place (``shard_map`` sums the scalars' partial cotangents over the axis).
     """
-    shards, results = residuals
-    results = tuple(_split(ring, x) for x in results)
-    ct = _split(ring, ct)  # chunks [B, Cq, Dv]
-    zeros = lambda x: tuple(jnp.zeros_like(c) for c in _split(ring, x))  # noqa: E731
+    shards, (out, m, norm) = residuals
     has_q, has_k, has_v, has_scale, has_cw = present
+    zeros = lambda x, keep: jnp.zeros_like(x) if keep else None  # noqa: E731
     carry = (
-        zeros(shards.q) if has_q else None,  # stays
-        jnp.zeros_like(shards.scale) if has_scale else None,  # stays
-        jnp.zeros_like(shards.concat_score_weight) if has_cw else None,  # stays
-        zeros(shards.k) if has_k else None,  # travels with its shard
-        zeros(shards.v) if has_v else None,  # travels with its shard
+        zeros(shards.q, has_q),  # stays
+        zeros(shards.scale, has_scale),  # stays
+        zeros(shards.concat_score_weight, has_cw),  # stays
+        zeros(shards.k, has_k),  # travels with its shard
+        zeros(shards.v, has_v),  # travels with its shard
     )
 
-    def compute(step, kv, carry):
-        ct_q, ct_scale, ct_cw, ct_k, ct_v = (list(c) if isinstance(c, tuple) else c for c in carry)
-        for a, b, ops in _pairs(ring, shards, step, kv):
-            row = (
-                None if ct_q is None else ct_q[a],
-                None if ct_k is None else ct_k[b],
-                None if ct_v is None else ct_v[b],
-                ct_scale,
-                ct_cw,
-            )
-            tangent, m = _pair_tangent(ring, ops, present, row, results, a)
-            example = _select(present, (ops.q, ops.k, ops.v, ops.scale, ops.concat_score_weight))
+    def pair_step(a, b, ops, _, carry):
+        ct_q, ct_scale, ct_cw, ct_k, ct_v = carry
+        pick = lambda x, i: None if x is None else x[i]  # noqa: E731
+        acc = _select(present, (pick(ct_q, a), pick(ct_k, b), pick(ct_v, b), ct_scale, ct_cw))
+        primals = _select(present, (ops.q, ops.k, ops.v, ops.scale, ops.concat_score_weight))
 
-            def run(acc, tangent=tangent, example=example, a=a):
-                cts = jax.linear_transpose(tangent, *example)(ct[a])
-                return tuple(x + y for x, y in zip(acc, cts, strict=True))
+        def tangent(*linear):
+            tangents = tuple(_expand(present, linear))
+            return chunked._tangent(ring.pair, ops, tangents, out[a], m[a], norm[a])[0]
 
-            row = _expand(present, _maybe(ring, ops, m, run, _select(present, row)))
-            if has_q:
-                ct_q[a] = row[0]
-            if has_k:
-                ct_k[b] = row[1]
-            if has_v:
-                ct_v[b] = row[2]
-            ct_scale, ct_cw = row[3], row[4]
-        return tuple(
-            tuple(c) if isinstance(c, list) else c for c in (ct_q, ct_scale, ct_cw, ct_k, ct_v)
+        def compute(acc):
+            cts = jax.linear_transpose(tangent, *primals)(ct[a])
+            return tuple(x + y for x, y in zip(acc, cts, strict=True))
+
+        new_q, new_k, new_v, ct_scale, ct_cw = _expand(
+            present, _maybe(ring, ops, m[a], compute, acc)
         )
+        put = lambda x, i, y: None if x is None else x.at[i].set(y)  # noqa: E731
+        return put(ct_q, a, new_q), ct_scale, ct_cw, put(ct_k, b, new_k), put(ct_v, b, new_v)
 
     def travelling(carry):
         return (*carry[:3], *_rotate(ring, carry[3:]))
 
-    kv = tuple(_split(ring, x) for x in (shards.k, shards.v, shards.value_mask))
-    carry = travelling(_steps(ring, compute, kv, carry, travelling))  # k/v cts go home
-    ct_q, ct_scale, ct_cw, ct_k, ct_v = carry
-    return _select(present, (_join(ct_q), _join(ct_k), _join(ct_v), ct_scale, ct_cw))
+    ct_q, ct_scale, ct_cw, ct_k, ct_v = travelling(
+        _steps(ring, shards, pair_step, (), carry, travelling)
+    )  # the last rotation brings the key/value cotangents home
+    return _select(present, (ct_q, ct_k, ct_v, ct_scale, ct_cw))
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _ring(ring: Ring, shards: Shards) -> Array:
-    """This device's output ``[B, chunks * Cq, Dv]``, chunks in layout order."""
+    """This device's output ``[chunks, B, Cq, Dv]``."""
     return _ring_forward(ring, shards)[0][0]
 
 
@@ -380,6 +340,18 @@ def _zigzag_perms(n: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]
     device ``c`` if ``c < n`` else ``2n - 1 - c``."""
     dest = lambda c: c if c < n else 2 * n - 1 - c  # noqa: E731
     return [(r, dest(2 * r)) for r in range(n)], [(r, dest(2 * r + 1)) for r in range(n)]
+
+
+def _stack(ring: Ring, x: Array) -> Array:
+    """``[B, chunks * C, ...]`` -> ``[chunks, B, C, ...]``."""
+    x = x.reshape((x.shape[0], ring.chunks, x.shape[1] // ring.chunks, *x.shape[2:]))
+    return jnp.moveaxis(x, 1, 0)
+
+
+def _unstack(x: Array) -> Array:
+    """``[chunks, B, C, ...]`` -> ``[B, chunks * C, ...]``."""
+    x = jnp.moveaxis(x, 0, 1)
+    return x.reshape((x.shape[0], -1, *x.shape[3:]))
 
 
 def _to_zigzag(ring: Ring, x: Array) -> Array:
@@ -423,7 +395,7 @@ def _check_layout(layout: Any, causal: bool) -> str:
 class _Plan(NamedTuple):
     inputs: validation.AttentionInputs
     ring: Ring
-    options: dict  # of chunked.prepare
+    dropout_rng: Array | None
 
 
 def _plan(
@@ -474,16 +446,17 @@ def _plan(
         precision=precision,
     )
     ring = Ring(axis_name, n, layout == "zigzag", cq, cv, pair)
-    return _Plan(inputs, ring, dict(dropout_rng=dropout_rng))
+    return _Plan(inputs, ring, dropout_rng)
 
 
-def _shard_mapped(plan: _Plan, mesh, body: Callable, out_spec: Any) -> Any:
-    """Runs ``body(ring, shards)`` on every device of the axis, the sequence sharded."""
-    inputs, ring = plan.inputs, plan.ring
-    nb = inputs.query.ndim - 2
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _sharded(ring: Ring, mesh: Any, compute_dtype: Any, work: bool, *arrays: Array | None):
+    """The ring on every device of the axis, the sequence sharded: the output
+    ``[..., Tq, Dv]`` (sharded like the query), or with ``work`` the kernel blocks each
+    device computes ``int [n]``. Jitted so that eager calls compile once."""
+    nb = arrays[0].ndim - 2
     seq = PartitionSpec(*([None] * nb), ring.axis_name, None)  # [..., T, D]
     seq_mask = PartitionSpec(*([None] * nb), ring.axis_name)  # [..., T]
-    cdt = inputs.compute_dtype
 
     def local(q, k, v, vm, scale, cw, rng):
         batch = q.shape[:-2]
@@ -493,36 +466,39 @@ def _shard_mapped(plan: _Plan, mesh, body: Callable, out_spec: Any) -> Any:
         if ring.zigzag:
             q, k, v = (_to_zigzag(ring, x) for x in (q, k, v))
             vm = None if vm is None else _to_zigzag(ring, vm)
+        q, k, v = (_stack(ring, x).astype(compute_dtype) for x in (q, k, v))
         shards = Shards(
-            q=q.astype(cdt),
-            k=k.astype(cdt),
-            v=v.astype(cdt),
-            value_mask=vm,
-            scale=None if scale is None else scale.astype(cdt),
-            concat_score_weight=None if cw is None else cw.astype(cdt),
+            q=q,  # [chunks, B, Cq, D]
+            k=k,  # [chunks, B, Cv, D]
+            v=v,  # [chunks, B, Cv, Dv]
+            value_mask=None if vm is None else _stack(ring, vm),  # [chunks, B, Cv]
+            scale=None if scale is None else scale.astype(compute_dtype),
+            concat_score_weight=None if cw is None else cw.astype(compute_dtype),
             rng=rng,
         )
-        return body(ring, shards, batch)
+        if work:
+            return _ring_forward(ring, shards)[1][None]  # [1]
+        out = _unstack(_ring(ring, shards))  # [B, chunks * Cq, Dv]
+        if ring.zigzag:
+            out = _from_zigzag(ring, out)
+        return out.reshape((*batch, *out.shape[1:]))  # [..., Tq / n, Dv]
 
-    in_specs = (seq, seq, seq, None if inputs.value_mask is None else seq_mask) + (
-        PartitionSpec(),
-    ) * 3
+    in_specs = (seq, seq, seq, None if arrays[3] is None else seq_mask) + (PartitionSpec(),) * 3
     return jax.shard_map(
         local,
         mesh=mesh,
         in_specs=in_specs,
-        out_specs=out_spec(seq),
+        out_specs=PartitionSpec(ring.axis_name) if work else seq,
         axis_names=frozenset({ring.axis_name}),
         check_vma=False,
-    )(
-        inputs.query,
-        inputs.key,
-        inputs.value,
-        inputs.value_mask,
-        inputs.scale,
-        inputs.concat_score_weight,
-        plan.options["dropout_rng"],
-    )
+    )(*arrays)
+
+
+def _run(plan: _Plan, mesh: Any, work: bool = False) -> Array:
+    inputs = plan.inputs
+    arrays = (inputs.query, inputs.key, inputs.value, inputs.value_mask, inputs.scale,
+              inputs.concat_score_weight, plan.dropout_rng)  # fmt: skip
+    return _sharded(plan.ring, mesh, inputs.compute_dtype, work, *arrays)
 
 
 def ring_attention(
@@ -605,13 +581,7 @@ def ring_attention(
     if 0 in (math.prod(batch), tq, tv, dv):  # nothing to attend over: zeros, as one device
         return validation.finish(jnp.zeros((*batch, tq, dv), inputs.compute_dtype), inputs)
 
-    def body(ring, shards, batch):
-        out = _ring(ring, shards)
-        if ring.zigzag:
-            out = _from_zigzag(ring, out)
-        return out.reshape((*batch, *out.shape[1:]))  # [..., Tq / n, Dv]
-
-    output = _shard_mapped(plan, mesh, body, lambda seq: seq)
+    output = _run(plan, mesh)
     return validation.finish(output, inputs)
 
 
@@ -632,9 +602,4 @@ def blocks_per_device(
     computes when every row sees a key (its bound test skips the others).
     """
     plan = _plan(params, query, value, key, masks, causal, **options)
-
-    def body(ring, shards, batch):
-        return _ring_forward(ring, shards)[1][None]  # [1]
-
-    axis = PartitionSpec(plan.ring.axis_name)
-    return np.asarray(_shard_mapped(plan, options["mesh"], body, lambda seq: axis))
+    return np.asarray(_run(plan, options["mesh"], work=True))
