@@ -14,7 +14,10 @@ tangents; it is wrapped in ``linear_call`` with a hand-written transpose, a thir
 which the cotangents of each key/value shard ride along with the shard (one more rotation
 brings them home). Reverse mode therefore never stacks per-step residuals: the forward,
 the tangent and the backward pass each hold O(T / n) activations per device (the shards,
-the output and ``(m, l)``), plus the kernel's O(block) working set.
+the output, ``(m, l)``, the visiting shard and its cotangents with their receive
+buffers), plus the kernel's working set for one pair. ``linear_call`` has no batching
+rule, so derivatives cannot be ``jax.vmap``-ed (nor ``jacfwd``/``jacrev``, which vmap),
+and only first-order derivatives are supported.
 
 Layouts. ``"contiguous"``: device ``r`` holds positions ``[r T/n, (r+1) T/n)``. With a
 causal mask that leaves device 0 with one shard pair of work and device ``n-1`` with
@@ -535,6 +538,11 @@ def ring_attention(
     chunks entirely in the future of a query chunk are skipped when that is exact.
     Dropout draws an independent pattern per (query chunk, key chunk) pair, so it differs
     from one device's pattern (same statistics).
+
+    Derivatives: ``jax.grad``/``jax.vjp`` (the backward pass is a ring too: key/value
+    cotangents travel with their shard) and ``jax.jvp``, first order only; ``jax.vmap``
+    of a derivative (``jacfwd``, ``jacrev``, per-example gradients) is not supported:
+    put the mapped axis into the batch dims ``...`` instead. The forward pass vmaps.
 
     Args:
       params: see :func:`dot_attention`.
