@@ -8,6 +8,7 @@ Public API:
   that round-trip through dict/JSON/YAML and Keras configs.
 * :func:`params_from_keras`, :func:`params_to_keras`: weight conversion with Keras.
 * :func:`sequence_parallel_attention`: keys/values sharded along ``Tv`` over a mesh axis.
+* :func:`ring_attention`: queries, keys and values sharded along the sequence (a ring).
 * :func:`which_implementation`: which path a call would take, and why.
 * :func:`make_causal_mask`, :func:`attention_scores`: building blocks.
 * :class:`BlockSizes`: the chunked path's block lengths.
@@ -23,6 +24,7 @@ from flax_dotattn._src.keras_interop import params_from_keras as params_from_ker
 from flax_dotattn._src.keras_interop import params_to_keras as params_to_keras
 from flax_dotattn._src.linen import DotAttention as DotAttention
 from flax_dotattn._src.masks import make_causal_mask as make_causal_mask
+from flax_dotattn._src.ring import ring_attention as ring_attention
 from flax_dotattn._src.scores import attention_scores as attention_scores
 from flax_dotattn._src.sharding import (
     sequence_parallel_attention as sequence_parallel_attention,
@@ -40,6 +42,7 @@ __all__ = (
     "make_causal_mask",
     "params_from_keras",
     "params_to_keras",
+    "ring_attention",
     "save_config",
     "sequence_parallel_attention",
     "which_implementation",

@@ -137,16 +137,29 @@ class _Blocked(NamedTuple):
     bias_max: Array  # []: max of the bias (0 without one)
 
 
+def logit_bounds(static: Static, ops: Operands) -> tuple[Array, Array]:
+    """``(q_bound [B, Tq], k_bound [B, Tv])`` with ``|s_ij| <= q_bound_i * k_bound_j``
+    (before any bias)."""
+    q, k = ops.q, ops.k
+    if static.score_mode == "dot":
+        scale = 1.0 if ops.scale is None else jnp.abs(ops.scale)
+        return scale * jnp.linalg.norm(q, axis=-1), jnp.linalg.norm(k, axis=-1)
+    # |w * sum(tanh)| <= |w| * D
+    q_bound = jnp.broadcast_to(jnp.abs(ops.concat_score_weight) * q.shape[-1], q.shape[:2])
+    return q_bound, jnp.ones(k.shape[:2], k.dtype)
+
+
+def negligible(top: Array, row_max: Array) -> Array:
+    """Whether masked logits at most ``top`` get softmax weight exactly 0 next to
+    ``row_max`` (elementwise). False for NaN or -inf maxima."""
+    slack = _underflow_gap(row_max.dtype) + 1e-4 * (jnp.abs(top) + jnp.abs(row_max))
+    return top + slack < row_max
+
+
 def _cut(static: Static, ops: Operands, blocks: tuple[int, int]) -> _Blocked:
     block_q, block_k = blocks
     q, k, masking = ops.q, ops.k, ops.masking
-    if static.score_mode == "dot":
-        scale = 1.0 if ops.scale is None else jnp.abs(ops.scale)
-        q_bound = scale * jnp.linalg.norm(q, axis=-1)  # [B, Tq]
-        k_bound = jnp.linalg.norm(k, axis=-1)  # [B, Tv]
-    else:  # |w * sum(tanh)| <= |w| * D
-        q_bound = jnp.broadcast_to(jnp.abs(ops.concat_score_weight) * q.shape[-1], q.shape[:2])
-        k_bound = jnp.ones(k.shape[:2], k.dtype)
+    q_bound, k_bound = logit_bounds(static, ops)  # [B, Tq], [B, Tv]
     k_bound = _to_blocks(k_bound, block_k).max(-1)  # [nK, B]
     q_seg = kv_seg = q_range = kv_range = None
     if masking.query_segment_ids is not None:
@@ -258,10 +271,8 @@ def _negligible(static: Static, cut: _Blocked, i, k_bound, row_max) -> Array:
     softmax weight exactly 0 in every real row of query block i (``row_max [B, Bq]``)."""
     block_q = cut.q.shape[2]
     top = cut.q_bound[i] * k_bound + cut.bias_max - MASK_PENALTY  # [B, Bq]
-    slack = _underflow_gap(row_max.dtype) + 1e-4 * (jnp.abs(top) + jnp.abs(row_max))
-    negligible = top + slack < row_max  # False for NaN or -inf maxima
     real_row = (i * block_q + jnp.arange(block_q) < static.tq)[None, :]  # [1, Bq]
-    return jnp.all(negligible | ~real_row)
+    return jnp.all(negligible(top, row_max) | ~real_row)
 
 
 def _maybe(run, fn, carry):

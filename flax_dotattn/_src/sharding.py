@@ -30,6 +30,18 @@ from flax_dotattn._src.config import check_option
 from flax_dotattn._src.types import Array, Masks, Params, ScoreMode
 
 
+def check_mesh_axis(mesh: Any, axis_name: Any) -> int:
+    """Checks that ``mesh`` is a ``Mesh`` with an axis ``axis_name``; returns its size."""
+    if not isinstance(mesh, Mesh):
+        raise ValueError(f"mesh must be a jax.sharding.Mesh; received a {type(mesh).__name__}.")
+    if axis_name not in mesh.shape:
+        raise ValueError(
+            f"axis_name must be one of the mesh axes {tuple(mesh.shape)}; "
+            f"received axis_name={axis_name!r}."
+        )
+    return mesh.shape[axis_name]
+
+
 def sequence_parallel_attention(
     params: Params,
     query: Array,
@@ -106,14 +118,7 @@ def sequence_parallel_attention(
         bias=bias,
         segment_ids=segment_ids,
     )
-    if not isinstance(mesh, Mesh):
-        raise ValueError(f"mesh must be a jax.sharding.Mesh; received a {type(mesh).__name__}.")
-    if axis_name not in mesh.shape:
-        raise ValueError(
-            f"axis_name must be one of the mesh axes {tuple(mesh.shape)}; "
-            f"received axis_name={axis_name!r}."
-        )
-    n = mesh.shape[axis_name]
+    n = check_mesh_axis(mesh, axis_name)
     tv = inputs.key.shape[-2]
     if tv % n:
         raise ValueError(
