@@ -36,6 +36,7 @@ depth, ``Dv`` value depth, ``B`` the flattened batch, ``n`` the size of the mesh
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
@@ -406,22 +407,22 @@ class _Plan(NamedTuple):
 
 
 def _plan(
-    params: Params,
-    query: Array,
-    value: Array,
-    key: Array | None = None,
-    masks: Masks = None,
-    causal: bool = False,
+    params,
+    query,
+    value,
+    key,
+    masks,
+    causal,
     *,
-    mesh: Any,
-    axis_name: Any,
-    score_mode: ScoreMode = "dot",
-    dropout_rate: float = 0.0,
-    dropout_rng: Array | None = None,
-    deterministic: bool | None = None,
-    precision: Any = None,
-    block_size: Any = None,
-    layout: Layout | None = None,
+    mesh,
+    axis_name,
+    score_mode,
+    dropout_rate,
+    dropout_rng,
+    deterministic,
+    precision,
+    block_size,
+    layout,
 ) -> _Plan:
     """Validates the arguments as the other entry points do and fixes the ring's settings."""
     causal = check_option("causal", causal)
@@ -583,12 +584,7 @@ def ring_attention(
       >>> bool(jnp.allclose(out, dot_attention(None, q, v, causal=True), atol=1e-6))
       True
     """
-    plan = _plan(
-        params, query, value, key, masks, causal, mesh=mesh, axis_name=axis_name,
-        score_mode=score_mode, dropout_rate=dropout_rate, dropout_rng=dropout_rng,
-        deterministic=deterministic, precision=precision, block_size=block_size,
-        layout=layout,
-    )  # fmt: skip
+    plan = _plan(**locals())
     inputs = plan.inputs
     batch, tq, tv = inputs.query.shape[:-2], inputs.query.shape[-2], inputs.value.shape[-2]
     dv = inputs.value.shape[-1]
@@ -597,6 +593,10 @@ def ring_attention(
 
     output = _run(plan, mesh)
     return validation.finish(output, inputs)
+
+
+#: Read once at import: documentation tools may later replace ``__signature__``.
+_SIGNATURE = inspect.signature(ring_attention)
 
 
 def blocks_per_device(
@@ -615,5 +615,7 @@ def blocks_per_device(
     pair, the blocks holding a visible (query, key) pair are counted: those the kernel
     computes when every row sees a key (its bound test skips the others).
     """
-    plan = _plan(params, query, value, key, masks, causal, **options)
+    bound = _SIGNATURE.bind(params, query, value, key, masks, causal, **options)
+    bound.apply_defaults()
+    plan = _plan(**bound.arguments)
     return np.asarray(_run(plan, options["mesh"], work=True))
