@@ -14,6 +14,19 @@ Implementations:
 * ``xla`` / ``chunked``: :func:`flax_dotattn.dot_attention` with that implementation.
 * ``jax_nn``: ``jax.nn.dot_product_attention`` on ``[B, T, 1, D]`` with ``scale=1.0``.
 * ``keras``: Keras 3's ``keras.layers.Attention`` on the JAX backend (when installed).
+* ``torch_sdpa``: PyTorch's ``torch.nn.functional.scaled_dot_product_attention`` with
+  ``scale=1.0`` on the same inputs, ``torch.set_num_threads`` set to the cores JAX uses,
+  its outputs (and gradients) checked against ``dot_attention`` before timing (when
+  PyTorch is installed: ``pip install -e ".[bench]"``; never needed otherwise).
+
+``--causal`` times causal attention instead (every implementation's own causal option;
+GFLOP/s then count half the score matrix).
+
+``--scenarios window,packing`` times the masking features against what a user would do
+without them, at T = 16384, forward+backward: a causal sliding window ``(256, 0)`` against
+full causal attention (and its peak memory at T = 4096, 8192 and 16384), and 8 sequences
+of 2048 packed into one row with ``segment_ids`` against the same row with a hand-built
+block-diagonal ``attention_mask`` on the xla path and against a batch of 8 x 2048.
 
 ``--plot PATH`` draws the results (time and peak memory against T, forward and
 forward+backward, one line per implementation) with matplotlib, which is imported only
@@ -26,6 +39,8 @@ Examples:
   python -m flax_dotattn.bench --shapes 8x512 --impls naive,default --no-memory
   python -m flax_dotattn.bench --markdown bench.md --json bench.json
   python -m flax_dotattn.bench --from-json bench.json --plot bench.png
+  python -m flax_dotattn.bench --impls default,torch_sdpa --causal --shapes 1x4096
+  python -m flax_dotattn.bench --scenarios window,packing
 """
 
 from __future__ import annotations
@@ -41,7 +56,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-IMPLS = ("naive", "default", "xla", "chunked", "jax_nn", "keras")
+IMPLS = ("naive", "default", "xla", "chunked", "jax_nn", "keras", "torch_sdpa")
+SCENARIOS = ("window", "packing")
 MODES = ("fwd", "fwd_bwd")
 DEFAULT_SHAPES = ("32x128", "8x512", "4x1024", "1x4096", "1x16384")
 LONG_SHAPE = "1x65536"  # chunked forward+backward only
@@ -59,6 +75,7 @@ _STYLE = {
     "chunked": dict(color="tab:orange", marker="D", linestyle="-", fillstyle="none"),
     "jax_nn": dict(color="tab:green", marker="^", linestyle="-", fillstyle="full"),
     "keras": dict(color="tab:red", marker="x", linestyle="-.", fillstyle="full"),
+    "torch_sdpa": dict(color="tab:purple", marker="P", linestyle="-", fillstyle="full"),
 }
 _LABELS = {
     "naive": "naive einsum-softmax-einsum",
@@ -67,6 +84,7 @@ _LABELS = {
     "chunked": 'dot_attention "chunked"',
     "jax_nn": "jax.nn.dot_product_attention",
     "keras": "keras.layers.Attention",
+    "torch_sdpa": "torch scaled_dot_product_attention",
 }
 
 
@@ -109,36 +127,96 @@ def _positive_int(flag: str) -> Callable[[str], int]:
     return parse
 
 
-def build(impl: str, mode: str, b: int, t: int, d: int) -> tuple[Callable, tuple]:
-    """Returns a jitted function and its inputs for one benchmark entry."""
+def _inputs(b: int, t: int, d: int):
+    import jax
+    import jax.numpy as jnp
+
+    kq, kk, kv = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(kq, (b, t, d), jnp.float32) * 0.1
+    k = jax.random.normal(kk, (b, t, d), jnp.float32) * 0.1
+    v = jax.random.normal(kv, (b, t, d), jnp.float32)
+    return q, k, v
+
+
+def _jitted(attend: Callable, mode: str) -> Callable:
+    import jax
+    import jax.numpy as jnp
+
+    if mode == "fwd":
+        return jax.jit(attend)
+    return jax.jit(jax.grad(lambda q, k, v: jnp.sum(attend(q, k, v) ** 2), argnums=(0, 1, 2)))
+
+
+def cores() -> int:
+    """The cores this process may run on (XLA's CPU client uses all of them)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _build_torch(mode: str, q, k, v, causal: bool) -> tuple[Callable, tuple]:
+    """torch SDPA on copies of ``q, k, v``, checked against :func:`dot_attention`."""
+    import jax
+    import numpy as np
+    import torch
+    from torch.nn import functional
+
+    from flax_dotattn import dot_attention
+
+    torch.set_num_threads(cores())
+    grad = mode != "fwd"
+    qt, kt, vt = (torch.from_numpy(np.array(x)).requires_grad_(grad) for x in (q, k, v))
+
+    def run(q_, k_, v_):
+        if not grad:
+            with torch.no_grad():
+                return functional.scaled_dot_product_attention(
+                    q_, k_, v_, is_causal=causal, scale=1.0
+                )
+        out = functional.scaled_dot_product_attention(q_, k_, v_, is_causal=causal, scale=1.0)
+        return torch.autograd.grad((out**2).sum(), (q_, k_, v_))
+
+    ours = _jitted(lambda q, k, v: dot_attention(None, q, v, k, causal=causal), mode)(q, k, v)
+    theirs = run(qt, kt, vt)
+    for a, b in zip(jax.tree.leaves(ours), (theirs,) if not grad else theirs, strict=True):
+        np.testing.assert_allclose(b.detach().numpy(), np.asarray(a), rtol=2e-3, atol=2e-4)
+    return run, (qt, kt, vt)
+
+
+def build(
+    impl: str, mode: str, b: int, t: int, d: int, causal: bool = False
+) -> tuple[Callable, tuple]:
+    """Returns a jitted function (a torch one for ``torch_sdpa``) and its inputs for one
+    benchmark entry."""
     import jax
     import jax.numpy as jnp
 
     from flax_dotattn import dot_attention
 
-    key = jax.random.key(0)
-    kq, kk, kv = jax.random.split(key, 3)
-    q = jax.random.normal(kq, (b, t, d), jnp.float32) * 0.1
-    k = jax.random.normal(kk, (b, t, d), jnp.float32) * 0.1
-    v = jax.random.normal(kv, (b, t, d), jnp.float32)
+    q, k, v = _inputs(b, t, d)
+    if impl == "torch_sdpa":
+        return _build_torch(mode, q, k, v, causal)
 
     if impl == "naive":
 
         def attend(q, k, v):
             s = jnp.einsum("bqd,bkd->bqk", q, k)  # [B, Tq, Tv]
+            if causal:
+                s = jnp.where(jnp.tril(jnp.ones((t, t), bool)), s, -jnp.inf)
             return jnp.einsum("bqk,bkd->bqd", jax.nn.softmax(s, axis=-1), v)
 
     elif impl in ("default", "xla", "chunked"):
         implementation = None if impl == "default" else impl
 
         def attend(q, k, v):
-            return dot_attention(None, q, v, k, implementation=implementation)
+            return dot_attention(None, q, v, k, causal=causal, implementation=implementation)
 
     elif impl == "jax_nn":
 
         def attend(q, k, v):
             out = jax.nn.dot_product_attention(
-                q[:, :, None], k[:, :, None], v[:, :, None], scale=1.0
+                q[:, :, None], k[:, :, None], v[:, :, None], scale=1.0, is_causal=causal
             )  # [B, T, 1, D]
             return out[:, :, 0]
 
@@ -151,53 +229,96 @@ def build(impl: str, mode: str, b: int, t: int, d: int) -> tuple[Callable, tuple
         layer = keras.layers.Attention()
 
         def attend(q, k, v):
-            return layer([q, v, k])
+            return layer([q, v, k], use_causal_mask=causal)
 
     else:
         raise ValueError(f"impl must be one of {IMPLS}; received {impl!r}.")
-
-    if mode == "fwd":
-        fn = jax.jit(attend)
-    else:
-        fn = jax.jit(jax.grad(lambda q, k, v: jnp.sum(attend(q, k, v) ** 2), argnums=(0, 1, 2)))
-    return fn, (q, k, v)
+    return _jitted(attend, mode), (q, k, v)
 
 
-def flops(mode: str, b: int, t: int, d: int) -> float:
-    """Model FLOPs: 2 matmuls forward, 4 more backward (recomputation not counted)."""
-    per_matmul = 2.0 * b * t * t * d
+def build_scenario(name: str, t: int = 16384, d: int = 64) -> tuple[Callable, tuple]:
+    """One forward+backward entry of ``--scenarios``, by name:
+
+    * ``causal_full``: full causal attention, automatic dispatch;
+    * ``causal_window_256``: causal sliding window ``(256, 0)``;
+    * ``packed_segment_ids``: 8 sequences packed into one row with ``segment_ids``;
+    * ``packed_full_mask_xla``: the same row with a block-diagonal ``attention_mask``
+      ``[T, T]`` on the xla path (what a user would build by hand);
+    * ``packed_as_batch``: the 8 sequences as a batch of 8.
+    """
+    import jax.numpy as jnp
+
+    from flax_dotattn import dot_attention
+
+    q, k, v = _inputs(1, t, d)
+    segments = jnp.repeat(jnp.arange(8), t // 8)  # [T]
+    options = {
+        "causal_full": dict(causal=True),
+        "causal_window_256": dict(causal=True, window=(256, 0)),
+        "packed_segment_ids": dict(segment_ids=(segments, segments)),
+        "packed_full_mask_xla": dict(
+            attention_mask=segments[:, None] == segments[None, :], implementation="xla"
+        ),
+        "packed_as_batch": dict(),
+    }[name]
+    if name == "packed_as_batch":
+        q, k, v = (x.reshape(8, t // 8, d) for x in (q, k, v))
+    return _jitted(lambda q, k, v: dot_attention(None, q, v, k, **options), "fwd_bwd"), (q, k, v)
+
+
+#: The entries of each scenario; the first is the one the others are compared with.
+SCENARIO_ENTRIES = {
+    "window": ("causal_full", "causal_window_256"),
+    "packing": ("packed_segment_ids", "packed_full_mask_xla", "packed_as_batch"),
+}
+#: Lengths at which the window's peak memory is measured (it should grow linearly).
+WINDOW_MEMORY_LENGTHS = (4096, 8192, 16384)
+
+
+def flops(mode: str, b: int, t: int, d: int, causal: bool = False) -> float:
+    """Model FLOPs: 2 matmuls forward, 4 more backward (recomputation not counted); half
+    of them under ``causal``."""
+    per_matmul = 2.0 * b * t * t * d * (0.5 if causal else 1.0)
     return per_matmul * (2 if mode == "fwd" else 6)
 
 
-def time_entries(
-    impls: Sequence[str], mode: str, b: int, t: int, d: int, repeats: int
-) -> dict[str, float]:
-    """Median wall time per call (seconds) of each implementation, after warm-up.
+def build_entry(spec: dict[str, Any]) -> tuple[Callable, tuple]:
+    """:func:`build` or :func:`build_scenario` from a spec: ``{"scenario": name, "t": T}``
+    or ``{"impl", "mode", "b", "t", "d", "causal"}``."""
+    if "scenario" in spec:
+        return build_scenario(spec["scenario"], spec["t"], spec.get("d", 64))
+    return build(
+        spec["impl"], spec["mode"], spec["b"], spec["t"], spec["d"], spec.get("causal", False)
+    )
 
-    Samples are interleaved across implementations (one sample of each in turn), so slow
-    drifts of a shared machine affect all of them alike. Each sample runs enough
-    back-to-back calls to last ~50 ms, so that sub-millisecond entries are not dominated by
-    timer and dispatch noise.
+
+def time_entries(specs: dict[str, dict[str, Any]], repeats: int) -> dict[str, float]:
+    """Median wall time per call (seconds) of each entry (name -> spec), after warm-up.
+
+    Samples are interleaved across entries (one sample of each in turn), so slow drifts of
+    a shared machine affect all of them alike. Each sample runs enough back-to-back calls
+    to last ~50 ms, so that sub-millisecond entries are not dominated by timer and
+    dispatch noise.
     """
     import jax
 
     entries = {}
-    for impl in impls:
-        fn, args = build(impl, mode, b, t, d)
+    for name, spec in specs.items():
+        fn, args = build_entry(spec)
         jax.block_until_ready(fn(*args))  # compile and warm up
         start = time.perf_counter()
         jax.block_until_ready(fn(*args))
         calls = max(1, int(0.05 / max(time.perf_counter() - start, 1e-6)))
-        entries[impl] = (fn, args, calls)
-    times: dict[str, list[float]] = {impl: [] for impl in impls}
+        entries[name] = (fn, args, calls)
+    times: dict[str, list[float]] = {name: [] for name in specs}
     for _ in range(repeats):
-        for impl, (fn, args, calls) in entries.items():
+        for name, (fn, args, calls) in entries.items():
             start = time.perf_counter()
             for _ in range(calls):
                 out = fn(*args)
             jax.block_until_ready(out)
-            times[impl].append((time.perf_counter() - start) / calls)
-    return {impl: statistics.median(ts) for impl, ts in times.items()}
+            times[name].append((time.perf_counter() - start) / calls)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def _vm_kib(field: str) -> int:
@@ -208,12 +329,15 @@ def _vm_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def measure_memory_here(impl: str, mode: str, b: int, t: int, d: int) -> float:
+def measure_memory_here(spec: dict[str, Any]) -> float:
     """Peak extra resident memory (MiB) of one run; call in a fresh process."""
     import jax
 
-    fn, args = build(impl, mode, b, t, d)
-    fn = fn.lower(*args).compile()
+    fn, args = build_entry(spec)
+    if hasattr(fn, "lower"):
+        fn = fn.lower(*args).compile()
+    else:  # torch: a first call allocates its thread pools and caches
+        fn(*args)
     jax.block_until_ready(args)
     before = _vm_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
@@ -222,21 +346,15 @@ def measure_memory_here(impl: str, mode: str, b: int, t: int, d: int) -> float:
     return (_vm_kib("VmHWM") - before) / 1024
 
 
-def measure_memory(impl: str, mode: str, b: int, t: int, d: int, timeout: float) -> float | None:
+def measure_memory(spec: dict[str, Any], timeout: float) -> float | None:
     """Runs :func:`measure_memory_here` in a fresh subprocess; None if it failed."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "flax_dotattn.bench",
-        "--_memory-probe",
-        f"{impl},{mode},{b},{t},{d}",
-    ]
+    cmd = [sys.executable, "-m", "flax_dotattn.bench", "--_memory-probe", json.dumps(spec)]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=True)
         return float(out.stdout.strip().splitlines()[-1])
     except (subprocess.SubprocessError, ValueError, IndexError) as e:
         detail = getattr(e, "stderr", "") or ""
-        print(f"memory probe {impl} {mode} {b}x{t} failed: {e} {detail[-500:]}", file=sys.stderr)
+        print(f"memory probe {spec} failed: {e} {detail[-500:]}", file=sys.stderr)
         return None
 
 
@@ -355,23 +473,55 @@ def plot_title(machine_text: str, depth: int, load: Sequence[float] | None) -> s
     return text
 
 
+def _ratio(x: float | None) -> str:
+    return "—" if x is None else f"{x:.2f}x"
+
+
 def to_markdown(rows: list[dict[str, Any]], header: str) -> str:
+    """The rows as a Markdown table; "vs naive" / "vs torch" are the other's time over
+    this row's (above 1: this row is faster)."""
     lines = [
         header,
         "",
-        "| shape (B x T) | mode | impl | median ms | GFLOP/s | peak MiB | vs naive |",
-        "|---|---|---|---:|---:|---:|---:|",
+        "| shape (B x T) | mode | impl | median ms | GFLOP/s | peak MiB | vs naive | vs torch |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         ms = "—" if r["seconds"] is None else f"{r['seconds'] * 1e3:.2f}"
         gf = "—" if r["gflops"] is None else f"{r['gflops']:.1f}"
         mem = "—" if r["peak_mib"] is None else f"{r['peak_mib']:.1f}"
-        ratio = "—" if r["speedup_vs_naive"] is None else f"{r['speedup_vs_naive']:.2f}x"
+        mode = r["mode"] + (" causal" if r.get("causal") else "")
         lines.append(
-            f"| {r['batch']}x{r['length']} | {r['mode']} | {r['impl']} | {ms} | "
-            f"{gf} | {mem} | {ratio} |"
+            f"| {r['batch']}x{r['length']} | {mode} | {r['impl']} | {ms} | {gf} | {mem} | "
+            f"{_ratio(r['speedup_vs_naive'])} | {_ratio(r.get('speedup_vs_torch'))} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def scenario_rows(names: Sequence[str], repeats: int, memory: bool) -> list[dict[str, Any]]:
+    """Times each scenario's entries (interleaved) and, for the window, its peak memory
+    against T; prints and returns one row per entry."""
+    rows = []
+    for scenario in names:
+        entries = SCENARIO_ENTRIES[scenario]
+        seconds = time_entries({e: {"scenario": e, "t": 16384} for e in entries}, repeats)
+        base = seconds[entries[0]]
+        for e in entries:
+            row = dict(scenario=scenario, entry=e, length=16384, seconds=seconds[e])
+            row["speedup_vs_first"] = base / seconds[e]
+            rows.append(row)
+            print(
+                f"{scenario:8} {e:22} {seconds[e] * 1e3:10.1f} ms  "
+                f"{base / seconds[e]:6.2f}x vs {entries[0]}",
+                flush=True,
+            )
+        if scenario == "window" and memory:
+            for t in WINDOW_MEMORY_LENGTHS:
+                peak = measure_memory({"scenario": "causal_window_256", "t": t}, 900)
+                rows.append(dict(scenario=scenario, entry="causal_window_256", length=t,
+                                 peak_mib=peak))  # fmt: skip
+                print(f"window   causal_window_256 T={t:<6} peak {peak} MiB", flush=True)
+    return rows
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -394,6 +544,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help=f"comma-separated subset of {','.join(IMPLS)} (default: all)",
     )
     parser.add_argument("--modes", type=_parse_list(MODES, "--modes"), default=list(MODES))
+    parser.add_argument("--causal", action="store_true", help="causal attention everywhere")
+    parser.add_argument(
+        "--scenarios",
+        type=_parse_list(SCENARIOS, "--scenarios"),
+        default=None,
+        help=f"time these masking scenarios instead ({','.join(SCENARIOS)}), see above",
+    )
     parser.add_argument(
         "--repeats", type=_positive_int("--repeats"), default=None, help="samples (default: 7)"
     )
@@ -430,8 +587,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.memory_probe:
-        impl, mode, b, t, d = args.memory_probe.split(",")
-        print(measure_memory_here(impl, mode, int(b), int(t), int(d)))
+        print(measure_memory_here(json.loads(args.memory_probe)))
+        return 0
+    if args.scenarios:
+        header = f"Machine: {machine()}; D = 64, float32, T = 16384, forward+backward."
+        print(header, f"Load average (1 min) at start: {load_average()[0]:.2f}.", flush=True)
+        rows = scenario_rows(args.scenarios, args.repeats or 5, not args.no_memory)
+        print(f"Load average (1 min) at end: {load_average()[0]:.2f}.")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"machine": machine(), "rows": rows}, f, indent=2)
         return 0
 
     if args.plot:
@@ -469,6 +634,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ImportError:
             print("keras is not installed: skipping the keras entry", file=sys.stderr)
             impls.remove("keras")
+    if "torch_sdpa" in impls:
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            print(
+                'PyTorch is not installed (pip install -e ".[bench]"): skipping torch_sdpa',
+                file=sys.stderr,
+            )
+            impls.remove("torch_sdpa")
     groups = [(b, t, mode, impls) for (b, t) in args.shapes for mode in args.modes]
     if args.long:
         b, t = _parse_shape(LONG_SHAPE)
@@ -476,33 +650,42 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     rows: list[dict[str, Any]] = []
     load_start = load_average()
-    header = f"Machine: {machine()}; D = {args.depth}, float32."
+    header = f"Machine: {machine()}; D = {args.depth}, float32" + (
+        ", causal." if args.causal else "."
+    )
     print(header, f"Load average (1 min) at start: {load_start[0]:.2f}.", flush=True)
     for b, t, mode, group in groups:
         linear = ("chunked", "default")
         group = [i for i in group if i in linear or t <= args.max_naive_length]
         repeats = args.repeats if b * t * t <= 2**26 else max(1, min(args.repeats, 5))
-        seconds = time_entries(group, mode, b, t, args.depth, repeats)
-        base = seconds.get("naive")
+        specs = {
+            impl: dict(impl=impl, mode=mode, b=b, t=t, d=args.depth, causal=args.causal)
+            for impl in group
+        }
+        seconds = time_entries(specs, repeats)
+        base, torch_time = seconds.get("naive"), seconds.get("torch_sdpa")
         for impl in group:
-            peak = None if args.no_memory else measure_memory(impl, mode, b, t, args.depth, 900)
+            peak = None if args.no_memory else measure_memory(specs[impl], 900)
             row = dict(
                 batch=b,
                 length=t,
                 depth=args.depth,
                 mode=mode,
+                causal=args.causal,
                 impl=impl,
                 seconds=seconds[impl],
-                gflops=flops(mode, b, t, args.depth) / seconds[impl] / 1e9,
+                gflops=flops(mode, b, t, args.depth, args.causal) / seconds[impl] / 1e9,
                 peak_mib=peak,
                 speedup_vs_naive=None if base is None else base / seconds[impl],
+                speedup_vs_torch=None if torch_time is None else torch_time / seconds[impl],
             )
             rows.append(row)
             print(
                 f"{b}x{t:<6} {mode:8} {impl:8} {seconds[impl] * 1e3:10.2f} ms "
                 f"{row['gflops']:8.1f} GFLOP/s  peak "
                 f"{'n/a' if peak is None else f'{peak:.1f} MiB':>12}"
-                + ("" if base is None else f"  {base / seconds[impl]:5.2f}x vs naive"),
+                + ("" if base is None else f"  {base / seconds[impl]:5.2f}x vs naive")
+                + ("" if torch_time is None else f"  {torch_time / seconds[impl]:5.2f}x vs torch"),
                 flush=True,
             )
 

@@ -31,6 +31,7 @@ depth, ``B`` the flattened batch, ``Bq``/``Bk`` block lengths, ``nQ``/``nK`` blo
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Any, NamedTuple
@@ -42,6 +43,7 @@ from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
 from flax_dotattn._src.blocks import BlockSizes
+from flax_dotattn._src.linear_map import linear_map
 from flax_dotattn._src.masks import MASK_PENALTY, Masking, keep_mask
 from flax_dotattn._src.scores import masked_logits
 from flax_dotattn._src.types import Array
@@ -91,7 +93,7 @@ def _to_blocks(x: Array, block: int, fill: Any = 0) -> Array:
 def _from_blocks(x: Array, length: int) -> Array:
     """``[n, B, block, ...]`` -> ``[B, length, ...]``, dropping the padding."""
     x = jnp.moveaxis(x, 0, 1)
-    return x.reshape((x.shape[0], -1) + x.shape[3:])[:, :length]
+    return x.reshape((x.shape[0], x.shape[1] * x.shape[2]) + x.shape[3:])[:, :length]
 
 
 def _pad_pairs(x: Array | None, blocks: tuple[int, int], fill: Any = 0) -> Array | None:
@@ -111,6 +113,11 @@ def _pair_block(static: Static, x: Array, blocks: tuple[int, int], i, j) -> Arra
     x = lax.dynamic_slice_in_dim(x, i * block_q, block_q, axis=-2)
     x = lax.dynamic_slice_in_dim(x, j * block_k, block_k, axis=-1)  # [..., Bq, Bk]
     return jnp.broadcast_to(x, static.batch + (block_q, block_k)).reshape(-1, block_q, block_k)
+
+
+def _bias_block(static: Static, bias: Array | None, blocks, i, j) -> Array | None:
+    """Block (i, j) ``[B, Bq, Bk]`` of a padded bias, or None."""
+    return None if bias is None else _pair_block(static, bias, blocks, i, j)
 
 
 def _underflow_gap(dtype: Any) -> float:
@@ -189,10 +196,11 @@ def _cut(static: Static, ops: Operands, blocks: tuple[int, int]) -> _Blocked:
     )
 
 
-def _block_logits(static, blocks, cut, key_offset, q_blk, k_blk, bias, scale, weight, i, j):
+def _block_logits(static, blocks, cut, key_offset, q_blk, k_blk, bias_blk, scale, weight, i, j):
     """Masked logits ``[B, Bq, Bk]`` of block (i, j); padded keys get ``-inf``.
 
-    ``bias`` is the padded full bias (or None): an argument so that derivatives reach it.
+    ``bias_blk`` is the bias's block ``[B, Bq, Bk]`` (or None): an argument so that
+    derivatives reach it.
     """
     block_q, block_k = blocks
     q_pos = i * block_q + jnp.arange(block_q)  # [Bq]
@@ -209,7 +217,6 @@ def _block_logits(static, blocks, cut, key_offset, q_blk, k_blk, bias, scale, we
         q_pos, key_offset + k_pos, masking, causal=static.causal, window=static.window,
         batch_ndim=1,
     )  # fmt: skip
-    bias_blk = None if bias is None else _pair_block(static, bias, blocks, i, j)
     s = masked_logits(
         q_blk,
         k_blk,
@@ -282,16 +289,26 @@ def _maybe(run, fn, carry):
     return lax.cond(run, fn, lambda c: c, carry)
 
 
-def _sweep(static, blocks, cut, key_offset, i, row_max, compute, carry, *, remat: bool):
-    """Runs ``compute(j, carry)`` over every key block j that can contribute to query
-    block i, in two passes.
+def _gated(compute):
+    """``compute(j, carry)`` as a step of :func:`_sweep` that runs only where it must."""
+    return lambda j, run, carry: _maybe(run, lambda c: compute(j, c), carry)
+
+
+def _sweep(
+    static, blocks, cut, key_offset, i, row_max, compute, carry, *, remat: bool,
+    second_pass: bool = True,
+):  # fmt: skip
+    """Runs ``compute(j, run, carry)`` over every key block j that can contribute to query
+    block i, in two passes; ``run`` (Python True or a traced bool) says whether block j
+    must be computed (:func:`_gated` makes a step that skips it otherwise).
 
     Pass 1 walks the band of :func:`_band` and runs the blocks some pair of which is
     visible. Pass 2 runs the rest, each only if :func:`_negligible` cannot prove that its
     masked logits get zero weight (``row_max(carry)`` is the row max so far), so skipping
     is exact under Keras's subtract-1e9 rule. It is itself skipped, in one test, when the
     bound over all keys already proves it: the usual case, since the rows' visible keys
-    were seen in pass 1.
+    were seen in pass 1. ``second_pass=False`` leaves it out (for callers that proved it
+    unnecessary for every query block beforehand, see :func:`_needs_second_pass`).
     """
     n_k = cut.k.shape[0]
     j_lo, j_hi, n_steps = _band(static, blocks, key_offset, i, n_k)
@@ -306,15 +323,20 @@ def _sweep(static, blocks, cut, key_offset, i, row_max, compute, carry, *, remat
         run = (j_lo + t < n_k) & (j_hi >= j_lo + t)
         see = _may_see(cut, i, j)
         run = run if see is True else run & see
-        return _maybe(run, lambda c: compute(j, c), carry)
+        return compute(j, run, carry)
 
     def second(j, carry):
         bound = cut.k_bound[j][:, None]  # [B, 1]
         run = ~in_first_pass(j) & ~_negligible(static, cut, i, bound, row_max(carry))
-        return _maybe(run, lambda c: compute(j, c), carry)
+        return compute(j, run, carry)
+
+    def every(j, carry):
+        return compute(j, True, carry)
 
     if remat:
-        first, second = (jax.checkpoint(f, prevent_cse=False) for f in (first, second))
+        first, second, every = (
+            jax.checkpoint(f, prevent_cse=False) for f in (first, second, every)
+        )
     structural = (
         static.causal
         or static.window is not None
@@ -323,10 +345,21 @@ def _sweep(static, blocks, cut, key_offset, i, row_max, compute, carry, *, remat
         or cut.q_segments is not None
     )
     if not structural:
-        return lax.fori_loop(0, n_k, first, carry)
+        return lax.fori_loop(0, n_k, every, carry)
     carry = lax.fori_loop(0, n_steps, first, carry)
+    if not second_pass:
+        return carry
     done = _negligible(static, cut, i, cut.k_bound_all, row_max(carry))
     return lax.cond(done, lambda c: c, lambda c: lax.fori_loop(0, n_k, second, c), carry)
+
+
+def _needs_second_pass(static: Static, cut: _Blocked, row_max: Array) -> Array:
+    """Whether the second pass of :func:`_sweep` can run for any query block, given the
+    rows' final maxima ``row_max [nQ, B, Bq]`` (known to the derivative passes)."""
+    n_q, block_q = cut.q.shape[0], cut.q.shape[2]
+    top = cut.q_bound * cut.k_bound_all + cut.bias_max - MASK_PENALTY  # [nQ, B, Bq]
+    real_row = (jnp.arange(n_q * block_q) < static.tq).reshape(n_q, 1, block_q)
+    return ~jnp.all(negligible(top, row_max) | ~real_row)
 
 
 def _at_most_zero(x: Array) -> Array:
@@ -369,7 +402,8 @@ def _forward(static: Static, ops: Operands) -> tuple[Array, Array, Array]:
         def compute(j, carry):
             m, norm, acc = carry
             s = _block_logits(
-                static, blocks, cut, ops.key_offset, q_blk, cut.k[j], cut.bias, ops.scale,
+                static, blocks, cut, ops.key_offset, q_blk, cut.k[j],
+                _bias_block(static, cut.bias, blocks, i, j), ops.scale,
                 ops.concat_score_weight, i, j,
             )  # fmt: skip
             m_new = jnp.maximum(m, s.max(-1))  # [B, Bq]
@@ -382,15 +416,16 @@ def _forward(static: Static, ops: Operands) -> tuple[Array, Array, Array]:
             return m_new, norm, acc * alpha[..., None] + pv  # [B, Bq, Dv]
 
         m, norm, acc = _sweep(
-            static, blocks, cut, ops.key_offset, i, lambda c: c[0], compute, init, remat=False
-        )
+            static, blocks, cut, ops.key_offset, i, lambda c: c[0], _gated(compute), init,
+            remat=False,
+        )  # fmt: skip
         return acc / norm[..., None], m, norm
 
     out, m, norm = lax.map(query_block, (jnp.arange(cut.q.shape[0]), cut.q))
     return _from_blocks(out, static.tq), _from_blocks(m, static.tq), _from_blocks(norm, static.tq)
 
 
-def _tangent(static, ops, tangents, out, m, norm) -> tuple[Array, Array]:
+def _tangent_blocks(static, ops, tangents, out, m, norm) -> tuple[Array, Array]:
     """The JVP of the output and of ``log l``, blockwise; linear in ``tangents``.
 
     Args:
@@ -427,9 +462,11 @@ def _tangent(static, ops, tangents, out, m, norm) -> tuple[Array, Array]:
                     static, blocks, cut, ops.key_offset, q_, k_, bias, scale, weight, i, j
                 )
 
-            primals = (q_blk, cut.k[j], cut.bias, ops.scale, ops.concat_score_weight)
+            bias_blk = _bias_block(static, cut.bias, blocks, i, j)
+            primals = (q_blk, cut.k[j], bias_blk, ops.scale, ops.concat_score_weight)
             if scores_move:
-                tans = (dq_blk, None if dkb is None else dkb[j], dbias, dscale, dcw)
+                dbias_blk = _bias_block(static, dbias, blocks, i, j)
+                tans = (dq_blk, None if dkb is None else dkb[j], dbias_blk, dscale, dcw)
                 tans = tuple(
                     jax.tree.map(jnp.zeros_like, p) if t is None else t
                     for p, t in zip(primals, tans, strict=True)
@@ -454,8 +491,9 @@ def _tangent(static, ops, tangents, out, m, norm) -> tuple[Array, Array]:
         init = (jnp.zeros(o_blk.shape, dtype), jnp.zeros(m_blk.shape, dtype))
         # Rematerialised (remat): reverse mode recomputes each block's P, never stores it.
         acc, c = _sweep(
-            static, blocks, cut, ops.key_offset, i, lambda _: m_blk, compute, init, remat=True
-        )
+            static, blocks, cut, ops.key_offset, i, lambda _: m_blk, _gated(compute), init,
+            remat=True,
+        )  # fmt: skip
         return acc - c[..., None] * o_blk, c
 
     xs = (jnp.arange(cut.q.shape[0]), cut.q, mb, nb, ob, dqb)  # dqb may be None
@@ -465,10 +503,320 @@ def _tangent(static, ops, tangents, out, m, norm) -> tuple[Array, Array]:
     return _from_blocks(d_out, static.tq), _from_blocks(c, static.tq)
 
 
+def _add_at(x: Array, j, y: Array) -> Array:
+    """``x.at[j].add(y)`` as a slice update (``.at[].add`` is a scatter, not in place)."""
+    return lax.dynamic_update_index_in_dim(x, x[j] + y, j, axis=0)
+
+
+def _unbroadcast(x: Array, shape: tuple[int, ...]) -> Array:
+    """Sums ``x`` over the dims that broadcasting ``shape`` to ``x.shape`` added."""
+    lead = x.ndim - len(shape)
+    x = x.sum(tuple(range(lead))) if lead else x
+    dims = tuple(a for a, n in enumerate(shape) if n == 1 and x.shape[a] != 1)
+    return x.sum(dims, keepdims=True) if dims else x
+
+
+def _transpose_blocks(static, ops, present, out, m, norm, ct_out, ct_c) -> tuple:
+    """The transpose of :func:`_tangent_blocks` (reverse mode), written by hand.
+
+    With ``g = ct_out`` and ``delta = ct_c - sum(g * out)`` per row, block (i, j) gives
+    ``ct_dv_j += (P * drop)^T g_i`` and ``ct_dS = P * (drop * g_i v_j^T + delta_i)``, which
+    the logits' VJP turns into the query, key, bias and scalar cotangents. Query blocks
+    are walked as in the forward (same band, same exact skipping); key-side cotangents
+    accumulate in place, so the pass needs O(T) memory and no ``[T, T]`` work beyond the
+    visited blocks.
+
+    Returns:
+      ``(ct_dq, ct_dk, ct_dv, ct_dbias, ct_dscale, ct_dcw)``, None where ``present`` is
+      False; shapes as the tangents of :func:`_tangent_blocks`.
+    """
+    has_q, has_k, has_v, has_bias, has_scale, has_w = present
+    want = (has_q, has_k, has_bias, has_scale, has_w)  # the logits' arguments
+    scores_move = any(want)
+    blocks = static.forward_blocks if static.dropout_rate > 0.0 else static.backward_blocks
+    block_q, block_k = blocks
+    cut = _cut(static, ops, blocks)
+    dtype = ops.q.dtype
+    mb = _to_blocks(m, block_q, fill=jnp.inf)  # [nQ, B, Bq]
+    nb = _to_blocks(norm, block_q, fill=1)  # [nQ, B, Bq]
+    gb = _to_blocks(ct_out.astype(dtype), block_q)  # [nQ, B, Bq, Dv]
+    delta = ct_c.astype(dtype) - jnp.sum(ct_out * out, axis=-1, dtype=dtype)  # [B, Tq]
+    deltab = _to_blocks(delta, block_q)  # [nQ, B, Bq]
+    zero = jnp.zeros((), dtype)
+    keyside = (  # accumulated in place over all query blocks
+        jnp.zeros_like(cut.k) if has_k else None,  # [nK, B, Bk, D]
+        jnp.zeros_like(cut.v) if has_v else None,  # [nK, B, Bk, Dv]
+        jnp.zeros_like(cut.bias) if has_bias else None,  # padded [..., nQ*Bq, nK*Bk]
+        zero if has_scale else None,
+        zero if has_w else None,
+    )
+
+    def query_block(second_pass, keyside, xs):
+        i, q_blk, m_blk, n_blk, g_blk, d_blk = xs
+
+        def contributions(j):
+            bias_blk = _bias_block(static, cut.bias, blocks, i, j)
+            args = (q_blk, cut.k[j], bias_blk, ops.scale, ops.concat_score_weight)
+
+            def scores(*moving):
+                it = iter(moving)
+                full = [next(it) if w else a for a, w in zip(args, want, strict=True)]
+                return _block_logits(static, blocks, cut, ops.key_offset, *full, i, j)
+
+            moving = [a for a, w in zip(args, want, strict=True) if w]
+            s, pull = jax.vjp(scores, *moving) if scores_move else (scores(), None)
+            p = jnp.exp(_at_most_zero(s - m_blk[..., None])) / n_blk[..., None]  # [B,Bq,Bk]
+            drop = None
+            if static.dropout_rate > 0.0:
+                drop = _dropout_scale(static, ops.rng, i, j, p.shape, dtype)
+            ct_v = None
+            if has_v:
+                pd = p if drop is None else p * drop
+                ct_v = jnp.einsum("bqk,bqd->bkd", pd, g_blk, precision=static.precision)
+            cts = [None] * 5
+            if scores_move:
+                gv = jnp.einsum("bqd,bkd->bqk", g_blk, cut.v[j], precision=static.precision)
+                gv = gv if drop is None else gv * drop
+                it = iter(pull(p * (gv + d_blk[..., None])))
+                cts = [next(it) if w else None for w in want]
+            ct_q, ct_k, ct_bias, ct_scale, ct_w = cts
+            if ct_bias is not None:
+                ct_bias = _unbroadcast(
+                    ct_bias.reshape(static.batch + ct_bias.shape[-2:]),
+                    cut.bias.shape[:-2] + ct_bias.shape[-2:],
+                )
+            return ct_q, (ct_k, ct_v, ct_bias, ct_scale, ct_w)
+
+        def compute(j, run, carry):
+            ct_q, keyside = carry
+            step = jax.checkpoint(contributions, prevent_cse=False)
+            if run is True:
+                new_q, new = step(j)
+            else:
+                shapes = jax.eval_shape(step, j)
+                new_q, new = lax.cond(
+                    run,
+                    step,
+                    lambda _: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes),
+                    j,
+                )
+            ct_k, ct_v, ct_bias, ct_scale, ct_w = keyside
+            if ct_k is not None:
+                ct_k = _add_at(ct_k, j, new[0])
+            if ct_v is not None:
+                ct_v = _add_at(ct_v, j, new[1])
+            if ct_bias is not None:
+                at = (0,) * (ct_bias.ndim - 2) + (i * block_q, j * block_k)
+                old = lax.dynamic_slice(ct_bias, at, new[2].shape)
+                ct_bias = lax.dynamic_update_slice(ct_bias, old + new[2], at)
+            ct_scale = None if ct_scale is None else ct_scale + new[3]
+            ct_w = None if ct_w is None else ct_w + new[4]
+            ct_q = None if ct_q is None else ct_q + new_q
+            return ct_q, (ct_k, ct_v, ct_bias, ct_scale, ct_w)
+
+        init = (jnp.zeros_like(q_blk) if has_q else None, keyside)
+        ct_q, keyside = _sweep(
+            static, blocks, cut, ops.key_offset, i, lambda _: m_blk, compute, init,
+            remat=False, second_pass=second_pass,
+        )  # fmt: skip
+        return keyside, ct_q
+
+    xs = (jnp.arange(cut.q.shape[0]), cut.q, mb, nb, gb, deltab)
+
+    # Decided once for all query blocks (the rows' maxima are known): a test per query
+    # block would put the key-side accumulators through a conditional, copying them.
+    keyside, ct_q = lax.cond(
+        _needs_second_pass(static, cut, mb),
+        lambda: lax.scan(functools.partial(query_block, True), keyside, xs),
+        lambda: lax.scan(functools.partial(query_block, False), keyside, xs),
+    )
+    ct_k, ct_v, ct_bias, ct_scale, ct_w = keyside
+    return (
+        None if ct_q is None else _from_blocks(ct_q, static.tq),
+        None if ct_k is None else _from_blocks(ct_k, static.tv),
+        None if ct_v is None else _from_blocks(ct_v, static.tv),
+        None if ct_bias is None else ct_bias[..., : static.tq, : static.tv],
+        ct_scale,
+        ct_w,
+    )
+
+
+# -- under jax.vmap: the mapped axis joins the batch ---------------------------------------
+
+
+def _foldable(batched: Operands) -> bool:
+    """Whether a vmapped axis can join the batch: the scalars and the key must be shared."""
+    shared = (batched.key_offset, batched.scale, batched.concat_score_weight, batched.rng)
+    return not any(jax.tree.leaves(shared))
+
+
+def _fold_rows(x: Array | None, batched: bool | None, n: int) -> Array | None:
+    """``[n, B, ...]`` (or ``[B, ...]`` shared by the n) -> ``[n * B, ...]``."""
+    if x is None:
+        return None
+    x = x if batched else jnp.broadcast_to(x, (n,) + x.shape)
+    return x.reshape((n * x.shape[1],) + x.shape[2:])
+
+
+def _unfold_rows(x: Array | None, n: int) -> Array | None:
+    return None if x is None else x.reshape((n, x.shape[0] // n) + x.shape[1:])
+
+
+def _fold_pairs(static: Static, x: Array | None, batched: bool | None, n: int) -> Array | None:
+    """A broadcastable ``[..., Tq, Tv]`` array for the batch ``(n,) + static.batch``."""
+    if x is None or not batched:
+        return x  # broadcasts along the new leading batch dim by itself
+    lacking = len(static.batch) + 2 - (x.ndim - 1)
+    return x.reshape(x.shape[:1] + (1,) * lacking + x.shape[1:])
+
+
+def _fold_residuals(static, residuals, batched, n, bias_moves: bool):
+    """Folds ``(ops, out, m, norm)``; None when the mapped axis cannot join the batch."""
+    ops, out, m, norm = residuals
+    ops_b, out_b, m_b, norm_b = batched
+    if not _foldable(ops_b):
+        return None
+    if bias_moves and ops.bias is not None and not ops_b.bias:
+        # Its cotangent must come out per mapped element.
+        ops = ops._replace(bias=jnp.broadcast_to(ops.bias, (n,) + ops.bias.shape))
+        ops_b = ops_b._replace(bias=True)
+    folded = Static(**{**static._asdict(), "batch": (n,) + static.batch})
+    rows = functools.partial(_fold_rows, n=n)
+    masking, masking_b = ops.masking, ops_b.masking
+    ops = ops._replace(
+        q=rows(ops.q, ops_b.q),
+        k=rows(ops.k, ops_b.k),
+        v=rows(ops.v, ops_b.v),
+        masking=Masking(
+            value_mask=rows(masking.value_mask, masking_b.value_mask),
+            attention_mask=_fold_pairs(static, masking.attention_mask, masking_b.attention_mask, n),
+            query_segment_ids=rows(masking.query_segment_ids, masking_b.query_segment_ids),
+            kv_segment_ids=rows(masking.kv_segment_ids, masking_b.kv_segment_ids),
+        ),
+        bias=_fold_pairs(static, ops.bias, ops_b.bias, n),
+    )
+    residuals = (ops, rows(out, out_b), rows(m, m_b), rows(norm, norm_b))
+    return folded, residuals
+
+
+def _bias_shape(residuals, batched) -> tuple[int, ...] | None:
+    """The per-element shape of the bias (that of its tangent), or None."""
+    bias, bias_b = residuals[0].bias, batched[0].bias
+    return None if bias is None else bias.shape[1:] if bias_b else bias.shape
+
+
+@dataclasses.dataclass(frozen=True)
+class _TangentMap:
+    """:func:`_tangent_blocks` as a hashable map ``(residuals, tangents) -> (d_out, c)``."""
+
+    static: Static
+
+    def __call__(self, residuals, tangents):
+        ops, out, m, norm = residuals
+        return _tangent_blocks(self.static, ops, tangents, out, m, norm)
+
+    def fold(self, n, residuals, batched, tangents):
+        """The map for a vmapped axis of size ``n`` joined to the batch (linear_map's
+        batching protocol; the tangents are mapped along axis 0)."""
+        dq, dk, dv, dbias, dscale, dcw = tangents
+        if dscale is not None or dcw is not None:
+            return None  # per-element tangents of the scalars: leave it to jax.vmap
+        got = _fold_residuals(self.static, residuals, batched, n, dbias is not None)
+        if got is None:
+            return None
+        static, residuals = got
+        rows = functools.partial(_fold_rows, batched=True, n=n)
+        tangents = (rows(dq), rows(dk), rows(dv), _fold_pairs(self.static, dbias, True, n))
+        tangents += (None, None)
+        present = tuple(t is not None for t in tangents)
+
+        def unfold(outputs):
+            return tuple(_unfold_rows(x, n) for x in outputs)
+
+        return _TangentMap(static), _TransposeMap(static, present), residuals, tangents, unfold
+
+
+@dataclasses.dataclass(frozen=True)
+class _TransposeMap:
+    """:func:`_transpose_blocks` as a hashable map ``(residuals, cts) -> tangent cts``."""
+
+    static: Static
+    present: tuple[bool, ...]
+
+    def __call__(self, residuals, cts):
+        ops, out, m, norm = residuals
+        return _transpose_blocks(self.static, ops, self.present, out, m, norm, *cts)
+
+    def fold(self, n, residuals, batched, cts):
+        """As :meth:`_TangentMap.fold`, for the transpose."""
+        if self.present[4] or self.present[5]:
+            return None  # per-element cotangents of the scalars: leave it to jax.vmap
+        bias_shape = _bias_shape(residuals, batched)
+        got = _fold_residuals(self.static, residuals, batched, n, self.present[3])
+        if got is None:
+            return None
+        static, residuals = got
+        cts = tuple(_fold_rows(x, True, n) for x in cts)
+
+        def unfold(outputs):
+            ct_dq, ct_dk, ct_dv, ct_dbias, _, _ = outputs
+            if ct_dbias is not None:
+                ct_dbias = ct_dbias.reshape((n,) + bias_shape)
+            rows = (_unfold_rows(x, n) for x in (ct_dq, ct_dk, ct_dv))
+            return (*rows, ct_dbias, None, None)
+
+        return (_TransposeMap(static, self.present), _TangentMap(static), residuals, cts, unfold)
+
+
+def _tangent(static, ops, tangents, out, m, norm) -> tuple[Array, Array]:
+    """:func:`_tangent_blocks`, transposed by :func:`_transpose_blocks` in reverse mode.
+
+    Args:
+      tangents: ``(dq, dk, dv, dbias, dscale, dconcat_score_weight)``, None when zero.
+      out, m, norm: the forward's output ``[B, Tq, Dv]`` and statistics ``[B, Tq]``.
+
+    Returns:
+      ``(d_out [B, Tq, Dv], c [B, Tq])``, ``c`` being the tangent of ``log l``.
+    """
+    present = tuple(t is not None for t in tangents)
+    return linear_map(
+        _TangentMap(static), _TransposeMap(static, present), (ops, out, m, norm), tangents
+    )
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _attend(static: Static, ops: Operands) -> tuple[Array, Array, Array]:
     """``(out [B, Tq, Dv], m [B, Tq], l [B, Tq])``; see :func:`_forward`."""
-    return _forward(static, ops)
+    return _batching_forward(static)(ops)
+
+
+@functools.cache
+def _batching_forward(static: Static):
+    """:func:`_forward` for ``static``, which under ``jax.vmap`` takes the mapped axis into
+    its batch (one kernel over ``n * B`` rows) instead of being vectorised op by op, where
+    data-dependent skipping tests would turn into selects that run every block.
+
+    Only ever evaluated, never differentiated: :func:`_attend`'s JVP rule does that.
+    """
+
+    @jax.custom_batching.custom_vmap
+    def forward(ops: Operands):
+        return _forward(static, ops)
+
+    @forward.def_vmap
+    def _(n, in_batched, ops):
+        (batched,) = in_batched
+        residuals = (ops, None, None, None)
+        got = _fold_residuals(static, residuals, (batched, None, None, None), n, False)
+        if got is None:  # per-element scalars or dropout keys
+            axes = jax.tree.map(lambda b: 0 if b else None, batched)
+            out = jax.vmap(functools.partial(_forward, static), in_axes=(axes,))(ops)
+        else:
+            folded, (ops, *_) = got
+            out = tuple(_unfold_rows(x, n) for x in _batching_forward(folded)(ops))
+        return out, (True, True, True)
+
+    return forward
 
 
 def attend_jvp(static: Static, primals, tangents):
