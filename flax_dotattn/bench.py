@@ -15,7 +15,8 @@ Implementations:
 * ``jax_nn``: ``jax.nn.dot_product_attention`` on ``[B, T, 1, D]`` with ``scale=1.0``.
 * ``keras``: Keras 3's ``keras.layers.Attention`` on the JAX backend (when installed).
 * ``torch_sdpa``: PyTorch's ``torch.nn.functional.scaled_dot_product_attention`` with
-  ``scale=1.0`` on the same inputs, ``torch.set_num_threads`` set to the cores JAX uses,
+  ``scale=1.0`` on the same inputs (as ``[B, 1, T, D]``: only 4-D inputs reach its fused
+  CPU kernel), ``torch.set_num_threads`` set to the cores JAX uses,
   its outputs (and gradients) checked against ``dot_attention`` before timing (when
   PyTorch is installed: ``pip install -e ".[bench]"``; never needed otherwise).
 
@@ -166,21 +167,21 @@ def _build_torch(mode: str, q, k, v, causal: bool) -> tuple[Callable, tuple]:
 
     torch.set_num_threads(cores())
     grad = mode != "fwd"
-    qt, kt, vt = (torch.from_numpy(np.array(x)).requires_grad_(grad) for x in (q, k, v))
+    # [B, 1, T, D]: torch takes its fused CPU (flash) kernel only for 4-D inputs.
+    qt, kt, vt = (torch.from_numpy(np.array(x)[:, None]).requires_grad_(grad) for x in (q, k, v))
 
     def run(q_, k_, v_):
+        sdpa = functional.scaled_dot_product_attention
         if not grad:
             with torch.no_grad():
-                return functional.scaled_dot_product_attention(
-                    q_, k_, v_, is_causal=causal, scale=1.0
-                )
-        out = functional.scaled_dot_product_attention(q_, k_, v_, is_causal=causal, scale=1.0)
+                return sdpa(q_, k_, v_, is_causal=causal, scale=1.0)
+        out = sdpa(q_, k_, v_, is_causal=causal, scale=1.0)
         return torch.autograd.grad((out**2).sum(), (q_, k_, v_))
 
     ours = _jitted(lambda q, k, v: dot_attention(None, q, v, k, causal=causal), mode)(q, k, v)
     theirs = run(qt, kt, vt)
     for a, b in zip(jax.tree.leaves(ours), (theirs,) if not grad else theirs, strict=True):
-        np.testing.assert_allclose(b.detach().numpy(), np.asarray(a), rtol=2e-3, atol=2e-4)
+        np.testing.assert_allclose(b.detach().numpy()[:, 0], np.asarray(a), rtol=2e-3, atol=2e-4)
     return run, (qt, kt, vt)
 
 
@@ -420,8 +421,12 @@ def plot(rows: Sequence[dict[str, Any]], path: str, title: str = "") -> str:
     plt = _require_matplotlib()
     batches = {r["batch"] for r in rows}
     ticks = sorted({(r["length"], r["batch"]) for r in rows})
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7.2), sharex=True, squeeze=False)
     panels = (("seconds", 1e3, "median time per call (ms)"), ("peak_mib", 1.0, "peak MiB"))
+    if all(r.get("peak_mib") is None for r in rows):  # --no-memory: time panels only
+        panels = panels[:1]
+    fig, axes = plt.subplots(
+        len(panels), 2, figsize=(10, 3.6 * len(panels) + 0.6), sharex=True, squeeze=False
+    )
     for col, mode in enumerate(MODES):
         for row, (field, factor, label) in enumerate(panels):
             ax = axes[row][col]
@@ -444,7 +449,7 @@ def plot(rows: Sequence[dict[str, Any]], path: str, title: str = "") -> str:
             ax.set_ylabel(label)
             if row == 0:
                 ax.set_title("forward" if mode == "fwd" else "forward + backward")
-            if row == 1:
+            if row == len(panels) - 1:
                 ax.set_xlabel("sequence length T" + ("" if len(batches) == 1 else " (B x T)"))
                 ax.set_xticks([t for t, _ in ticks])
                 if len(batches) == 1:

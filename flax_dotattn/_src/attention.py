@@ -8,11 +8,8 @@ This module imports neither flax nor keras.
 
 from __future__ import annotations
 
-import functools
 import inspect
 from typing import Any, Literal, NamedTuple, overload
-
-import jax
 
 from flax_dotattn._src import chunked, dispatch, fused, validation
 from flax_dotattn._src.config import check_option, document_options
@@ -152,8 +149,10 @@ def dot_attention(
         ``"cudnn"`` (GPU only: ``jax.nn.dot_product_attention``'s fused kernel, for
         float16/bfloat16, ``"dot"`` scores, ``D == Dv`` a multiple of 8 up to 128, no
         dropout or returned weights, causal only with ``Tq == Tv``). Automatic dispatch
-        picks ``"cudnn"`` on GPU when eligible, ``"chunked"`` from 16 MiB of float32
-        scores (``[..., Tq, Tv, D]`` in concat mode), else ``"xla"``. Every path
+        picks ``"cudnn"`` on GPU when eligible, ``"chunked"`` from 1 MiB of float32
+        scores per sequence (``Tq = Tv = 512``; 16 MiB of ``[Tq, Tv, D]`` in concat
+        mode), else ``"xla"``: one sequence's size, never the batch's, so a call under
+        ``jax.vmap`` chooses what the batched call chooses. Every path
         supports ``jax.grad``, ``jax.jvp``/``jax.jacfwd``, ``jax.vmap`` and empty
         dimensions.
 
@@ -210,9 +209,8 @@ def which_implementation(*args: Any, **kwargs: Any) -> dispatch.Plan:
     the same way; nothing is computed.
 
     Returns:
-      A ``Plan`` named tuple: ``implementation`` (``"xla"``, ``"chunked"`` or ``"cudnn"``),
-      ``materialise_primal`` (chunked derivatives, but a forward pass that nothing
-      differentiates runs materialised) and a human-readable ``reason``.
+      A ``Plan`` named tuple: ``implementation`` (``"xla"``, ``"chunked"`` or ``"cudnn"``)
+      and a human-readable ``reason``.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -221,7 +219,7 @@ def which_implementation(*args: Any, **kwargs: Any) -> dispatch.Plan:
       'xla'
       >>> plan = which_implementation(None, jnp.ones((1, 4096, 64)), jnp.ones((1, 4096, 64)))
       >>> plan.implementation, plan.reason
-      ('chunked', 'the materialised scores would take 64 MiB >= 32 MiB')
+      ('chunked', "one sequence's materialised scores would take 64 MiB >= 1 MiB")
     """
     bound = _SIGNATURE.bind(*args, **kwargs)
     bound.apply_defaults()
@@ -300,8 +298,6 @@ def _run(
         return materialised_attention(*arrays, **options)
     if plan.implementation == "cudnn":
         return _cudnn(inputs, block_sizes, options), None
-    if plan.materialise_primal:
-        return _materialised_primal_chunked_derivatives(*arrays, block_sizes, options), None
     return chunked.chunked_attention(*arrays, block_sizes=block_sizes, **options), None
 
 
@@ -323,43 +319,3 @@ def _cudnn(inputs: validation.AttentionInputs, block_sizes: Any, options: dict) 
         causal=options["causal"],
         fallback=keras,
     )
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
-def _materialised_forward(static: chunked.Static, ops: chunked.Operands) -> Array:
-    """A forward pass that runs materialised; its derivatives come from the chunked rule."""
-
-    def unflatten(x):  # [B, T, ...] -> [..., T, ...]
-        return None if x is None else x.reshape(static.batch + x.shape[1:])
-
-    masking = ops.masking._replace(
-        value_mask=unflatten(ops.masking.value_mask),
-        query_segment_ids=unflatten(ops.masking.query_segment_ids),
-        kv_segment_ids=unflatten(ops.masking.kv_segment_ids),
-    )
-    out, _ = materialised_attention(
-        unflatten(ops.q), unflatten(ops.k), unflatten(ops.v), masking, ops.bias, ops.scale,
-        ops.concat_score_weight, score_mode=static.score_mode, causal=static.causal,
-        window=static.window, dropout_rate=0.0, dropout_rng=None, precision=static.precision,
-        compute_dtype=ops.q.dtype,
-    )  # fmt: skip
-    return out.reshape((-1,) + out.shape[-2:])  # [B, Tq, Dv]
-
-
-@functools.partial(_materialised_forward.defjvp, symbolic_zeros=True)
-def _materialised_forward_jvp(static, primals, tangents):
-    (out, _, _), (d_out, _, _) = chunked.attend_jvp(static, primals, tangents)
-    return out, d_out
-
-
-def _materialised_primal_chunked_derivatives(
-    query, key, value, masking, bias, scale, concat_score_weight, block_sizes, options
-) -> Array:
-    """Mid-sized inputs: the materialised forward is faster when nothing differentiates
-    it, while derivatives keep the chunked path's O(T · block) memory."""
-    static, ops = chunked.prepare(
-        query, key, value, masking, bias, scale, concat_score_weight,
-        block_sizes=block_sizes, **options,
-    )  # fmt: skip
-    out = _materialised_forward(static, ops)  # [B, Tq, Dv]
-    return out.reshape(query.shape[:-1] + value.shape[-1:])

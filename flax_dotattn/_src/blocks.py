@@ -76,16 +76,37 @@ class BlockSizes:
         )
 
     @classmethod
-    def default(cls, score_mode: str) -> BlockSizes:
+    def default(
+        cls,
+        score_mode: str,
+        window: tuple[int | None, int | None] | None = None,
+        causal: bool = False,
+    ) -> BlockSizes:
         """The measured default for ``score_mode`` (see README's benchmark).
 
         ``"dot"``: tall query blocks keep the matmuls large and short key blocks keep the
         working set in cache. ``"concat"`` forms a ``[B, Bq, Bk, D]`` tanh block, so its
-        blocks are smaller.
+        blocks are smaller. A sliding ``window`` of span ``w`` (both sides bounded, the
+        right one by ``causal`` too) takes square blocks of half the largest power of two
+        up to ``w``, between 64 and 256, so that the band's blocks are mostly visible: at
+        ``(256, 0)`` and T = 16384, (128, 128) ran forward+backward in 148 ms where
+        (2048, 256) took 355 ms (and full causal attention 1421 ms).
         """
-        if score_mode == "concat":
-            return cls(block_q=256, block_k=128)
-        return cls(block_q=2048, block_k=256)
+        base = (
+            cls(block_q=256, block_k=128)
+            if score_mode == "concat"
+            else cls(block_q=2048, block_k=256)
+        )
+        left, right = window or (None, None)
+        if causal and right is not None:
+            right = min(right, 0)
+        elif causal:
+            right = 0
+        if left is None or right is None:
+            return base
+        span = max(left + right + 1, 1)
+        side = min(max(2 ** (span.bit_length() - 1) // 2, 64), 256)
+        return cls(block_q=min(base.block_q, side), block_k=min(base.block_k, side))
 
     @classmethod
     def coerce(cls, value: Any, name: str = "block_size") -> BlockSizes | None:

@@ -865,7 +865,7 @@ def prepare(
     tq, d = query.shape[-2:]
     tv, dv = value.shape[-2:]
     b = math.prod(batch)
-    blocks = block_sizes or BlockSizes.default(score_mode)
+    blocks = block_sizes or BlockSizes.default(score_mode, window, causal)
     cdt = jnp.dtype(compute_dtype)
     static = Static(
         score_mode=score_mode,

@@ -2,18 +2,19 @@
 
 * ``"cudnn"`` on GPU for float16/bfloat16 inputs the fused kernel can take (see
   :func:`flax_dotattn._src.fused.ineligibility`).
-* ``"xla"`` (materialised) for small problems, and whenever the weights are returned.
-* ``"chunked"`` once the materialised intermediate (the ``[..., Tq, Tv]`` float32
-  scores; ``[..., Tq, Tv, D]`` in concat mode) reaches :data:`CHUNKED_CROSSOVER_BYTES`.
-  Up to :data:`FORWARD_CROSSOVER_BYTES`, a forward pass that is not differentiated still
-  runs materialised, since there the materialised forward is the faster one.
+* ``"xla"`` (materialised) for short sequences, and whenever the weights are returned.
+* ``"chunked"`` once one sequence's materialised intermediate (its ``[Tq, Tv]`` scores;
+  ``[Tq, Tv, D]`` in concat mode) reaches :data:`CHUNKED_CROSSOVER_BYTES`.
 
-The crossovers were measured with ``python -m flax_dotattn.bench`` (see README).
+The rule reads the size of *one* sequence, never the batch: under ``jax.vmap`` a call sees
+only its own example, and the rule must choose what the batched call chooses (the chunked
+kernel itself takes a vmapped axis into its batch, so both then cost the same). The
+crossovers were measured with ``python -m flax_dotattn.bench`` (see README); the time of
+either path is nearly proportional to the batch, so the batch does not move them.
 """
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import jax
@@ -21,28 +22,26 @@ import jax
 from flax_dotattn._src.fused import ineligibility
 from flax_dotattn._src.validation import AttentionInputs
 
-#: From here, forward+backward runs faster chunked on a 2-core x86 CPU: 2x at 16 MiB
-#: (4x1024², 1x2048²), while at 8 MiB (8x512²) both paths took the same time.
-CHUNKED_CROSSOVER_BYTES = 16 * 2**20
-#: From here, a forward pass alone runs faster chunked: 2x at 32 MiB (8x1024²), while at
-#: 16 MiB (4x1024²) the materialised forward was ~10 % faster.
-FORWARD_CROSSOVER_BYTES = 32 * 2**20
+#: Per sequence, by score mode. On a 2-core x86 CPU, ``"dot"``: at T = 512 (1 MiB of
+#: scores) both paths took the same time, forward and forward+backward, at B = 1 and 8;
+#: from T = 1024 chunked was faster (8x1024: 2.5x forward, 1.5x forward+backward).
+#: ``"concat"`` (``[Tq, Tv, D]`` tanh intermediate, D = 64): at T = 128 (4 MiB) xla was
+#: 1.4x faster forward+backward; from T = 256 (16 MiB) chunked was faster (1.4x; 5x at 512).
+CHUNKED_CROSSOVER_BYTES = {"dot": 2**20, "concat": 16 * 2**20}
 
 
 class Plan(NamedTuple):
     """How :func:`dot_attention` will run."""
 
     implementation: str  # "xla", "chunked" or "cudnn"
-    materialise_primal: bool = False  # chunked, but a forward without gradient materialises
     reason: str = ""  # why, in words
 
 
 def materialised_bytes(inputs: AttentionInputs, score_mode: str) -> int:
-    """Bytes of the largest intermediate the materialised path forms."""
-    batch = math.prod(inputs.query.shape[:-2])
+    """Bytes of the largest intermediate the materialised path forms for one sequence."""
     tq, tv = inputs.query.shape[-2], inputs.key.shape[-2]
     per_score = inputs.query.shape[-1] if score_mode == "concat" else 1
-    return batch * tq * tv * per_score * inputs.compute_dtype.itemsize
+    return tq * tv * per_score * inputs.compute_dtype.itemsize
 
 
 def plan(
@@ -88,17 +87,11 @@ def plan(
     if return_attention_scores:
         return Plan("xla", reason="the weights are returned, which only xla forms")
     size = materialised_bytes(inputs, score_mode)
-    mib = f"{size / 2**20:.3g} MiB"
-    if size < CHUNKED_CROSSOVER_BYTES:
-        return Plan("xla", reason=f"the materialised scores would take {mib} < 16 MiB")
-    if size < FORWARD_CROSSOVER_BYTES and not dropout:
-        return Plan(
-            "chunked",
-            materialise_primal=True,
-            reason=f"the materialised scores would take {mib}, between 16 and 32 MiB: "
-            "derivatives run chunked, a forward pass nothing differentiates materialised",
-        )
-    return Plan("chunked", reason=f"the materialised scores would take {mib} >= 32 MiB")
+    limit = CHUNKED_CROSSOVER_BYTES[score_mode]
+    what = f"one sequence's materialised scores would take {size / 2**20:.3g} MiB"
+    if size < limit:
+        return Plan("xla", reason=f"{what} < {limit / 2**20:.3g} MiB")
+    return Plan("chunked", reason=f"{what} >= {limit / 2**20:.3g} MiB")
 
 
 def _unsupported_by_fused(inputs: AttentionInputs, window) -> str | None:
