@@ -156,8 +156,9 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
-def _build_torch(mode: str, q, k, v, causal: bool) -> tuple[Callable, tuple]:
-    """torch SDPA on copies of ``q, k, v``, checked against :func:`dot_attention`."""
+def _build_torch(mode: str, q, k, v, causal: bool, check: bool) -> tuple[Callable, tuple]:
+    """torch SDPA on copies of ``q, k, v``, checked against :func:`dot_attention` (unless
+    ``check`` is False: the memory probe must not run it before measuring)."""
     import jax
     import numpy as np
     import torch
@@ -178,6 +179,8 @@ def _build_torch(mode: str, q, k, v, causal: bool) -> tuple[Callable, tuple]:
         out = sdpa(q_, k_, v_, is_causal=causal, scale=1.0)
         return torch.autograd.grad((out**2).sum(), (q_, k_, v_))
 
+    if not check:
+        return run, (qt, kt, vt)
     ours = _jitted(lambda q, k, v: dot_attention(None, q, v, k, causal=causal), mode)(q, k, v)
     theirs = run(qt, kt, vt)
     for a, b in zip(jax.tree.leaves(ours), (theirs,) if not grad else theirs, strict=True):
@@ -186,7 +189,7 @@ def _build_torch(mode: str, q, k, v, causal: bool) -> tuple[Callable, tuple]:
 
 
 def build(
-    impl: str, mode: str, b: int, t: int, d: int, causal: bool = False
+    impl: str, mode: str, b: int, t: int, d: int, causal: bool = False, check: bool = True
 ) -> tuple[Callable, tuple]:
     """Returns a jitted function (a torch one for ``torch_sdpa``) and its inputs for one
     benchmark entry."""
@@ -197,7 +200,7 @@ def build(
 
     q, k, v = _inputs(b, t, d)
     if impl == "torch_sdpa":
-        return _build_torch(mode, q, k, v, causal)
+        return _build_torch(mode, q, k, v, causal, check)
 
     if impl == "naive":
 
@@ -289,7 +292,13 @@ def build_entry(spec: dict[str, Any]) -> tuple[Callable, tuple]:
     if "scenario" in spec:
         return build_scenario(spec["scenario"], spec["t"], spec.get("d", 64))
     return build(
-        spec["impl"], spec["mode"], spec["b"], spec["t"], spec["d"], spec.get("causal", False)
+        spec["impl"],
+        spec["mode"],
+        spec["b"],
+        spec["t"],
+        spec["d"],
+        spec.get("causal", False),
+        spec.get("check", True),
     )
 
 
@@ -334,11 +343,11 @@ def measure_memory_here(spec: dict[str, Any]) -> float:
     """Peak extra resident memory (MiB) of one run; call in a fresh process."""
     import jax
 
-    fn, args = build_entry(spec)
+    fn, args = build_entry({**spec, "check": False})
     if hasattr(fn, "lower"):
         fn = fn.lower(*args).compile()
-    else:  # torch: a first call allocates its thread pools and caches
-        fn(*args)
+    # torch runs without a warm-up call: one would leave its buffers in the allocator's
+    # free lists, to be reused unseen, whereas JAX's first run allocates its own.
     jax.block_until_ready(args)
     before = _vm_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
