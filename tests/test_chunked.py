@@ -271,3 +271,24 @@ def test_vmapped_and_batched_calls_take_the_same_path_at_the_same_cost(rng):
         return f.lower(q, k, v, vm).compile().memory_analysis().temp_size_in_bytes
 
     assert temp_bytes(per_example) <= 1.1 * temp_bytes(batched)
+
+
+def test_vmap_over_dropout_keys_and_scales_matches_a_python_loop(rng):
+    # Per-element keys or scalars cannot join the kernel's batch: the fallback (JAX's own
+    # vectorisation) must still give each element's own result and derivatives.
+    q = jnp.asarray(rng.normal(size=(2, 24, 4)), jnp.float32)
+    keys = jax.random.split(jax.random.key(0), 2)
+    scales = jnp.asarray([0.5, 2.0], jnp.float32)
+
+    def f(key, scale, q):
+        out = dot_attention(
+            {"scale": scale}, q, q, causal=True, dropout_rate=0.3, deterministic=False,
+            dropout_rng=key, implementation="chunked", block_size=(8, 8),
+        )  # fmt: skip
+        return jnp.sum(out**2)
+
+    grad = jax.grad(f, argnums=(1, 2))
+    mapped = jax.vmap(grad)(keys, scales, q)
+    looped = [grad(keys[i], scales[i], q[i]) for i in range(2)]
+    for got, want in zip(mapped, zip(*looped, strict=True), strict=True):
+        assert_close(got, jnp.stack(want))
