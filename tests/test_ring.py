@@ -106,6 +106,31 @@ def test_forward_mode_matches_single_device(rng):
     assert_close(jax.jit(lambda: run(ring))(), run(one), factor=2)
 
 
+def test_second_order_and_vmapped_gradients_match_single_device(rng):
+    mesh = Mesh(np.array(CPUS[:2]), ("seq",))
+    q, k, v, masks = _inputs(rng, 2, 8, 12)
+    params = {"scale": jnp.float32(0.7)}
+    ring = functools.partial(ring_attention, mesh=mesh, axis_name="seq", block_size=(2, 2))
+    one = functools.partial(dot_attention, implementation="xla")
+
+    def loss(attention, q, k, v, masks):
+        return jnp.sum(jnp.sin(attention(params, q, v, k, masks, True)))
+
+    def second_order(attention):  # the gradient of a function of the gradient
+        grad = jax.grad(functools.partial(loss, attention), argnums=(0, 1, 2))
+        return jax.grad(lambda q: sum(jnp.sum(g**2) for g in grad(q, k, v, masks)))(q)
+
+    def per_example(attention):  # vmap of the gradient, one example at a time
+        def one_example(q, k, v, qm, vm):
+            args = (x[None] for x in (q, k, v))
+            return jax.grad(functools.partial(loss, attention))(*args, (qm[None], vm[None]))
+
+        return jax.vmap(one_example)(q, k, v, *masks)
+
+    assert_close(jax.jit(lambda: second_order(ring))(), second_order(one), factor=4)
+    assert_close(jax.jit(lambda: per_example(ring))(), per_example(one), factor=2)
+
+
 def test_zigzag_balances_causal_work(rng):
     mesh = Mesh(np.array(CPUS[:4]), ("seq",))
     q, k, v, _ = _inputs(rng, 1, 64, 64)

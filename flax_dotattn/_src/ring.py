@@ -10,14 +10,14 @@ device does across its key blocks. After ``n`` steps every query has seen every 
 Derivatives. The ring is a ``jax.custom_jvp``: its tangent is a second ring that rotates
 the key/value tangents with their shards and, per (query shard, key shard) pair, runs the
 kernel's tangent with the *final* row statistics. That tangent is linear in the input
-tangents; it is wrapped in ``linear_call`` with a hand-written transpose, a third ring in
+tangents; it is wrapped in ``linear_map`` with a hand-written transpose, a third ring in
 which the cotangents of each key/value shard ride along with the shard (one more rotation
 brings them home). Reverse mode therefore never stacks per-step residuals: the forward,
 the tangent and the backward pass each hold O(T / n) activations per device (the shards,
 the output, ``(m, l)``, the visiting shard and its cotangents with their receive
-buffers), plus the kernel's working set for one pair. ``linear_call`` has no batching
-rule, so derivatives cannot be ``jax.vmap``-ed (nor ``jacfwd``/``jacrev``, which vmap),
-and only first-order derivatives are supported.
+buffers), plus the kernel's working set for one pair. ``linear_map`` differentiates its
+residuals and batches (by vectorising the rings), so derivatives vmap (per-example
+gradients, ``jacfwd``/``jacrev``) and second order works.
 
 Layouts. ``"contiguous"``: device ``r`` holds positions ``[r T/n, (r+1) T/n)``. With a
 causal mask that leaves device 0 with one shard pair of work and device ``n-1`` with
@@ -35,6 +35,7 @@ depth, ``Dv`` value depth, ``B`` the flattened batch, ``n`` the size of the mesh
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import math
@@ -45,12 +46,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.custom_derivatives import SymbolicZero, linear_call
+from jax.custom_derivatives import SymbolicZero
 from jax.sharding import PartitionSpec
 
 from flax_dotattn._src import chunked, validation
 from flax_dotattn._src.blocks import BlockSizes
 from flax_dotattn._src.config import check_option
+from flax_dotattn._src.linear_map import linear_map
 from flax_dotattn._src.masks import MASK_PENALTY
 from flax_dotattn._src.sharding import check_mesh_axis
 from flax_dotattn._src.types import Array, Masks, Params, ScoreMode
@@ -314,6 +316,18 @@ def _tangent_ring_transpose(ring: Ring, present, residuals, ct: Array) -> tuple[
     return _select(present, (ct_q, ct_k, ct_v, ct_scale, ct_cw))
 
 
+@dataclasses.dataclass(frozen=True)
+class _RingMap:
+    """The tangent ring or its transpose, as a hashable map for :func:`linear_map`."""
+
+    fn: Callable
+    ring: Ring
+    present: tuple[bool, ...]
+
+    def __call__(self, residuals, linear):
+        return self.fn(self.ring, self.present, residuals, linear)
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _ring(ring: Ring, shards: Shards) -> Array:
     """This device's output ``[chunks, B, Cq, Dv]``."""
@@ -331,9 +345,9 @@ def _ring_jvp(ring: Ring, primals, tangents):
     present = tuple(t is not None for t in full)
     if not any(present):
         return out, jnp.zeros_like(out)
-    d_out = linear_call(
-        functools.partial(_tangent_ring, ring, present),
-        functools.partial(_tangent_ring_transpose, ring, present),
+    d_out = linear_map(
+        _RingMap(_tangent_ring, ring, present),
+        _RingMap(_tangent_ring_transpose, ring, present),
         (shards, results),
         _select(present, full),
     )
@@ -547,9 +561,10 @@ def ring_attention(
     from one device's pattern (same statistics).
 
     Derivatives: ``jax.grad``/``jax.vjp`` (the backward pass is a ring too: key/value
-    cotangents travel with their shard) and ``jax.jvp``, first order only; ``jax.vmap``
-    of a derivative (``jacfwd``, ``jacrev``, per-example gradients) is not supported:
-    put the mapped axis into the batch dims ``...`` instead. The forward pass vmaps.
+    cotangents travel with their shard), ``jax.jvp``, ``jax.vmap`` of either
+    (``jacfwd``, ``jacrev``, per-example gradients) and second order. A vmapped
+    derivative vectorises the rings op by op, so putting the mapped axis into the batch
+    dims ``...`` is cheaper.
 
     Args:
       params: see :func:`dot_attention`.
