@@ -145,7 +145,9 @@ def test_second_order_gradients_in_float64(implementation, rng):
             )
 
         assert f(q, k, v, jnp.float64(0.9)).dtype == jnp.float64
-        check_grads(f, (q, k, v, jnp.float64(0.9)), order=2, modes=("rev",), atol=1e-6, rtol=1e-6)
+        check_grads(
+            jax.jit(f), (q, k, v, jnp.float64(0.9)), order=2, modes=("rev",), atol=1e-6, rtol=1e-6
+        )
 
 
 def test_vmap_in_axes_mixing_batched_queries_and_shared_keys(rng):
