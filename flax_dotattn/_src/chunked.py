@@ -356,10 +356,10 @@ def _sweep(
 def _needs_second_pass(static: Static, cut: _Blocked, row_max: Array) -> Array:
     """Whether the second pass of :func:`_sweep` can run for any query block, given the
     rows' final maxima ``row_max [nQ, B, Bq]`` (known to the derivative passes)."""
-    n_q, block_q = cut.q.shape[0], cut.q.shape[2]
-    top = cut.q_bound * cut.k_bound_all + cut.bias_max - MASK_PENALTY  # [nQ, B, Bq]
-    real_row = (jnp.arange(n_q * block_q) < static.tq).reshape(n_q, 1, block_q)
-    return ~jnp.all(negligible(top, row_max) | ~real_row)
+    done = jax.vmap(lambda i, m: _negligible(static, cut, i, cut.k_bound_all, m))(
+        jnp.arange(cut.q.shape[0]), row_max
+    )  # [nQ]: the test that ends each query block's sweep, for all blocks at once
+    return ~jnp.all(done)
 
 
 def _at_most_zero(x: Array) -> Array:
@@ -769,15 +769,8 @@ class _TransposeMap:
 
 
 def _tangent(static, ops, tangents, out, m, norm) -> tuple[Array, Array]:
-    """:func:`_tangent_blocks`, transposed by :func:`_transpose_blocks` in reverse mode.
-
-    Args:
-      tangents: ``(dq, dk, dv, dbias, dscale, dconcat_score_weight)``, None when zero.
-      out, m, norm: the forward's output ``[B, Tq, Dv]`` and statistics ``[B, Tq]``.
-
-    Returns:
-      ``(d_out [B, Tq, Dv], c [B, Tq])``, ``c`` being the tangent of ``log l``.
-    """
+    """:func:`_tangent_blocks` (same arguments and results), transposed by
+    :func:`_transpose_blocks` in reverse mode."""
     present = tuple(t is not None for t in tangents)
     return linear_map(
         _TangentMap(static), _TransposeMap(static, present), (ops, out, m, norm), tangents

@@ -85,8 +85,11 @@ _linear_p = Primitive("flax_dotattn_linear_map")
 _linear_p.multiple_results = True
 
 
-def _evaluate(*leaves: Any, fn: Callable, transpose: Callable, n_res: int) -> list[Any]:
-    del transpose, n_res
+# Every bind carries: fn, transpose, n_res, and the output avals of fn and of transpose
+# (known when the map is built, so that abstract evaluation never traces fn again).
+
+
+def _evaluate(*leaves: Any, fn: Callable, **_: Any) -> list[Any]:
     return list(fn(*leaves))
 
 
@@ -95,26 +98,29 @@ def _jitted(fn: Callable) -> Callable:
     return jax.jit(fn)
 
 
-def _impl(*leaves: Any, fn: Callable, transpose: Callable, n_res: int) -> list[Any]:
-    del transpose, n_res
+def _impl(*leaves: Any, fn: Callable, **_: Any) -> list[Any]:
     return list(_jitted(fn)(*leaves))
 
 
-def _abstract_eval(*avals: Any, fn: Callable, transpose: Callable, n_res: int) -> list[Any]:
-    del transpose, n_res
-    shapes = jax.eval_shape(fn, *avals)
-    return [jax.core.ShapedArray(s.shape, s.dtype) for s in shapes]
+def _abstract_eval(*avals: Any, out_avals: tuple, **_: Any) -> list[Any]:
+    return list(out_avals)
+
+
+def _avals(leaves: Any, batch: int | None = None) -> tuple:
+    """Avals of arrays (or of avals), with a leading ``batch`` dim when given."""
+    lead = () if batch is None else (batch,)
+    return tuple(jax.core.ShapedArray(lead + tuple(x.shape), x.dtype) for x in leaves)
 
 
 def _is_zero(t: Any) -> bool:
     return type(t) is ad.Zero or jnp.dtype(t.dtype) == jax.dtypes.float0
 
 
-def _jvp(primals, tangents, *, fn, transpose, n_res):
-    out = _linear_p.bind(*primals, fn=fn, transpose=transpose, n_res=n_res)
+def _jvp(primals, tangents, *, fn, n_res, **params):
+    out = _linear_p.bind(*primals, fn=fn, n_res=n_res, **params)
     residuals, linear = primals[:n_res], primals[n_res:]
     d_linear = [ad.instantiate_zeros(t) for t in tangents[n_res:]]
-    d_out = _linear_p.bind(*residuals, *d_linear, fn=fn, transpose=transpose, n_res=n_res)
+    d_out = _linear_p.bind(*residuals, *d_linear, fn=fn, n_res=n_res, **params)
     moving = [i for i, t in enumerate(tangents[:n_res]) if not _is_zero(t)]
     if moving:  # the residuals' part: the JVP of the ordinary code
 
@@ -131,17 +137,18 @@ def _jvp(primals, tangents, *, fn, transpose, n_res):
     return out, d_out
 
 
-def _transpose(cts, *args, fn, transpose, n_res):
+def _transpose(cts, *args, fn, transpose, n_res, out_avals, transpose_avals):
     residuals = args[:n_res]
     if any(ad.is_undefined_primal(x) for x in residuals):
         raise ValueError("linear_map: residual arguments cannot be transposed")
     cts = [ad.instantiate_zeros(ct) for ct in cts]
+    swapped = dict(fn=transpose, transpose=fn, out_avals=transpose_avals)
     return [None] * n_res + list(
-        _linear_p.bind(*residuals, *cts, fn=transpose, transpose=fn, n_res=n_res)
+        _linear_p.bind(*residuals, *cts, **swapped, n_res=n_res, transpose_avals=out_avals)
     )
 
 
-def _batch(args, dims, *, fn, transpose, n_res):
+def _batch(args, dims, *, fn, transpose, n_res, out_avals, transpose_avals):
     size = next(x.shape[d] for x, d in zip(args, dims, strict=True) if d is not None)
     residuals = [
         x if d is None else jnp.moveaxis(x, d, 0)
@@ -163,6 +170,8 @@ def _batch(args, dims, *, fn, transpose, n_res):
         fn=_Vmapped(fn, residual_axes),
         transpose=_Vmapped(transpose, residual_axes),
         n_res=n_res,
+        out_avals=_avals(out_avals, size),
+        transpose_avals=_avals(transpose_avals, size),
     )
     return out, [0] * len(out)
 
@@ -191,7 +200,7 @@ def linear_map(fn: LinearFn, transpose: LinearFn, residuals: Any, linear: Any) -
     """
     res_leaves, res_tree = jax.tree.flatten(residuals)
     lin_leaves, lin_tree = jax.tree.flatten(linear)
-    out_tree = jax.tree.structure(jax.eval_shape(fn, residuals, linear))
+    out_leaves, out_tree = jax.tree.flatten(jax.eval_shape(fn, residuals, linear))
     n_res = len(res_leaves)
     out = _linear_p.bind(
         *res_leaves,
@@ -199,5 +208,7 @@ def linear_map(fn: LinearFn, transpose: LinearFn, residuals: Any, linear: Any) -
         fn=_Flat(fn, res_tree, lin_tree, n_res),
         transpose=_Flat(transpose, res_tree, out_tree, n_res),
         n_res=n_res,
+        out_avals=_avals(out_leaves),
+        transpose_avals=_avals(lin_leaves),
     )
     return jax.tree.unflatten(out_tree, out)
