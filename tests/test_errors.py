@@ -107,6 +107,17 @@ BAD_INPUTS = [
         r"segment_ids must be None or a pair",
     ),
     (
+        "segment_ids_triple",
+        dict(segment_ids=(jnp.zeros(3, jnp.int32),) * 3),
+        r"segment_ids must be None or a pair .*received tuple of length 3",
+    ),
+    (
+        "kv_segment_ids_missing",
+        dict(segment_ids=(jnp.zeros(3, jnp.int32), None)),
+        r"kv_segment_ids must be an array broadcastable to \[\.\.\., Tv\] = \(2, 5\); "
+        r"received NoneType",
+    ),
+    (
         "segment_ids_float",
         dict(segment_ids=(jnp.zeros(3), jnp.zeros(5, jnp.int32))),
         r"query_segment_ids must have an integer dtype",

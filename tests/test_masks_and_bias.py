@@ -16,7 +16,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.sharding import Mesh
 
-from flax_dotattn import DotAttention, dot_attention, sequence_parallel_attention
+from flax_dotattn import (
+    DotAttention,
+    DotAttentionConfig,
+    dot_attention,
+    sequence_parallel_attention,
+)
 from flax_dotattn import nnx as fdnnx
 from flax_dotattn._src import chunked
 
@@ -54,7 +59,7 @@ def reference(q, k, v, keep, *, bias=None, query_mask=None, scale=None, weight=N
         pre = q[..., :, None, :] + k[..., None, :, :]
         s = weight * jnp.sum(jnp.tanh(pre if scale is None else scale * pre), -1)
     if bias is not None:
-        s = s + bias
+        s = s + jnp.broadcast_to(bias, s.shape)
     s = jnp.where(keep, s, s - 1e9)
     w = jax.nn.softmax(s, axis=-1)
     out = jnp.einsum("...qk,...kd->...qd", w, v, precision="highest")
@@ -88,7 +93,20 @@ def _case(rng, name):
         am = jnp.asarray(rng.random((2, 1, TQ, TV)) > 0.5, jnp.int32)
         kw["attention_mask"] = am
         ref["attention_mask"] = am
-    if "bias" in name:  # [1, 3, Tq, Tv]: per head, ALiBi-like
+    # Full masks and biases broadcast along Tq or Tv (size-1 trailing dims).
+    if "row_mask" in name:  # numeric [B, 1, Tq, 1]: whole query rows masked
+        kw["attention_mask"] = jnp.asarray(rng.random((2, 1, TQ, 1)) > 0.3, jnp.float32)
+        ref["attention_mask"] = kw["attention_mask"]
+    if "key_padding" in name:  # bool [B, 1, 1, Tv]
+        kw["attention_mask"] = jnp.asarray(rng.random((2, 1, 1, TV)) > 0.3)
+        ref["attention_mask"] = kw["attention_mask"]
+    if "key_bias" in name:  # [1, 3, 1, Tv]: per head and key
+        kw["bias"] = jnp.asarray(rng.normal(size=(1, 3, 1, TV)), jnp.float32)
+        ref["bias"] = kw["bias"]
+    elif "row_bias" in name:  # [Tq, 1]: per query row (moves nothing but masked rows)
+        kw["bias"] = jnp.asarray(rng.normal(size=(TQ, 1)), jnp.float32)
+        ref["bias"] = kw["bias"]
+    elif "bias" in name:  # [1, 3, Tq, Tv]: per head, ALiBi-like
         slopes = jnp.asarray([0.5, 0.25, 0.125])[:, None, None]
         dist = jnp.arange(TV)[None, :] - jnp.arange(TQ)[:, None]  # [Tq, Tv]
         kw["bias"] = (-slopes * jnp.abs(dist)[None])[None].astype(jnp.float32)
@@ -119,6 +137,8 @@ CASES = [
     "full_mask_bias_causal",
     "segments_window_value_mask_heads_bias",
     "head_mask_segments_causal_value_mask_shared",
+    "key_bias_row_mask_causal",
+    "key_padding_row_bias_window",
 ]
 
 
@@ -183,7 +203,10 @@ def test_low_precision_chunked_matches_the_reference(dtype, rng):
     assert_close(out, expected, dtype, factor=2)
 
 
-@pytest.mark.parametrize("name", ["full_mask_bias_causal", "segments_window_value_mask_heads_bias"])
+@pytest.mark.parametrize(
+    "name",
+    ["full_mask_bias_causal", "segments_window_value_mask_heads_bias", "key_bias_row_mask_causal"],
+)
 def test_sequence_parallel_takes_every_mask_with_global_positions(name, rng):
     q, k, v, kw, _ = _case(rng, name)
     tv = 12  # divisible by the 4 devices: pad keys by one (masked out by the value mask)
@@ -259,6 +282,16 @@ def test_a_window_as_wide_as_the_sequence_changes_nothing(t, causal, impl):
     q, v = (jnp.asarray(rng.normal(size=(2, t, 3)), jnp.float32) for _ in range(2))
     wide = dot_attention(None, q, v, causal=causal, window=(t, t), implementation=impl)
     assert_close(wide, dot_attention(None, q, v, causal=causal, implementation=impl))
+
+
+@pytest.mark.parametrize("impl", ["xla", "chunked"])
+def test_a_window_side_beyond_int32_positions_is_unbounded(impl):
+    # 2**31 - 1 would overflow int32 positions (i + right); such sides mean "no limit".
+    rng = np.random.default_rng(0)
+    q, v = (jnp.asarray(rng.normal(size=(2, 9, 3)), jnp.float32) for _ in range(2))
+    got = dot_attention(None, q, v, window=(2, 2**31 - 1), implementation=impl, block_size=4)
+    assert_close(got, dot_attention(None, q, v, window=(2, None), implementation="xla"))
+    assert DotAttentionConfig(window=(2**40, 1)).window == (None, 1)
 
 
 @settings(deadline=None)

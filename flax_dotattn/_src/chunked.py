@@ -96,23 +96,47 @@ def _from_blocks(x: Array, length: int) -> Array:
     return x.reshape((x.shape[0], x.shape[1] * x.shape[2]) + x.shape[3:])[:, :length]
 
 
+def _pair_extent(x: Array, blocks: tuple[int, int]) -> tuple[int, int]:
+    """The extent of one block of a ``[..., Tq, Tv]`` array: 1 along a broadcast (size-1)
+    axis, else the block size."""
+    return tuple(1 if n == 1 else b for n, b in zip(x.shape[-2:], blocks, strict=True))
+
+
 def _pad_pairs(x: Array | None, blocks: tuple[int, int], fill: Any = 0) -> Array | None:
-    """Pads the ``[..., Tq, Tv]`` axes of a full mask or bias to whole blocks."""
+    """Pads the ``[..., Tq, Tv]`` axes of a full mask or bias to whole blocks (a size-1,
+    broadcast axis stays as it is)."""
     if x is None:
         return None
-    pad_q, pad_k = (-x.shape[-2]) % blocks[0], (-x.shape[-1]) % blocks[1]
-    if not (pad_q or pad_k):
+    pads = [(-n) % b if n != 1 else 0 for n, b in zip(x.shape[-2:], blocks, strict=True)]
+    if not any(pads):
         return x
-    widths = [(0, 0)] * (x.ndim - 2) + [(0, pad_q), (0, pad_k)]
+    widths = [(0, 0)] * (x.ndim - 2) + [(0, pad) for pad in pads]
     return jnp.pad(x, widths, constant_values=fill)
+
+
+def _pair_offsets(x: Array, blocks: tuple[int, int], i, j) -> tuple:
+    """Where block (i, j) of a padded ``[..., Tq, Tv]`` array starts (0 along broadcast
+    axes), as a full index."""
+    sizes = zip(x.shape[-2:], blocks, (i, j), strict=True)
+    starts = [0 if n == 1 else b * at for n, b, at in sizes]
+    return (0,) * (x.ndim - 2) + tuple(starts)
+
+
+def _unpad_pairs(x: Array, shape: tuple[int, ...]) -> Array:
+    """Drops the padding :func:`_pad_pairs` added: ``x`` cut to ``shape``."""
+    return x[..., : shape[-2], : shape[-1]]
+
+
+def _pair_slice(x: Array, blocks: tuple[int, int], i, j) -> Array:
+    """Block (i, j) of a padded ``[..., Tq, Tv]`` array, not broadcast: ``[..., Bq|1, Bk|1]``."""
+    extent = x.shape[:-2] + _pair_extent(x, blocks)
+    return lax.dynamic_slice(x, _pair_offsets(x, blocks, i, j), extent)
 
 
 def _pair_block(static: Static, x: Array, blocks: tuple[int, int], i, j) -> Array:
     """Block (i, j) of a padded ``[..., Tq, Tv]`` array, as ``[B, Bq, Bk]``."""
-    block_q, block_k = blocks
-    x = lax.dynamic_slice_in_dim(x, i * block_q, block_q, axis=-2)
-    x = lax.dynamic_slice_in_dim(x, j * block_k, block_k, axis=-1)  # [..., Bq, Bk]
-    return jnp.broadcast_to(x, static.batch + (block_q, block_k)).reshape(-1, block_q, block_k)
+    x = _pair_slice(x, blocks, i, j)  # [..., Bq|1, Bk|1]
+    return jnp.broadcast_to(x, static.batch + blocks).reshape((-1,) + blocks)
 
 
 def _bias_block(static: Static, bias: Array | None, blocks, i, j) -> Array | None:
@@ -267,9 +291,8 @@ def _may_see(cut: _Blocked, i, j):
         (q_lo, q_hi), (k_lo, k_hi) = cut.q_segment_range[i], cut.kv_segment_range[j]
         tests.append(jnp.any(jnp.maximum(q_lo, k_lo) <= jnp.minimum(q_hi, k_hi)))
     if cut.attention_mask is not None:
-        block_q, block_k = cut.q.shape[2], cut.k.shape[2]
-        m = lax.dynamic_slice_in_dim(cut.attention_mask, i * block_q, block_q, axis=-2)
-        tests.append(jnp.any(lax.dynamic_slice_in_dim(m, j * block_k, block_k, axis=-1)))
+        blocks = (cut.q.shape[2], cut.k.shape[2])
+        tests.append(jnp.any(_pair_slice(cut.attention_mask, blocks, i, j)))
     return functools.reduce(jnp.logical_and, tests) if tests else True
 
 
@@ -534,7 +557,7 @@ def _transpose_blocks(static, ops, present, out, m, norm, ct_out, ct_c) -> tuple
     want = (has_q, has_k, has_bias, has_scale, has_w)  # the logits' arguments
     scores_move = any(want)
     blocks = static.forward_blocks if static.dropout_rate > 0.0 else static.backward_blocks
-    block_q, block_k = blocks
+    block_q = blocks[0]
     cut = _cut(static, ops, blocks)
     dtype = ops.q.dtype
     mb = _to_blocks(m, block_q, fill=jnp.inf)  # [nQ, B, Bq]
@@ -582,8 +605,8 @@ def _transpose_blocks(static, ops, present, out, m, norm, ct_out, ct_c) -> tuple
             ct_q, ct_k, ct_bias, ct_scale, ct_w = cts
             if ct_bias is not None:
                 ct_bias = _unbroadcast(
-                    ct_bias.reshape(static.batch + ct_bias.shape[-2:]),
-                    cut.bias.shape[:-2] + ct_bias.shape[-2:],
+                    ct_bias.reshape(static.batch + blocks),
+                    cut.bias.shape[:-2] + _pair_extent(cut.bias, blocks),
                 )
             return ct_q, (ct_k, ct_v, ct_bias, ct_scale, ct_w)
 
@@ -606,7 +629,7 @@ def _transpose_blocks(static, ops, present, out, m, norm, ct_out, ct_c) -> tuple
             if ct_v is not None:
                 ct_v = _add_at(ct_v, j, new[1])
             if ct_bias is not None:
-                at = (0,) * (ct_bias.ndim - 2) + (i * block_q, j * block_k)
+                at = _pair_offsets(ct_bias, blocks, i, j)
                 old = lax.dynamic_slice(ct_bias, at, new[2].shape)
                 ct_bias = lax.dynamic_update_slice(ct_bias, old + new[2], at)
             ct_scale = None if ct_scale is None else ct_scale + new[3]
@@ -635,7 +658,7 @@ def _transpose_blocks(static, ops, present, out, m, norm, ct_out, ct_c) -> tuple
         None if ct_q is None else _from_blocks(ct_q, static.tq),
         None if ct_k is None else _from_blocks(ct_k, static.tv),
         None if ct_v is None else _from_blocks(ct_v, static.tv),
-        None if ct_bias is None else ct_bias[..., : static.tq, : static.tv],
+        None if ct_bias is None else _unpad_pairs(ct_bias, ops.bias.shape),
         ct_scale,
         ct_w,
     )

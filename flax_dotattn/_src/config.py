@@ -123,6 +123,9 @@ def _check_precision(name: str, value: Any) -> str | None:
     )
 
 
+UNBOUNDED_WINDOW = 2**30  # a window side this large is None (no limit)
+
+
 def _check_window(name: str, value: Any) -> tuple[int | None, int | None] | None:
     def side(x: Any) -> bool:
         return x is None or (
@@ -132,7 +135,9 @@ def _check_window(name: str, value: Any) -> tuple[int | None, int | None] | None
     if value is None:
         return None
     if isinstance(value, (tuple, list)) and len(value) == 2 and all(map(side, value)):
-        return tuple(None if x is None else int(x) for x in value)
+        # Positions are int32: a side of 2**30 or more lets every query of a sequence
+        # shorter than that see every key, exactly as None does, so it becomes None.
+        return tuple(None if x is None or x >= UNBOUNDED_WINDOW else int(x) for x in value)
     _fail(
         f"{name} must be None or a pair (left, right) of non-negative ints (None: unbounded "
         f"side); received {name}={value!r}."
@@ -220,9 +225,9 @@ class DotAttentionConfig:
     window: tuple[int | None, int | None] | None = _option(
         None,
         "sliding window ``(left, right)``: query ``i`` sees keys ``i - left <= j <= i + "
-        "right`` (global positions, top-left aligned like ``causal``; a None side is "
-        "unbounded); with ``causal=True``, ``(w, 0)`` is a causal sliding window. The "
-        "chunked path computes only the blocks inside the band.",
+        "right`` (global positions, top-left aligned like ``causal``; a None side, or "
+        "one of 2**30 or more, is unbounded); with ``causal=True``, ``(w, 0)`` is a causal "
+        "sliding window. The chunked path computes only the blocks inside the band.",
         _check_window,
     )
     implementation: Implementation | None = _option(

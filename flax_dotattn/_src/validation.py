@@ -123,10 +123,21 @@ def _broadcastable(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
     return all(s in (1, t) for s, t in zip(shape[::-1], target[::-1], strict=False))
 
 
-def _check_array(name: str, x: Any, expected: tuple[int, ...], layout: str, kind: str) -> Array:
+def _describe(x: Any) -> str:
+    """What was received, for an error message: an array's shape, a sequence's length."""
+    if _is_array(x):
+        return f"an array of shape {tuple(jnp.shape(x))}"
+    length = f" of length {len(x)}" if isinstance(x, Sequence) else ""
+    return f"{type(x).__name__}{length}"
+
+
+def _check_array(
+    name: str, x: Any, expected: tuple[int, ...], layout: str, kind: str, optional: bool = True
+) -> Array:
     """Checks an array that broadcasts to ``expected``; returns it as an array.
 
-    ``kind``: ``"mask"`` (bool or numeric), ``"float"`` or ``"int"``.
+    ``kind``: ``"mask"`` (bool or numeric), ``"float"`` or ``"int"``. ``optional``: whether
+    the message says None is also allowed.
     """
     wanted = {
         "mask": "be bool, or numeric where nonzero means keep",
@@ -135,8 +146,8 @@ def _check_array(name: str, x: Any, expected: tuple[int, ...], layout: str, kind
     }[kind]
     if not _is_array(x):
         _fail(
-            f"{name} must be None or an array broadcastable to {layout} = {expected}; "
-            f"received a {type(x).__name__}."
+            f"{name} must be {'None or ' if optional else ''}an array broadcastable to "
+            f"{layout} = {expected}; received {_describe(x)}."
         )
     dtype = x.dtype
     ok = {
@@ -196,10 +207,15 @@ def check_pair_masks(
         if _is_array(segment_ids) or not isinstance(segment_ids, Sequence) or len(segment_ids) != 2:
             _fail(
                 "segment_ids must be None or a pair (query_segment_ids, kv_segment_ids) of "
-                f"integer arrays; received {type(segment_ids).__name__}."
+                f"integer arrays; received {_describe(segment_ids)}."
             )
-        q_seg = _check_array("query_segment_ids", segment_ids[0], batch + (tq,), "[..., Tq]", "int")
-        kv_seg = _check_array("kv_segment_ids", segment_ids[1], batch + (tv,), "[..., Tv]", "int")
+        q_seg, kv_seg = (
+            _check_array(name, ids, batch + (t,), layout, "int", optional=False)
+            for name, ids, t, layout in zip(
+                ("query_segment_ids", "kv_segment_ids"), segment_ids, (tq, tv),
+                ("[..., Tq]", "[..., Tv]"), strict=True,
+            )
+        )  # fmt: skip
         q_seg = jnp.broadcast_to(q_seg, batch + (tq,))
         kv_seg = jnp.broadcast_to(kv_seg, batch + (tv,))
     return attention_mask, bias, q_seg, kv_seg
@@ -212,15 +228,9 @@ def check_masks(
     if masks is None:
         return None, None
     if _is_array(masks) or not isinstance(masks, Sequence) or len(masks) != 2:
-        received = (
-            f"an array of shape {tuple(jnp.shape(masks))}"
-            if _is_array(masks)
-            else f"{type(masks).__name__}"
-            + (f" of length {len(masks)}" if isinstance(masks, Sequence) else "")
-        )
         _fail(
             "masks must be None or a pair (query_mask, value_mask), each None or an "
-            f"array; received {received}."
+            f"array; received {_describe(masks)}."
         )
     query_mask, value_mask = masks
     if query_mask is not None:
