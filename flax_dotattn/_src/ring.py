@@ -545,13 +545,16 @@ def ring_attention(
 ) -> Array:
     """:func:`dot_attention` with queries, keys and values sharded along the sequence.
 
-    Same semantics and arguments as :func:`dot_attention` (the weights cannot be
-    returned). The sequence axes (``Tq`` of the query, ``Tv`` of key, value and their
-    masks) are split over the ``n`` devices of mesh axis ``axis_name``; every device keeps
-    its queries while the key/value shards circulate around the ring, so each device holds
-    O(T / n) activations in the forward pass and in both derivative modes. Inputs and
-    output are global arrays in natural order (sharded or not); other mesh axes (e.g.
-    ``"data"`` over the batch) are left to the compiler, so batch sharding composes.
+    Same semantics as :func:`dot_attention` and its arguments up to ``causal``, plus
+    ``score_mode``, dropout, ``precision`` and ``block_size`` (the weights cannot be
+    returned). ``attention_mask``, ``bias``, ``segment_ids`` and ``window`` are not taken
+    here; :func:`sequence_parallel_attention` takes them all. The sequence axes (``Tq`` of
+    the query, ``Tv`` of key, value and their masks) are split over the ``n`` devices of
+    mesh axis ``axis_name``; every device keeps its queries while the key/value shards
+    circulate around the ring, so each device holds O(T / n) activations in the forward pass
+    and in both derivative modes. Inputs and output are global arrays in natural order
+    (sharded or not); other mesh axes (e.g. ``"data"`` over the batch) are left to the
+    compiler, so batch sharding composes.
 
     Layouts: ``"contiguous"`` gives device ``r`` the ``r``-th of ``n`` slices; ``"zigzag"``
     cuts the sequence into ``2n`` chunks and gives device ``r`` chunks ``r`` and
