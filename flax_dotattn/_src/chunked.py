@@ -107,7 +107,7 @@ def _pad_pairs(x: Array | None, blocks: tuple[int, int], fill: Any = 0) -> Array
     broadcast axis stays as it is)."""
     if x is None:
         return None
-    pads = [(-n) % b if n != 1 else 0 for n, b in zip(x.shape[-2:], blocks, strict=True)]
+    pads = [(-n) % e for n, e in zip(x.shape[-2:], _pair_extent(x, blocks), strict=True)]
     if not any(pads):
         return x
     widths = [(0, 0)] * (x.ndim - 2) + [(0, pad) for pad in pads]
@@ -122,15 +122,18 @@ def _pair_offsets(x: Array, blocks: tuple[int, int], i, j) -> tuple:
     return (0,) * (x.ndim - 2) + tuple(starts)
 
 
-def _unpad_pairs(x: Array, shape: tuple[int, ...]) -> Array:
-    """Drops the padding :func:`_pad_pairs` added: ``x`` cut to ``shape``."""
-    return x[..., : shape[-2], : shape[-1]]
-
-
 def _pair_slice(x: Array, blocks: tuple[int, int], i, j) -> Array:
     """Block (i, j) of a padded ``[..., Tq, Tv]`` array, not broadcast: ``[..., Bq|1, Bk|1]``."""
     extent = x.shape[:-2] + _pair_extent(x, blocks)
     return lax.dynamic_slice(x, _pair_offsets(x, blocks, i, j), extent)
+
+
+def _pair_add(x: Array, blocks: tuple[int, int], i, j, y: Array) -> Array:
+    """Adds ``y [..., Bq|1, Bk|1]`` to block (i, j) of a padded ``[..., Tq, Tv]`` array, in
+    place (the counterpart of :func:`_pair_slice`)."""
+    return lax.dynamic_update_slice(
+        x, _pair_slice(x, blocks, i, j) + y, _pair_offsets(x, blocks, i, j)
+    )
 
 
 def _pair_block(static: Static, x: Array, blocks: tuple[int, int], i, j) -> Array:
@@ -629,9 +632,7 @@ def _transpose_blocks(static, ops, present, out, m, norm, ct_out, ct_c) -> tuple
             if ct_v is not None:
                 ct_v = _add_at(ct_v, j, new[1])
             if ct_bias is not None:
-                at = _pair_offsets(ct_bias, blocks, i, j)
-                old = lax.dynamic_slice(ct_bias, at, new[2].shape)
-                ct_bias = lax.dynamic_update_slice(ct_bias, old + new[2], at)
+                ct_bias = _pair_add(ct_bias, blocks, i, j, new[2])
             ct_scale = None if ct_scale is None else ct_scale + new[3]
             ct_w = None if ct_w is None else ct_w + new[4]
             ct_q = None if ct_q is None else ct_q + new_q
@@ -658,7 +659,7 @@ def _transpose_blocks(static, ops, present, out, m, norm, ct_out, ct_c) -> tuple
         None if ct_q is None else _from_blocks(ct_q, static.tq),
         None if ct_k is None else _from_blocks(ct_k, static.tv),
         None if ct_v is None else _from_blocks(ct_v, static.tv),
-        None if ct_bias is None else _unpad_pairs(ct_bias, ops.bias.shape),
+        None if ct_bias is None else ct_bias[..., : ops.bias.shape[-2], : ops.bias.shape[-1]],
         ct_scale,
         ct_w,
     )

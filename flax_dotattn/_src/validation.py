@@ -123,6 +123,11 @@ def _broadcastable(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
     return all(s in (1, t) for s, t in zip(shape[::-1], target[::-1], strict=False))
 
 
+def _is_pair(x: Any) -> bool:
+    """Whether ``x`` is a tuple or list of two (an array is not a pair of rows)."""
+    return not _is_array(x) and isinstance(x, Sequence) and len(x) == 2
+
+
 def _describe(x: Any) -> str:
     """What was received, for an error message: an array's shape, a sequence's length."""
     if _is_array(x):
@@ -204,18 +209,14 @@ def check_pair_masks(
         bias = _full_rank(_check_array("bias", bias, pair, "[..., Tq, Tv]", "float"), len(pair))
     q_seg = kv_seg = None
     if segment_ids is not None:
-        if _is_array(segment_ids) or not isinstance(segment_ids, Sequence) or len(segment_ids) != 2:
+        if not _is_pair(segment_ids):
             _fail(
                 "segment_ids must be None or a pair (query_segment_ids, kv_segment_ids) of "
                 f"integer arrays; received {_describe(segment_ids)}."
             )
-        q_seg, kv_seg = (
-            _check_array(name, ids, batch + (t,), layout, "int", optional=False)
-            for name, ids, t, layout in zip(
-                ("query_segment_ids", "kv_segment_ids"), segment_ids, (tq, tv),
-                ("[..., Tq]", "[..., Tv]"), strict=True,
-            )
-        )  # fmt: skip
+        q_seg, kv_seg = segment_ids
+        q_seg = _check_array("query_segment_ids", q_seg, batch + (tq,), "[..., Tq]", "int", False)
+        kv_seg = _check_array("kv_segment_ids", kv_seg, batch + (tv,), "[..., Tv]", "int", False)
         q_seg = jnp.broadcast_to(q_seg, batch + (tq,))
         kv_seg = jnp.broadcast_to(kv_seg, batch + (tv,))
     return attention_mask, bias, q_seg, kv_seg
@@ -227,7 +228,7 @@ def check_masks(
     """Validates ``masks = (query_mask, value_mask)`` and returns them as bool arrays."""
     if masks is None:
         return None, None
-    if _is_array(masks) or not isinstance(masks, Sequence) or len(masks) != 2:
+    if not _is_pair(masks):
         _fail(
             "masks must be None or a pair (query_mask, value_mask), each None or an "
             f"array; received {_describe(masks)}."
