@@ -335,3 +335,33 @@ def test_a_sliding_window_computes_only_the_band():
     block_q, block_k = static.forward_blocks
     _, _, n_steps = chunked._band(static, static.forward_blocks, 0, 3, 16384 // block_k)
     assert n_steps * block_k <= block_q + 256 + 2 * block_k
+
+
+@pytest.mark.parametrize("impl", ["xla", "chunked"])
+@pytest.mark.parametrize(
+    "q_ids,kv_ids",
+    [
+        (np.array([4294967295], np.uint32), np.array([-1], np.int32)),
+        (np.array([2**33], np.int64), np.array([0], np.int64)),
+        (np.array([0], np.int64), np.array([2**33], np.int64)),
+    ],
+    ids=["uint32_max_vs_int32_minus_1", "int64_2_pow_33_vs_0", "0_vs_int64_2_pow_33"],
+)
+def test_segment_ids_that_only_a_wrap_would_equate_raise(q_ids, kv_ids, impl):
+    q = jnp.ones((1, 1, 4))
+    with pytest.raises(ValueError, match="segment_ids"):
+        dot_attention(None, q, q, segment_ids=(q_ids, kv_ids), implementation=impl)
+
+
+@pytest.mark.parametrize("impl", ["xla", "chunked"])
+def test_segment_ids_of_mixed_integer_types_compare_by_value(impl, rng):
+    q = jnp.asarray(rng.normal(size=(1, 5, 4)), jnp.float32)
+    ids = np.array([0, 0, 1, 1, 300])
+    expected = dot_attention(None, q, q, segment_ids=(ids, ids), implementation="xla")
+    for q_ids, kv_ids in [
+        (ids.astype(np.int64), ids.astype(np.int16)),
+        (ids.astype(np.uint16), ids.astype(np.int32)),
+        (jnp.asarray(ids, jnp.uint32), jnp.asarray(ids, jnp.uint16)),
+    ]:
+        out = dot_attention(None, q, q, segment_ids=(q_ids, kv_ids), implementation=impl)
+        np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-6)

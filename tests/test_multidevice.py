@@ -137,3 +137,26 @@ def test_sequence_parallel_errors(kwargs, pattern):
     args.update(kwargs)
     with pytest.raises(ValueError, match=pattern):
         sequence_parallel_attention(**args)
+
+
+def test_sequence_parallel_takes_a_minus_inf_bias_that_hides_a_whole_shard(rng):
+    q, k, v, _, _ = _inputs(rng)
+    mesh = Mesh(np.array(CPUS[:4]), ("seq",))
+    bias = jnp.where(jnp.arange(32) < 12, -jnp.inf, 0.0)[None, None, :]  # shard 0 and part of 1
+
+    def single(q, k, v):
+        return dot_attention(None, q, v, k, bias=bias, implementation="xla")
+
+    def parallel(q, k, v):
+        return sequence_parallel_attention(
+            None, q, v, k, bias=bias, mesh=mesh, axis_name="seq", block_size=(8, 4)
+        )
+
+    out = jax.jit(parallel)(q, k, v)
+    assert np.isfinite(np.asarray(out)).all()
+    assert_close(out, single(q, k, v), factor=2)
+    g_par = jax.jit(jax.grad(lambda *a: jnp.sum(jnp.sin(parallel(*a))), (0, 1, 2)))(q, k, v)
+    g_one = jax.grad(lambda *a: jnp.sum(jnp.sin(single(*a))), (0, 1, 2))(q, k, v)
+    for a, b in zip(g_par, g_one, strict=True):
+        assert np.isfinite(np.asarray(a)).all()
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)

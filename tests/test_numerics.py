@@ -86,3 +86,77 @@ def test_weights_are_finite_and_normalised_in_hard_cases(dtype):
         w = np.asarray(w, np.float32)
         assert np.isfinite(w).all()
         np.testing.assert_allclose(w.sum(-1), 1.0, atol=2e-2 if dtype != jnp.float32 else 1e-5)
+
+
+# -- non-finite inputs that the masks hide or that a bias writes --------------------------
+
+
+def _left_padding_bias(t, n_pad, dtype=jnp.float32):
+    """The additive-mask idiom: ``-inf`` on the first ``n_pad`` keys, 0 elsewhere."""
+    return jnp.where(jnp.arange(t) < n_pad, -jnp.inf, 0.0).astype(dtype)[None, None, :]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16], ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("n_pad", [200, 300, 700])  # under one 256-key block, and past it
+def test_a_minus_inf_bias_gives_the_materialised_numbers_on_the_chunked_path(n_pad, dtype):
+    t = 1024
+    q = jax.random.normal(jax.random.key(0), (1, t, 16)).astype(dtype)
+    bias = _left_padding_bias(t, n_pad, dtype)
+
+    def loss(impl, q, k):
+        out = dot_attention(None, q, q if k is None else k, bias=bias, implementation=impl)
+        return jnp.sum(out.astype(jnp.float32) ** 2), out
+
+    results = {
+        impl: jax.value_and_grad(loss, argnums=(1, 2), has_aux=True)(impl, q, q)
+        for impl in ("xla", "chunked")
+    }
+    (_, expected), expected_grads = results["xla"]
+    (_, out), grads = results["chunked"]
+    assert _finite(expected) and _finite(expected_grads)
+    assert _finite(out) and _finite(grads)
+    tol = 2e-3 if dtype == jnp.float16 else 2e-5
+    np.testing.assert_allclose(
+        np.asarray(out, np.float32), np.asarray(expected, np.float32), rtol=tol, atol=tol
+    )
+    for g, e in zip(grads, expected_grads, strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=tol * 10, atol=tol * 10)
+
+
+@pytest.mark.parametrize("implementation", IMPLS + [None])
+@pytest.mark.parametrize("n_pad", [300, 512])  # a partial block of padding, and whole ones
+def test_non_finite_keys_and_values_hidden_by_the_value_mask_never_reach_the_output(
+    n_pad, implementation
+):
+    t = 1024
+    r = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(r.normal(size=(2, t, 8)), jnp.float32) for _ in range(3))
+    keep = jnp.arange(t) < t - n_pad  # [Tv]: the last n_pad keys are padding
+    garbage = jnp.where(keep[None, :, None], 0.0, jnp.nan)  # [1, Tv, 1]: NaN in the padding
+    masks = (None, keep)
+
+    def loss(q, k, v):
+        out = dot_attention(None, q, v, k, masks, implementation=implementation)
+        return jnp.sum(out**2), out
+
+    (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(
+        q, k + garbage, v + garbage
+    )
+    (_, clean), clean_grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+    np.testing.assert_allclose(out, clean, rtol=2e-5, atol=2e-5)
+    for g, c in zip(grads, clean_grads, strict=True):
+        assert np.isfinite(np.asarray(g)).all()
+        np.testing.assert_allclose(g, c, rtol=2e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("implementation", IMPLS)
+def test_a_row_whose_every_logit_is_minus_inf_is_nan_on_every_path(implementation):
+    q = jax.random.normal(jax.random.key(1), (1, 40, 8))
+    bias = jnp.zeros((40, 40)).at[3].set(-jnp.inf)  # row 3 has no softmax at all
+    out = dot_attention(None, q, q, bias=bias, implementation=implementation, block_size=(8, 16))
+    heads = q[:, :, None, :]  # jax.nn's [B, T, N, H]
+    reference = jax.nn.dot_product_attention(heads, heads, heads, bias=bias[None, None], scale=1.0)
+    reference = reference[:, :, 0, :]
+    assert np.isnan(np.asarray(out[0, 3])).all() and np.isnan(np.asarray(reference[0, 3])).all()
+    rows = np.arange(40) != 3
+    np.testing.assert_allclose(out[0, rows], reference[0, rows], rtol=2e-5, atol=2e-5)

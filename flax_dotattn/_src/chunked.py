@@ -397,6 +397,19 @@ def _at_most_zero(x: Array) -> Array:
     return jnp.where(x > 0, jnp.zeros_like(x), x)
 
 
+def _finite_shift(row_max: Array) -> Array:
+    """The row max, with 0 for rows whose logits so far are all ``-inf`` (a ``-inf``
+    bias): ``exp(-inf - -inf)`` is NaN, ``exp(-inf - 0)`` the 0 those weights are."""
+    return jnp.where(row_max == -jnp.inf, jnp.zeros((), row_max.dtype), row_max)
+
+
+def _probabilities(s: Array, row_max: Array, norm: Array) -> Array:
+    """Softmax weights ``[B, Bq, Bk]`` of logits ``s`` from the rows' final statistics
+    ``[B, Bq]``; 0 (not NaN) in rows that saw only ``-inf`` logits, whose ``norm`` is 0."""
+    norm = jnp.where(norm == 0, jnp.ones((), norm.dtype), norm)
+    return jnp.exp(_at_most_zero(s - _finite_shift(row_max)[..., None])) / norm[..., None]
+
+
 def _dropout_scale(static: Static, rng: Array, i, j, shape, dtype) -> Array:
     """Inverted-dropout factors of block (i, j): 0 or ``1 / (1 - rate)``."""
     keep_prob = 1.0 - static.dropout_rate
@@ -433,8 +446,9 @@ def _forward(static: Static, ops: Operands) -> tuple[Array, Array, Array]:
                 ops.concat_score_weight, i, j,
             )  # fmt: skip
             m_new = jnp.maximum(m, s.max(-1))  # [B, Bq]
-            alpha = jnp.exp(m - m_new)  # [B, Bq]
-            p = jnp.exp(_at_most_zero(s - m_new[..., None]))  # [B, Bq, Bk]
+            shift = _finite_shift(m_new)  # a row that has seen only -inf logits so far
+            alpha = jnp.exp(m - shift)  # [B, Bq]
+            p = jnp.exp(_at_most_zero(s - shift[..., None]))  # [B, Bq, Bk]
             norm = norm * alpha + p.sum(-1)
             if static.dropout_rate > 0.0:
                 p = p * _dropout_scale(static, ops.rng, i, j, p.shape, dtype)
@@ -445,7 +459,10 @@ def _forward(static: Static, ops: Operands) -> tuple[Array, Array, Array]:
             static, blocks, cut, ops.key_offset, i, lambda c: c[0], _gated(compute), init,
             remat=False,
         )  # fmt: skip
-        return acc / norm[..., None], m, norm
+        # Rows that saw only -inf logits (norm 0) get 0 here, a finite residual for the
+        # derivative passes and the sharded merge; chunked_attention reports them as NaN.
+        safe = jnp.where(norm > 0, norm, jnp.ones((), dtype))
+        return acc / safe[..., None], m, norm
 
     out, m, norm = lax.map(query_block, (jnp.arange(cut.q.shape[0]), cut.q))
     return _from_blocks(out, static.tq), _from_blocks(m, static.tq), _from_blocks(norm, static.tq)
@@ -500,7 +517,7 @@ def _tangent_blocks(static, ops, tangents, out, m, norm) -> tuple[Array, Array]:
                 s, ds = jax.jvp(scores, primals, tans)  # [B, Bq, Bk] each
             else:
                 s = scores(*primals)
-            p = jnp.exp(_at_most_zero(s - m_blk[..., None])) / n_blk[..., None]
+            p = _probabilities(s, m_blk, n_blk)
             drop = None
             if static.dropout_rate > 0.0:
                 drop = _dropout_scale(static, ops.rng, i, j, p.shape, dtype)
@@ -591,7 +608,7 @@ def _transpose_blocks(static, ops, present, out, m, norm, ct_out, ct_c) -> tuple
 
             moving = [a for a, w in zip(args, want, strict=True) if w]
             s, pull = jax.vjp(scores, *moving) if scores_move else (scores(), None)
-            p = jnp.exp(_at_most_zero(s - m_blk[..., None])) / n_blk[..., None]  # [B,Bq,Bk]
+            p = _probabilities(s, m_blk, n_blk)  # [B, Bq, Bk]
             drop = None
             if static.dropout_rate > 0.0:
                 drop = _dropout_scale(static, ops.rng, i, j, p.shape, dtype)
@@ -971,10 +988,16 @@ def chunked_attention(
     # inline the kernel into the caller's trace.
     traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(ops))
     out, m, norm = (_attend if traced else _attend_jit)(static, ops)
-    out = out.reshape(batch + (tq, dv))  # [..., Tq, Dv]
     if not with_stats:
-        return out
-    return out, (m.reshape(batch + (tq,)), jnp.log(norm).reshape(batch + (tq,)))
+        # A row whose every logit is -inf (a -inf bias) has no softmax: NaN, as the
+        # materialised path and jax.nn give.
+        out = jnp.where(norm[..., None] > 0, out, jnp.full((), jnp.nan, out.dtype))
+        return out.reshape(batch + (tq, dv))  # [..., Tq, Dv]
+    out = out.reshape(batch + (tq, dv))
+    # log(0) = -inf for rows that saw only -inf logits, with a zero (not NaN) derivative.
+    seen = norm > 0
+    log_l = jnp.where(seen, jnp.log(jnp.where(seen, norm, 1)), -jnp.inf)
+    return out, (m.reshape(batch + (tq,)), log_l.reshape(batch + (tq,)))
 
 
 def _clip(blocks: tuple[int, int], tq: int, tv: int) -> tuple[int, int]:

@@ -174,7 +174,9 @@ def sequence_parallel_attention(
         top = lax.pmax(m, axis_name)  # [..., Tq]
         w = jnp.exp(m - top + log_l)  # [..., Tq]
         total = lax.psum(w, axis_name)
-        return lax.psum(w[..., None] * out, axis_name) / total[..., None]  # [..., Tq, Dv]
+        # A shard whose keys a -inf bias hides from a row has w = 0 and out = NaN (0 / 0).
+        part = jnp.where(w[..., None] > 0, w[..., None] * out, jnp.zeros((), out.dtype))
+        return lax.psum(part, axis_name) / total[..., None]  # [..., Tq, Dv]
 
     in_specs = (
         replicated,

@@ -187,6 +187,45 @@ def _full_rank(x: Array, ndim: int) -> Array:
     return x.reshape((1,) * (ndim - x.ndim) + x.shape)
 
 
+_SEGMENT_NAMES = ("query_segment_ids", "kv_segment_ids")
+
+
+def _exact_ids(name: str, ids: Any) -> Any:
+    """Host (NumPy) ids whose values JAX's integer type would wrap raise a ValueError
+    (with 64-bit types off, int64 2**33 would become 0); others pass unchanged."""
+    if not isinstance(ids, (np.ndarray, np.generic)) or not np.issubdtype(ids.dtype, np.integer):
+        return ids
+    target = jax.dtypes.canonicalize_dtype(ids.dtype)
+    if target == ids.dtype or ids.size == 0:
+        return ids
+    info = np.iinfo(target)
+    low, high = int(ids.min()), int(ids.max())
+    if low < info.min or high > info.max:
+        _fail(
+            f"segment_ids: {name} must fit JAX's {target} ({info.min}..{info.max}) so that "
+            f"ids compare exactly; received {ids.dtype} ids in {low}..{high}."
+        )
+    return ids.astype(target)
+
+
+def _common_id_dtype(q_ids: Array, kv_ids: Array) -> tuple[Array, Array]:
+    """Both id arrays in one integer dtype that holds every value of each exactly, or a
+    ValueError (e.g. uint32 against int32: JAX's 32-bit comparison would equate
+    4294967295 and -1)."""
+    common = jax.dtypes.canonicalize_dtype(jnp.promote_types(q_ids.dtype, kv_ids.dtype))
+    exact = jnp.issubdtype(common, jnp.integer) and all(
+        np.can_cast(x.dtype, common, "safe") for x in (q_ids, kv_ids)
+    )
+    if not exact:
+        _fail(
+            "segment_ids: query_segment_ids and kv_segment_ids must have integer dtypes "
+            f"that one {jax.dtypes.canonicalize_dtype(jnp.int64)} or narrower type holds "
+            f"exactly, so that ids compare by value; received {q_ids.dtype} and "
+            f"{kv_ids.dtype} (cast both to one signed type)."
+        )
+    return q_ids.astype(common), kv_ids.astype(common)
+
+
 def check_pair_masks(
     attention_mask: Any, bias: Any, segment_ids: Any, query_shape, value_shape
 ) -> tuple[Array | None, Array | None, Array | None, Array | None]:
@@ -214,9 +253,10 @@ def check_pair_masks(
                 "segment_ids must be None or a pair (query_segment_ids, kv_segment_ids) of "
                 f"integer arrays; received {_describe(segment_ids)}."
             )
-        q_seg, kv_seg = segment_ids
+        q_seg, kv_seg = (_exact_ids(n, x) for n, x in zip(_SEGMENT_NAMES, segment_ids, strict=True))
         q_seg = _check_array("query_segment_ids", q_seg, batch + (tq,), "[..., Tq]", "int", False)
         kv_seg = _check_array("kv_segment_ids", kv_seg, batch + (tv,), "[..., Tv]", "int", False)
+        q_seg, kv_seg = _common_id_dtype(q_seg, kv_seg)
         q_seg = jnp.broadcast_to(q_seg, batch + (tq,))
         kv_seg = jnp.broadcast_to(kv_seg, batch + (tv,))
     return attention_mask, bias, q_seg, kv_seg
@@ -362,6 +402,8 @@ def check_inputs(
         attention_mask, bias, segment_ids, query.shape, value.shape
     )
     scale, concat_score_weight = check_params(params, score_mode)
+    if value_mask is not None:
+        key, value = hide_non_finite(key, value, value_mask)
 
     dtype = jnp.dtype(jnp.result_type(query, key, value))
     compute_dtype = jnp.dtype(jnp.float32) if jnp.finfo(dtype).bits < 32 else dtype
@@ -377,6 +419,23 @@ def check_inputs(
         dtype=dtype,
         compute_dtype=compute_dtype,
     )
+
+
+def hide_non_finite(key: Array, value: Array, value_mask: Array) -> tuple[Array, Array]:
+    """Reads non-finite entries of the keys and values that ``value_mask [..., Tv]``
+    hides as 0, so that garbage in the padding never reaches an output or a gradient.
+
+    Finite entries are untouched, so every number, Keras's rows that see no key included,
+    stays as it was; the cost is one elementwise pass over ``[..., Tv, D]`` and
+    ``[..., Tv, Dv]``.
+    """
+    shown = value_mask[..., None]  # [..., Tv, 1]
+
+    def clean(x: Array) -> Array:
+        return jnp.where(shown | jnp.isfinite(x), x, jnp.zeros((), x.dtype))
+
+    value_out = clean(value)
+    return value_out if key is value else clean(key), value_out
 
 
 def finish(output: Array, inputs: AttentionInputs) -> Array:
