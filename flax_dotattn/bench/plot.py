@@ -32,6 +32,10 @@ _LABELS = {
     "torch_sdpa": "torch scaled_dot_product_attention",
 }
 
+#: Each row of panels: the row field drawn, its factor to the unit shown, the y label.
+#: Without memory probes (``--no-memory``) only the time panels are drawn.
+_PANELS = (("seconds", 1e3, "median time per call (ms)"), ("peak_mib", 1.0, "peak MiB"))
+
 
 def require_matplotlib():
     """Imports matplotlib with a non-interactive backend, or explains how to get it."""
@@ -68,30 +72,14 @@ def plot(rows: Sequence[dict[str, Any]], path: str, title: str = "") -> str:
       RuntimeError: when matplotlib is not installed.
     """
     plt = require_matplotlib()
-    batches = {r["batch"] for r in rows}
-    ticks = sorted({(r["length"], r["batch"]) for r in rows})
-    panels = (("seconds", 1e3, "median time per call (ms)"), ("peak_mib", 1.0, "peak MiB"))
-    if all(r.get("peak_mib") is None for r in rows):  # --no-memory: time panels only
-        panels = panels[:1]
+    panels = _PANELS if any(r.get("peak_mib") is not None for r in rows) else _PANELS[:1]
     fig, axes = plt.subplots(
         len(panels), 2, figsize=(10, 3.6 * len(panels) + 0.6), sharex=True, squeeze=False
     )
     for col, mode in enumerate(MODES):
         for row, (field, factor, label) in enumerate(panels):
             ax = axes[row][col]
-            for impl in IMPLS:
-                points = sorted(
-                    (r["length"], r[field] * factor)
-                    for r in rows
-                    if r["impl"] == impl
-                    and r["mode"] == mode
-                    and r.get(field) is not None
-                    and r[field] > 0
-                )
-                if not points:
-                    continue
-                lengths, values = zip(*points, strict=True)
-                ax.plot(lengths, values, label=_LABELS[impl], linewidth=1.5, **_STYLE[impl])
+            _draw_lines(ax, rows, mode, field, factor)
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.grid(True, which="major", alpha=0.3)
@@ -99,24 +87,49 @@ def plot(rows: Sequence[dict[str, Any]], path: str, title: str = "") -> str:
             if row == 0:
                 ax.set_title("forward" if mode == "fwd" else "forward + backward")
             if row == len(panels) - 1:
-                ax.set_xlabel("sequence length T" + ("" if len(batches) == 1 else " (B x T)"))
-                ax.set_xticks([t for t, _ in ticks])
-                if len(batches) == 1:
-                    ax.set_xticklabels([str(t) for t, _ in ticks])
-                else:
-                    ax.set_xticklabels([f"{b}x{t}" for t, b in ticks], rotation=35, ha="right")
-                ax.minorticks_off()
-    handles: dict[str, Any] = {}  # one legend entry per implementation, across panels
-    for ax in (a for line in axes for a in line):
-        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
-            handles.setdefault(label, handle)
-    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=3, frameon=False)
+                _label_lengths(ax, rows)
+    _legend(fig, axes)
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout(rect=(0, 0.08, 1, 0.97 if title else 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _draw_lines(ax, rows: Sequence[dict[str, Any]], mode: str, field: str, factor: float):
+    """One line per implementation: ``field`` (times ``factor``) against T, in ``mode``."""
+    for impl in IMPLS:
+        points = sorted(
+            (r["length"], r[field] * factor)
+            for r in rows
+            if r["impl"] == impl and r["mode"] == mode and r.get(field) is not None and r[field] > 0
+        )
+        if points:
+            lengths, values = zip(*points, strict=True)
+            ax.plot(lengths, values, label=_LABELS[impl], linewidth=1.5, **_STYLE[impl])
+
+
+def _label_lengths(ax, rows: Sequence[dict[str, Any]]) -> None:
+    """The x axis of a bottom panel: one tick per length, ``BxT`` when batches differ."""
+    batches = {r["batch"] for r in rows}
+    ticks = sorted({(r["length"], r["batch"]) for r in rows})
+    ax.set_xlabel("sequence length T" + ("" if len(batches) == 1 else " (B x T)"))
+    ax.set_xticks([t for t, _ in ticks])
+    if len(batches) == 1:
+        ax.set_xticklabels([str(t) for t, _ in ticks])
+    else:
+        ax.set_xticklabels([f"{b}x{t}" for t, b in ticks], rotation=35, ha="right")
+    ax.minorticks_off()
+
+
+def _legend(fig, axes) -> None:
+    """One legend entry per implementation, across panels, below them."""
+    handles: dict[str, Any] = {}
+    for ax in (a for line in axes for a in line):
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, handle)
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=3, frameon=False)
 
 
 def plot_title(machine_text: str, depth: int, load: Sequence[float] | None) -> str:
