@@ -196,6 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run_scenarios(args: argparse.Namespace) -> int:
+    """``--scenarios``: times them, prints the machine and its load, writes ``--json``."""
     header = f"Machine: {machine()}; D = 64, float32, T = {SCENARIO_LENGTH}, forward+backward."
     print(header, f"Load average (1 min) at start: {load_average()[0]:.2f}.", flush=True)
     rows = runs.scenario_rows(args.scenarios, args.repeats or 5, not args.no_memory)
@@ -237,6 +238,7 @@ def _groups(args: argparse.Namespace) -> list[runs.Group]:
 
 
 def _run_table(args: argparse.Namespace) -> int:
+    """The table over shapes, modes and implementations, and the files asked for."""
     groups = _groups(_with_defaults(args))
     load_start = load_average()
     header = f"Machine: {machine()}; D = {args.depth}, float32" + (
