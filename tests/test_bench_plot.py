@@ -5,13 +5,15 @@ import json
 import pytest
 
 from flax_dotattn import bench
+from flax_dotattn.bench.entries import MODES
+from flax_dotattn.bench.plot import plot, plot_title
 
 
 def _rows():
     """A tiny fake result set: two lengths, both modes, three implementations."""
     rows = []
     for t in (256, 1024):
-        for mode in bench.MODES:
+        for mode in MODES:
             for i, impl in enumerate(("naive", "chunked", "jax_nn")):
                 rows.append(
                     dict(batch=1, length=t, depth=64, mode=mode, impl=impl,
@@ -25,8 +27,8 @@ def _rows():
 def test_plot_writes_a_png(tmp_path):
     pytest.importorskip("matplotlib")
     path = tmp_path / "bench.png"
-    title = bench.plot_title("CPU (test)", 64, [0.5, 1.5])
-    assert bench.plot(_rows(), str(path), title) == str(path)
+    title = plot_title("CPU (test)", 64, [0.5, 1.5])
+    assert plot(_rows(), str(path), title) == str(path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert path.stat().st_size > 10_000
 
@@ -52,4 +54,4 @@ def test_plot_without_matplotlib_says_how_to_get_it(monkeypatch):
 
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
     with pytest.raises(RuntimeError, match=r"needs matplotlib.*examples"):
-        bench.plot(_rows(), "unused.png")
+        plot(_rows(), "unused.png")

@@ -110,7 +110,7 @@ def test_every_requirement_is_a_floor():
 
 def test_library_imports_exactly_the_runtime_dependencies():
     """What runs on ``import flax_dotattn`` needs only ``dependencies``; a lazy or guarded import
-    (``bench.py``'s keras) may come from an extra; and nothing unused is required."""
+    (the benchmark's keras and torch) may come from an extra; and nothing unused is required."""
     any_extra = set().union(*EXTRAS.values())
     found = _third_party(sorted((ROOT / "flax_dotattn").rglob("*.py")), {"flax_dotattn"})
     undeclared = _undeclared(found, RUNTIME, any_extra)

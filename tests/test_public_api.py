@@ -38,11 +38,55 @@ def test_pure_layers_import_neither_flax_nor_keras(module):
     assert not _imported_roots(SRC / f"{module}.py") & {"flax", "keras"}
 
 
+PACKAGE = pathlib.Path(flax_dotattn.__file__).parent
+BENCH = PACKAGE / "bench"
+
+
+def _library_files():
+    """The package's modules but the benchmark's, which sits on top of the library."""
+    return [path for path in sorted(PACKAGE.rglob("*.py")) if BENCH not in path.parents]
+
+
 def test_library_never_imports_keras():
-    # The benchmark CLI times Keras's layer when it is installed; nothing else may import it.
-    for path in pathlib.Path(flax_dotattn.__file__).parent.rglob("*.py"):
-        if path.name != "bench.py":
-            assert "keras" not in _imported_roots(path), path
+    # The benchmark times Keras's layer when it is installed; nothing else may import it.
+    for path in _library_files():
+        assert "keras" not in _imported_roots(path), path
+
+
+def _imported_modules(source, module):
+    """The absolute names ``source`` imports, with each ``from X import name`` also as
+    ``X.name`` and relative imports resolved; ``module`` is the file's dotted path
+    (``pkg.__init__`` for a package), so its package is all but the last part."""
+    package = module.split(".")[:-1]
+    names = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            base = ".".join(base + ([node.module] if node.module else []))
+            names |= {base} | {f"{base}.{alias.name}" for alias in node.names}
+    return names
+
+
+def test_imported_modules_resolves_relative_imports():
+    source = "from . import bench\nfrom ..bench.cli import main\nimport flax_dotattn.bench"
+    assert _imported_modules(source, "flax_dotattn._src.x") == {
+        "flax_dotattn._src",
+        "flax_dotattn._src.bench",
+        "flax_dotattn.bench.cli",
+        "flax_dotattn.bench.cli.main",
+        "flax_dotattn.bench",
+    }
+    assert "flax_dotattn.bench" in _imported_modules("from . import bench", "flax_dotattn.__init__")
+
+
+def test_library_never_imports_the_benchmark():
+    """Imports run one way: ``flax_dotattn.bench`` uses the library, never the reverse."""
+    for path in _library_files():
+        module = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+        imported = _imported_modules(path.read_text(), module)
+        assert not {m for m in imported if m.split(".")[:2] == ["flax_dotattn", "bench"]}, path
 
 
 @pytest.mark.parametrize("name", ["DotAttention", "from_linen", "to_linen"])

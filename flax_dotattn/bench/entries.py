@@ -1,0 +1,132 @@
+"""What one benchmark entry times: a jitted function of ``q, k, v`` and those inputs.
+
+An entry is an implementation (:data:`IMPLS`) in a mode (:data:`MODES`: the forward pass,
+or forward+backward as the gradients of ``sum(out**2)``) at a shape ``[B, T, D]``, float32;
+or one of the masking scenarios (:data:`SCENARIO_ENTRIES`). Entries travel as plain dicts
+(:func:`build_entry`), so that the memory probe can rebuild one in a fresh process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from flax_dotattn import dot_attention
+from flax_dotattn.bench import baselines
+
+IMPLS = ("naive", "default", "xla", "chunked", "jax_nn", "keras", "torch_sdpa")
+SCENARIOS = ("window", "packing")
+MODES = ("fwd", "fwd_bwd")
+#: The sequence length at which the scenarios are timed.
+SCENARIO_LENGTH = 16384
+#: The entries of each scenario; the first is the one the others are compared with.
+SCENARIO_ENTRIES = {
+    "window": ("causal_full", "causal_window_256"),
+    "packing": ("packed_segment_ids", "packed_full_mask_xla", "packed_as_batch"),
+}
+#: Lengths at which the window's peak memory is measured (it should grow linearly).
+WINDOW_MEMORY_LENGTHS = (4096, 8192, 16384)
+
+
+def _inputs(b: int, t: int, d: int):
+    kq, kk, kv = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(kq, (b, t, d), jnp.float32) * 0.1
+    k = jax.random.normal(kk, (b, t, d), jnp.float32) * 0.1
+    v = jax.random.normal(kv, (b, t, d), jnp.float32)
+    return q, k, v
+
+
+def _jitted(attend: Callable, mode: str) -> Callable:
+    if mode == "fwd":
+        return jax.jit(attend)
+    return jax.jit(jax.grad(lambda q, k, v: jnp.sum(attend(q, k, v) ** 2), argnums=(0, 1, 2)))
+
+
+def _ours(causal: bool, implementation: str | None) -> baselines.Attend:
+    def attend(q, k, v):
+        return dot_attention(None, q, v, k, causal=causal, implementation=implementation)
+
+    return attend
+
+
+def _attend(impl: str, t: int, causal: bool) -> baselines.Attend:
+    if impl == "naive":
+        return baselines.naive(t, causal)
+    if impl in ("default", "xla", "chunked"):
+        return _ours(causal, None if impl == "default" else impl)
+    if impl == "jax_nn":
+        return baselines.jax_nn(causal)
+    if impl == "keras":
+        return baselines.keras_attention(causal)
+    raise ValueError(f"impl must be one of {IMPLS}; received {impl!r}.")
+
+
+def build(
+    impl: str, mode: str, b: int, t: int, d: int, causal: bool = False, check: bool = True
+) -> tuple[Callable, tuple]:
+    """Returns a jitted function (a torch one for ``torch_sdpa``) and its inputs for one
+    benchmark entry.
+
+    ``torch_sdpa`` is checked against :func:`flax_dotattn.dot_attention` first, unless
+    ``check`` is False (the memory probe must not run it before measuring).
+    """
+    q, k, v = _inputs(b, t, d)
+    if impl != "torch_sdpa":
+        return _jitted(_attend(impl, t, causal), mode), (q, k, v)
+    run, args = baselines.torch_sdpa(mode, q, k, v, causal)
+    if check:
+        ours = _jitted(_ours(causal, None), mode)(q, k, v)
+        baselines.assert_torch_matches(ours, run(*args), mode)
+    return run, args
+
+
+def build_scenario(name: str, t: int = SCENARIO_LENGTH, d: int = 64) -> tuple[Callable, tuple]:
+    """One forward+backward entry of ``--scenarios``, by name:
+
+    * ``causal_full``: full causal attention, automatic dispatch;
+    * ``causal_window_256``: causal sliding window ``(256, 0)``;
+    * ``packed_segment_ids``: 8 sequences packed into one row with ``segment_ids``;
+    * ``packed_full_mask_xla``: the same row with a block-diagonal ``attention_mask``
+      ``[T, T]`` on the xla path (what a user would build by hand);
+    * ``packed_as_batch``: the 8 sequences as a batch of 8.
+    """
+    q, k, v = _inputs(1, t, d)
+    segments = jnp.repeat(jnp.arange(8), t // 8)  # [T]
+    options = {
+        "causal_full": dict(causal=True),
+        "causal_window_256": dict(causal=True, window=(256, 0)),
+        "packed_segment_ids": dict(segment_ids=(segments, segments)),
+        "packed_full_mask_xla": dict(
+            attention_mask=segments[:, None] == segments[None, :], implementation="xla"
+        ),
+        "packed_as_batch": dict(),
+    }[name]
+    if name == "packed_as_batch":
+        q, k, v = (x.reshape(8, t // 8, d) for x in (q, k, v))
+    return _jitted(lambda q, k, v: dot_attention(None, q, v, k, **options), "fwd_bwd"), (q, k, v)
+
+
+def build_entry(spec: dict[str, Any]) -> tuple[Callable, tuple]:
+    """:func:`build` or :func:`build_scenario` from a spec: ``{"scenario": name, "t": T}``
+    or ``{"impl", "mode", "b", "t", "d", "causal"}``."""
+    if "scenario" in spec:
+        return build_scenario(spec["scenario"], spec["t"], spec.get("d", 64))
+    return build(
+        spec["impl"],
+        spec["mode"],
+        spec["b"],
+        spec["t"],
+        spec["d"],
+        spec.get("causal", False),
+        spec.get("check", True),
+    )
+
+
+def flops(mode: str, b: int, t: int, d: int, causal: bool = False) -> float:
+    """Model FLOPs: 2 matmuls forward, 4 more backward (recomputation not counted); half
+    of them under ``causal``."""
+    per_matmul = 2.0 * b * t * t * d * (0.5 if causal else 1.0)
+    return per_matmul * (2 if mode == "fwd" else 6)
