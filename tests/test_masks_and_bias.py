@@ -24,6 +24,8 @@ from flax_dotattn import (
 )
 from flax_dotattn import nnx as fdnnx
 from flax_dotattn._src import chunked
+from flax_dotattn._src.chunked import kernel, skipping
+from flax_dotattn._src.masks import Masking
 
 
 def dense_keep(batch, tq, tv, *, value_mask=None, attention_mask=None, segments=None,
@@ -317,23 +319,23 @@ def test_broadcast_masks_equal_their_explicit_broadcast(shape, seed):
 def test_eager_chunked_calls_reuse_the_compiled_kernel():
     q = jnp.ones((1, 64, 8))
     dot_attention(None, q, q, implementation="chunked", block_size=16)
-    before = chunked._attend_jit._cache_size()
+    before = kernel.attend_jit._cache_size()
     for _ in range(3):
         dot_attention(None, q + 1.0, q, implementation="chunked", block_size=16)
-    assert chunked._attend_jit._cache_size() <= before + 1
+    assert kernel.attend_jit._cache_size() <= before + 1
 
 
 def test_a_sliding_window_computes_only_the_band():
     # T = 16384 with a (256, 0) causal window: the compiled program's temporaries stay
-    # linear in T, and the chunked sweep visits O(T * window) blocks (checked via _band).
+    # linear in T, and the chunked sweep visits O(T * window) blocks (checked via the band).
     static, _ = chunked.prepare(
         jnp.ones((1, 16384, 8)), jnp.ones((1, 16384, 8)), jnp.ones((1, 16384, 8)),
-        chunked.Masking(), None, None, None, score_mode="dot", causal=True, window=(256, 0),
+        Masking(), None, None, None, score_mode="dot", causal=True, window=(256, 0),
         dropout_rate=0.0, dropout_rng=None, block_sizes=None, precision=None,
         compute_dtype=jnp.float32,
     )  # fmt: skip
     block_q, block_k = static.forward_blocks
-    _, _, n_steps = chunked._band(static, static.forward_blocks, 0, 3, 16384 // block_k)
+    _, _, n_steps = skipping.band(static, static.forward_blocks, 0, 3, 16384 // block_k)
     assert n_steps * block_k <= block_q + 256 + 2 * block_k
 
 

@@ -298,14 +298,14 @@ def _run(
         return materialised_attention(*arrays, **options)
     if plan.implementation == "cudnn":
         return _cudnn(inputs, block_sizes, options), None
-    return chunked.chunked_attention(*arrays, block_sizes=block_sizes, **options), None
+    return chunked.attention(*arrays, block_sizes=block_sizes, **options), None
 
 
 def _cudnn(inputs: validation.AttentionInputs, block_sizes: Any, options: dict) -> Array:
     """The fused kernel, with the chunked path where the kernel would differ from Keras."""
 
     def keras(query, key, value, value_mask):
-        return chunked.chunked_attention(
+        return chunked.attention(
             query, key, value, Masking(value_mask=value_mask), None, inputs.scale, None,
             block_sizes=block_sizes, **options,
         )  # fmt: skip

@@ -53,7 +53,7 @@ from flax_dotattn._src import chunked, validation
 from flax_dotattn._src.blocks import BlockSizes
 from flax_dotattn._src.config import check_option
 from flax_dotattn._src.linear_map import linear_map
-from flax_dotattn._src.masks import MASK_PENALTY
+from flax_dotattn._src.masks import MASK_PENALTY, Masking
 from flax_dotattn._src.sharding import check_mesh_axis
 from flax_dotattn._src.types import Array, Masks, Params, ScoreMode
 
@@ -154,9 +154,7 @@ def _pair(ring: Ring, shards: Shards, q_id, k_id, a, b) -> chunked.Operands:
         q=shards.q[a],
         k=shards.k[b],
         v=shards.v[b],
-        masking=chunked.Masking(
-            value_mask=None if shards.value_mask is None else shards.value_mask[b]
-        ),
+        masking=Masking(value_mask=None if shards.value_mask is None else shards.value_mask[b]),
         bias=None,
         key_offset=jnp.asarray(k_id * ring.cv - q_id * ring.cq, jnp.int32),
         scale=shards.scale,
@@ -225,7 +223,7 @@ def _ring_forward(ring: Ring, shards: Shards) -> tuple[tuple[Array, Array, Array
 
         def compute(state):
             row, work = state
-            out, m, norm = chunked._forward(ring.pair, ops)
+            out, m, norm = chunked.forward(ring.pair, ops)
             return _merge(row, out, m, norm), work + _blocks_computed(ring, ops.key_offset)
 
         row, work = _maybe(ring, ops, row[0], compute, (row, work))
@@ -236,39 +234,41 @@ def _ring_forward(ring: Ring, shards: Shards) -> tuple[tuple[Array, Array, Array
 
 
 # -- derivatives ------------------------------------------------------------------------
-# The tangent is linear in ``(dq, dk, dv, dscale, dcw)``; ``present`` (static) says which
-# are nonzero, and only those travel as ``linear`` arguments. Every pair uses the *final*
-# ``(out, m, l)`` of its rows, so the pairs' ``A - c * out`` (see chunked._tangent) add up
-# to the row's ``sum(A) - sum(c) * out``: the exact JVP.
+# The tangent is linear in the named tangents (query, key, value and the scalars; the ring
+# takes no bias); fields that are None are zero and do not travel. Every pair uses the
+# *final* ``(out, m, l)`` of its rows, so the pairs' ``A - c * out`` (see the kernel's
+# tangent) add up to the row's ``sum(A) - sum(c) * out``: the exact JVP.
 
 
-def _expand(present: tuple[bool, ...], linear: Any) -> list[Any]:
-    it = iter(linear)
-    return [next(it) if p else None for p in present]
-
-
-def _select(present: tuple[bool, ...], items: Any) -> tuple[Any, ...]:
-    return tuple(x for x, p in zip(items, present, strict=True) if p)
-
-
-def _tangent_ring(ring: Ring, present, residuals, linear) -> Array:
+def _tangent_ring(ring: Ring, residuals, t: chunked.Tangents) -> Array:
     """The JVP of the ring's output ``[chunks, B, Cq, Dv]``; k/v tangents travel along."""
     shards, (out, m, norm) = residuals
-    dq, dk, dv, dscale, dcw = _expand(present, linear)
 
     def pair_step(a, b, ops, visiting, d_out):
-        dk_b, dv_b = visiting
-        tangents = (None if dq is None else dq[a], dk_b, dv_b, None, dscale, dcw)
+        key, value = visiting
+        query = None if t.query is None else t.query[a]
+        tangents = t._replace(query=query, key=key, value=value)
+        pair = chunked.Residuals(ops, out[a], m[a], norm[a])
 
         def compute(acc):
-            return acc + chunked._tangent(ring.pair, ops, tangents, out[a], m[a], norm[a])[0]
+            return acc + chunked.tangent(ring.pair, pair, tangents)[0]
 
         return d_out.at[a].set(_maybe(ring, ops, m[a], compute, d_out[a]))
 
-    return _steps(ring, shards, pair_step, (dk, dv), jnp.zeros_like(out))
+    return _steps(ring, shards, pair_step, (t.key, t.value), jnp.zeros_like(out))
 
 
-def _tangent_ring_transpose(ring: Ring, present, residuals, ct: Array) -> tuple[Array, ...]:
+def _pick(x: Array | None, i: Any) -> Array | None:
+    return None if x is None else x[i]
+
+
+def _put(x: Array | None, i: Any, y: Array | None) -> Array | None:
+    return None if x is None else x.at[i].set(y)
+
+
+def _tangent_ring_transpose(
+    ring: Ring, present: chunked.Tangents, residuals, ct: Array
+) -> chunked.Tangents:
     """The transpose of :func:`_tangent_ring` (reverse mode): a third ring.
 
     The cotangents of each key/value shard ride along with the shard and reach their owner
@@ -276,56 +276,71 @@ def _tangent_ring_transpose(ring: Ring, present, residuals, ct: Array) -> tuple[
     place (``shard_map`` sums the scalars' partial cotangents over the axis).
     """
     shards, (out, m, norm) = residuals
-    has_q, has_k, has_v, has_scale, has_cw = present
-    zeros = lambda x, keep: jnp.zeros_like(x) if keep else None  # noqa: E731
-    carry = (
-        zeros(shards.q, has_q),  # stays
-        zeros(shards.scale, has_scale),  # stays
-        zeros(shards.concat_score_weight, has_cw),  # stays
-        zeros(shards.k, has_k),  # travels with its shard
-        zeros(shards.v, has_v),  # travels with its shard
+
+    def zeros(x, p):
+        return None if p is None else jnp.zeros_like(x)
+
+    stays = chunked.Tangents(
+        query=zeros(shards.q, present.query),
+        scale=zeros(shards.scale, present.scale),
+        concat_weight=zeros(shards.concat_score_weight, present.concat_weight),
+    )
+    travels = chunked.Tangents(
+        key=zeros(shards.k, present.key), value=zeros(shards.v, present.value)
     )
 
     def pair_step(a, b, ops, _, carry):
-        ct_q, ct_scale, ct_cw, ct_k, ct_v = carry
-        pick = lambda x, i: None if x is None else x[i]  # noqa: E731
-        acc = _select(present, (pick(ct_q, a), pick(ct_k, b), pick(ct_v, b), ct_scale, ct_cw))
-        primals = _select(present, (ops.q, ops.k, ops.v, ops.scale, ops.concat_score_weight))
-
-        def tangent(*linear):
-            dq_, dk_, dv_, dscale_, dcw_ = _expand(present, linear)
-            tangents = (dq_, dk_, dv_, None, dscale_, dcw_)  # no bias on the ring
-            return chunked._tangent(ring.pair, ops, tangents, out[a], m[a], norm[a])[0]
+        stays, travels = carry
+        acc = stays._replace(
+            query=_pick(stays.query, a), key=_pick(travels.key, b), value=_pick(travels.value, b)
+        )
+        operands = chunked.Tangents(ops.q, ops.k, ops.v, None, ops.scale, ops.concat_score_weight)
+        primals = chunked.Tangents(
+            *(None if p is None else x for x, p in zip(operands, present, strict=True))
+        )
+        pair = chunked.Residuals(ops, out[a], m[a], norm[a])
 
         def compute(acc):
-            cts = jax.linear_transpose(tangent, *primals)(ct[a])
-            return tuple(x + y for x, y in zip(acc, cts, strict=True))
+            (cts,) = jax.linear_transpose(
+                lambda t: chunked.tangent(ring.pair, pair, t)[0], primals
+            )(ct[a])
+            return jax.tree.map(jnp.add, acc, cts)
 
-        new_q, new_k, new_v, ct_scale, ct_cw = _expand(
-            present, _maybe(ring, ops, m[a], compute, acc)
+        new = _maybe(ring, ops, m[a], compute, acc)
+        stays = new._replace(query=_put(stays.query, a, new.query), key=None, value=None)
+        travels = travels._replace(
+            key=_put(travels.key, b, new.key), value=_put(travels.value, b, new.value)
         )
-        put = lambda x, i, y: None if x is None else x.at[i].set(y)  # noqa: E731
-        return put(ct_q, a, new_q), ct_scale, ct_cw, put(ct_k, b, new_k), put(ct_v, b, new_v)
+        return stays, travels
 
     def travelling(carry):
-        return (*carry[:3], *_rotate(ring, carry[3:]))
+        stays, travels = carry
+        return stays, _rotate(ring, travels)
 
-    ct_q, ct_scale, ct_cw, ct_k, ct_v = travelling(
-        _steps(ring, shards, pair_step, (), carry, travelling)
-    )  # the last rotation brings the key/value cotangents home
-    return _select(present, (ct_q, ct_k, ct_v, ct_scale, ct_cw))
+    # The last rotation brings the key/value cotangents home.
+    stays, travels = travelling(_steps(ring, shards, pair_step, (), (stays, travels), travelling))
+    return stays._replace(key=travels.key, value=travels.value)
 
 
 @dataclasses.dataclass(frozen=True)
-class _RingMap:
-    """The tangent ring or its transpose, as a hashable map for :func:`linear_map`."""
+class _TangentRing:
+    """:func:`_tangent_ring` as a hashable map for :func:`linear_map`."""
 
-    fn: Callable
     ring: Ring
-    present: tuple[bool, ...]
 
-    def __call__(self, residuals, linear):
-        return self.fn(self.ring, self.present, residuals, linear)
+    def __call__(self, residuals, tangents: chunked.Tangents) -> Array:
+        return _tangent_ring(self.ring, residuals, tangents)
+
+
+@dataclasses.dataclass(frozen=True)
+class _TransposeRing:
+    """:func:`_tangent_ring_transpose` as a hashable map for :func:`linear_map`."""
+
+    ring: Ring
+    present: chunked.Tangents  # True where the tangent is nonzero, else None
+
+    def __call__(self, residuals, ct: Array) -> chunked.Tangents:
+        return _tangent_ring_transpose(self.ring, self.present, residuals, ct)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
@@ -339,18 +354,20 @@ def _ring_jvp(ring: Ring, primals, tangents):
     (shards,), (t_shards,) = primals, tangents
     results, _ = _ring_forward(ring, shards)
     out = results[0]
-    zero = lambda t: None if isinstance(t, SymbolicZero) else t  # noqa: E731
-    full = (t_shards.q, t_shards.k, t_shards.v, t_shards.scale, t_shards.concat_score_weight)
-    full = tuple(zero(t) for t in full)
-    present = tuple(t is not None for t in full)
-    if not any(present):
-        return out, jnp.zeros_like(out)
-    d_out = linear_map(
-        _RingMap(_tangent_ring, ring, present),
-        _RingMap(_tangent_ring_transpose, ring, present),
-        (shards, results),
-        _select(present, full),
+
+    def given(t):
+        return None if isinstance(t, SymbolicZero) else t
+
+    t = chunked.Tangents(
+        query=given(t_shards.q),
+        key=given(t_shards.k),
+        value=given(t_shards.v),
+        scale=given(t_shards.scale),
+        concat_weight=given(t_shards.concat_score_weight),
     )
+    if all(x is None for x in t):
+        return out, jnp.zeros_like(out)
+    d_out = linear_map(_TangentRing(ring), _TransposeRing(ring, t.present()), (shards, results), t)
     return out, d_out
 
 
@@ -465,8 +482,8 @@ def _plan(
         batch=(),  # used only to broadcast a full mask or bias, which the ring has none of
         tq=cq,
         tv=cv,
-        forward_blocks=chunked._clip(block_sizes.forward, cq, cv),
-        backward_blocks=chunked._clip(block_sizes.backward, cq, cv),
+        forward_blocks=chunked.clip_blocks(block_sizes.forward, cq, cv),
+        backward_blocks=chunked.clip_blocks(block_sizes.backward, cq, cv),
         precision=precision,
     )
     ring = Ring(axis_name, n, layout == "zigzag", cq, cv, pair)

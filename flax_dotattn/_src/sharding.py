@@ -8,7 +8,8 @@ and log-normaliser ``log_l``), and the shards are merged exactly::
     out = sum_s w_s * out_s / sum_s w_s
 
 which is the softmax over all keys (Keras's masking rule and fully masked rows
-included). Gradients flow through the kernel's custom VJP and ``shard_map``.
+included). Gradients flow through the kernel's custom JVP (transposed by hand in
+reverse mode) and ``shard_map``.
 
 Shape glossary: ``...`` batch dims, ``Tq``/``Tv`` query/key lengths, ``D`` query/key depth,
 ``Dv`` value depth, ``n`` the size of the mesh axis.
@@ -24,8 +25,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import Mesh, PartitionSpec
 
-from flax_dotattn._src import validation
-from flax_dotattn._src.chunked import chunked_attention
+from flax_dotattn._src import chunked, validation
 from flax_dotattn._src.config import check_option
 from flax_dotattn._src.types import Array, Masks, Params, ScoreMode
 
@@ -151,7 +151,7 @@ def sequence_parallel_attention(
         index = lax.axis_index(axis_name)
         if rng is not None:
             rng = jax.random.fold_in(rng, index)
-        out, (m, log_l) = chunked_attention(
+        out, (m, log_l) = chunked.attention(
             q,
             k,
             v,

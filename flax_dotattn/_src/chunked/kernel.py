@@ -1,0 +1,128 @@
+"""The kernel as one differentiable function, and its entry point.
+
+``attend`` is a ``jax.custom_jvp``. Its tangent (:mod:`.tangent`) is a ``linear_map``
+whose transpose is written by hand (:mod:`.transpose`), so forward mode (``jax.jvp``,
+``jax.jacfwd``) evaluates the tangent and reverse mode (``jax.grad``, ``jax.vjp``) runs the
+transpose; both keep ``linear_map``'s batching (:mod:`.batching`) and second order.
+Each block step is rematerialised, so every direction takes O(T · block) memory.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
+
+from flax_dotattn._src.chunked.batching import TangentMap, TransposeMap, batching_forward
+from flax_dotattn._src.chunked.operands import Operands, Static, Tangents, prepare
+from flax_dotattn._src.chunked.tangent import Residuals
+from flax_dotattn._src.linear_map import linear_map
+from flax_dotattn._src.masks import Masking
+from flax_dotattn._src.types import Array
+
+
+def tangent(static: Static, res: Residuals, tangents: Tangents) -> tuple[Array, Array]:
+    """``(d_out [B, Tq, Dv], c [B, Tq])``, the JVP of the output and of ``log l``, as a
+    ``linear_map`` (reverse mode transposes it by hand)."""
+    return linear_map(TangentMap(static), TransposeMap(static, tangents.present()), res, tangents)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def attend(static: Static, ops: Operands) -> tuple[Array, Array, Array]:
+    """``(out [B, Tq, Dv], m [B, Tq], l [B, Tq])``; see :func:`.forward.forward`."""
+    return batching_forward(static)(ops)
+
+
+def _zero_to_none(t: Any) -> Any:
+    return None if isinstance(t, SymbolicZero) else t
+
+
+def _attend_jvp(static: Static, primals, tangents):
+    """``m`` is treated as a constant shift (tangent 0), so ``l`` carries the whole
+    derivative of the log-sum-exp ``m + log l``; ``out`` is exact."""
+    (ops,), (t_ops,) = primals, tangents
+    out, m, norm = attend(static, ops)
+    t = Tangents(
+        query=_zero_to_none(t_ops.q),
+        key=_zero_to_none(t_ops.k),
+        value=_zero_to_none(t_ops.v),
+        bias=_zero_to_none(t_ops.bias),
+        scale=_zero_to_none(t_ops.scale),
+        concat_weight=_zero_to_none(t_ops.concat_score_weight),
+    )
+    if all(x is None for x in t):
+        return (out, m, norm), tuple(jnp.zeros_like(x) for x in (out, m, norm))
+    d_out, c = tangent(static, Residuals(ops, out, m, norm), t)
+    return (out, m, norm), (d_out, jnp.zeros_like(m), norm * c)
+
+
+# symbolic_zeros: tangents of operands that do not move arrive as SymbolicZero.
+attend.defjvp(_attend_jvp, symbolic_zeros=True)
+#: Jitted, so that eager calls reuse the compiled kernel instead of re-tracing it.
+attend_jit = jax.jit(attend, static_argnums=0)
+
+
+def attention(
+    query: Array,
+    key: Array,
+    value: Array,
+    masking: Masking,
+    bias: Array | None,
+    scale: Array | None,
+    concat_score_weight: Array | None,
+    *,
+    with_stats: bool = False,
+    **options: Any,
+) -> Array | tuple[Array, tuple[Array, Array]]:
+    """Blockwise attention with Keras semantics, before the query mask.
+
+    Args:
+      query: ``[..., Tq, D]``.
+      key: ``[..., Tv, D]``.
+      value: ``[..., Tv, Dv]``.
+      masking: value mask ``[..., Tv]``, full mask (broadcastable ``[..., Tq, Tv]``) and
+        segment ids ``[..., Tq]`` / ``[..., Tv]``, each None when absent.
+      bias: float, broadcastable ``[..., Tq, Tv]`` (same rank), or None.
+      scale: scalar ``[]`` or None.
+      concat_score_weight: scalar ``[]`` (concat mode) or None.
+      with_stats: also return the softmax statistics of each row.
+      **options: the keyword arguments of :func:`.operands.prepare`: ``score_mode``,
+        ``causal``, ``window``, ``dropout_rate`` (the random pattern depends on the
+        blocks), ``dropout_rng``, ``block_sizes`` (None: :meth:`BlockSizes.default`),
+        ``precision``, ``compute_dtype`` (of the whole computation: float32 for 16-bit
+        inputs) and ``key_offset`` (global position of the first key, for a shard of a
+        longer sequence; may be traced).
+
+    Returns:
+      ``[..., Tq, Dv]`` in ``compute_dtype``; with ``with_stats``, also ``(m, log_l)``,
+      each ``[..., Tq]``, the row max and log-normaliser: the row's log-sum-exp is
+      ``m + log_l``. ``m`` carries no derivative; ``log_l`` carries that of the whole
+      log-sum-exp, so use them as ``stop_gradient(m) + log_l``. Empty dimensions give
+      zeros (``m = -inf``, ``log_l = -inf`` for rows without keys), as the materialised
+      path does. A row whose every logit is ``-inf`` (a ``-inf`` bias) outputs NaN, as
+      the materialised path and ``jax.nn`` do; with ``with_stats`` it outputs 0 with
+      ``log_l = -inf`` (weight 0 when shards are merged).
+    """
+    batch, tq, tv, dv = query.shape[:-2], query.shape[-2], key.shape[-2], value.shape[-1]
+    cdt = jnp.dtype(options["compute_dtype"])
+    if 0 in (math.prod(batch), tq, tv, dv):
+        out = jnp.zeros(batch + (tq, dv), cdt)
+        stats = (jnp.full(batch + (tq,), -jnp.inf, cdt),) * 2
+        return (out, stats) if with_stats else out
+    static, ops = prepare(query, key, value, masking, bias, scale, concat_score_weight, **options)
+    # Eager calls go through the jitted kernel (compiled once per shape); traced calls
+    # inline the kernel into the caller's trace.
+    traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(ops))
+    out, m, norm = (attend if traced else attend_jit)(static, ops)
+    if not with_stats:
+        out = jnp.where(norm[..., None] > 0, out, jnp.full((), jnp.nan, out.dtype))
+        return out.reshape(batch + (tq, dv))  # [..., Tq, Dv]
+    # log(0) = -inf for rows that saw only -inf logits, with a zero (not NaN) derivative.
+    seen = norm > 0
+    log_l = jnp.where(seen, jnp.log(jnp.where(seen, norm, 1)), -jnp.inf)
+    out = out.reshape(batch + (tq, dv))
+    return out, (m.reshape(batch + (tq,)), log_l.reshape(batch + (tq,)))

@@ -1,0 +1,146 @@
+"""The kernel's inputs: static settings, array operands and named tangents.
+
+:func:`prepare` flattens the batch dims ``...`` to ``B`` and fixes the static settings
+once; every pass of the kernel reads them from here.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax.numpy as jnp
+
+from flax_dotattn._src.blocks import BlockSizes
+from flax_dotattn._src.masks import Masking
+from flax_dotattn._src.types import Array
+
+
+class Static(NamedTuple):
+    """Static (hashable) settings of one chunked call."""
+
+    score_mode: str
+    causal: bool
+    window: tuple[int | None, int | None] | None
+    dropout_rate: float
+    batch: tuple[int, ...]  # the batch dims ``...`` that ``B`` flattens
+    tq: int
+    tv: int
+    forward_blocks: tuple[int, int]  # (Bq, Bk)
+    backward_blocks: tuple[int, int]  # (Bq, Bk) of the derivative pass
+    precision: Any
+
+    @property
+    def derivative_blocks(self) -> tuple[int, int]:
+        """The blocks of the tangent and transpose passes: the forward's under dropout,
+        whose random pattern is drawn per forward block."""
+        return self.forward_blocks if self.dropout_rate > 0.0 else self.backward_blocks
+
+
+class Operands(NamedTuple):
+    """Array operands of one chunked call, batch flattened to ``B``."""
+
+    q: Array  # [B, Tq, D]
+    k: Array  # [B, Tv, D]
+    v: Array  # [B, Tv, Dv]
+    masking: Masking  # value mask [B, Tv], full mask [..., Tq, Tv], segment ids [B, T]
+    bias: Array | None  # [..., Tq, Tv], broadcastable batch dims
+    key_offset: Array  # int32 [], global position of key 0
+    scale: Array | None  # []
+    concat_score_weight: Array | None  # []
+    rng: Array | None  # dropout key
+
+
+class Tangents(NamedTuple):
+    """Tangents (or cotangents) of the differentiable operands, None where zero.
+
+    A pytree: None fields are empty subtrees, so only the present ones travel through
+    ``linear_map`` and ``jax.linear_transpose``.
+    """
+
+    query: Array | None = None  # [B, Tq, D]
+    key: Array | None = None  # [B, Tv, D]
+    value: Array | None = None  # [B, Tv, Dv]
+    bias: Array | None = None  # the bias's shape
+    scale: Array | None = None  # []
+    concat_weight: Array | None = None  # []
+
+    @property
+    def moves_logits(self) -> bool:
+        """Whether any of the logits' arguments (all but ``value``) has a tangent."""
+        return any(t is not None for t in (self.query, self.key, self.bias, self.scale,
+                                           self.concat_weight))  # fmt: skip
+
+    def present(self) -> Tangents:
+        """Which tangents are nonzero: True there, None elsewhere (hashable, and with the
+        same None fields, so :attr:`moves_logits` reads it too)."""
+        return Tangents(*(None if t is None else True for t in self))
+
+
+def clip_blocks(blocks: tuple[int, int], tq: int, tv: int) -> tuple[int, int]:
+    """Blocks no longer than the sequences, and at least 1."""
+    return max(1, min(blocks[0], tq)), max(1, min(blocks[1], tv))
+
+
+def prepare(
+    query: Array,
+    key: Array,
+    value: Array,
+    masking: Masking,
+    bias: Array | None,
+    scale: Array | None,
+    concat_score_weight: Array | None,
+    *,
+    score_mode: str,
+    causal: bool,
+    window: tuple[int | None, int | None] | None = None,
+    dropout_rate: float,
+    dropout_rng: Array | None,
+    block_sizes: BlockSizes | None,
+    precision: Any,
+    compute_dtype: Any,
+    key_offset: int | Array = 0,
+) -> tuple[Static, Operands]:
+    """Flattens the batch, casts to ``compute_dtype`` and fixes the static settings."""
+    batch = query.shape[:-2]
+    tq, d = query.shape[-2:]
+    tv, dv = value.shape[-2:]
+    b = math.prod(batch)
+    blocks = block_sizes or BlockSizes.default(score_mode, window, causal)
+    cdt = jnp.dtype(compute_dtype)
+    static = Static(
+        score_mode=score_mode,
+        causal=causal,
+        window=window,
+        dropout_rate=float(dropout_rate),
+        batch=tuple(batch),
+        tq=tq,
+        tv=tv,
+        forward_blocks=clip_blocks(blocks.forward, tq, tv),
+        backward_blocks=clip_blocks(blocks.backward, tq, tv),
+        precision=precision,
+    )
+
+    def flat(x: Array | None, t: int) -> Array | None:
+        return None if x is None else x.reshape(b, t)
+
+    def cast(x: Array | None) -> Array | None:
+        return None if x is None else x.astype(cdt)
+
+    ops = Operands(
+        q=query.astype(cdt).reshape(b, tq, d),
+        k=key.astype(cdt).reshape(b, tv, d),
+        v=value.astype(cdt).reshape(b, tv, dv),
+        masking=Masking(
+            value_mask=flat(masking.value_mask, tv),
+            attention_mask=masking.attention_mask,
+            query_segment_ids=flat(masking.query_segment_ids, tq),
+            kv_segment_ids=flat(masking.kv_segment_ids, tv),
+        ),
+        bias=cast(bias),
+        key_offset=jnp.asarray(key_offset, jnp.int32),
+        scale=cast(scale),
+        concat_score_weight=cast(concat_score_weight),
+        rng=dropout_rng if dropout_rate > 0.0 else None,
+    )
+    return static, ops
