@@ -34,16 +34,16 @@ from flax_dotattn._src.types import (
 class DotAttention(nnx.Module):
     """Keras's ``Attention`` layer as a Flax NNX module.
 
-    The keyword arguments are the fields of the Linen :class:`flax_dotattn.DotAttention`
-    (the options of :class:`flax_dotattn.DotAttentionConfig`: same names, defaults, checks
-    and meaning), plus ``rngs``. They are checked on construction and kept as attributes
-    by their canonical values (dtypes and precision by name, ``block_size`` as a
+    The keyword arguments ``use_scale``, ``score_mode``, ``dropout_rate``, ``causal``,
+    ``deterministic``, ``dtype``, ``param_dtype``, ``precision``, ``window``,
+    ``implementation`` and ``block_size`` are the fields of the Linen
+    :class:`flax_dotattn.DotAttention`: the options of
+    :class:`flax_dotattn.DotAttentionConfig`, with the same names, defaults, checks and
+    meaning. They are checked on construction and kept as attributes by their canonical
+    values (dtypes and precision by name, ``block_size`` as a
     :class:`flax_dotattn.BlockSizes`).
 
     Args:
-      use_scale, score_mode, dropout_rate, causal, deterministic, dtype, param_dtype,
-        precision, window, implementation, block_size: see
-        :class:`flax_dotattn.DotAttention`.
       rngs: an ``nnx.Rngs`` whose ``"dropout"`` stream feeds dropout (optional when no
         dropout is used, or when ``rngs`` is passed at call time).
 
