@@ -64,6 +64,9 @@ nitpick_ignore_regex = [
     # Plan (a NamedTuple whose fields which_implementation documents).
     (r"py:.*", r"(ScoreMode|FloatDtypeName|PrecisionName|Implementation)"),
     (r"py:.*", r"(flax_dotattn\._src\.dispatch\.)?Plan"),
+    # The TypedDicts of dot_attention's keyword arguments (its overloads and
+    # which_implementation); the functions' Args sections document each argument.
+    (r"py:.*", r"(flax_dotattn\._src\.attention\.)?(DotAttentionKeywords|AllKeywords)"),
 ]
 
 # -- autodoc / napoleon ----------------------------------------------------------------

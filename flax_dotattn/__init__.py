@@ -18,8 +18,8 @@ from flax_dotattn._src.attention import dot_attention as dot_attention
 from flax_dotattn._src.attention import which_implementation as which_implementation
 from flax_dotattn._src.blocks import BlockSizes as BlockSizes
 from flax_dotattn._src.config import DotAttentionConfig as DotAttentionConfig
-from flax_dotattn._src.config import load_config as load_config
-from flax_dotattn._src.config import save_config as save_config
+from flax_dotattn._src.config_files import load_config as load_config
+from flax_dotattn._src.config_files import save_config as save_config
 from flax_dotattn._src.keras_interop import params_from_keras as params_from_keras
 from flax_dotattn._src.keras_interop import params_to_keras as params_to_keras
 from flax_dotattn._src.linen import DotAttention as DotAttention

@@ -248,5 +248,5 @@ def test_params_from_keras_errors():
         params_from_keras([np.ones(2)], cfg)
     with pytest.raises(ValueError, match=r"expected params with keys \['scale'\]"):
         params_to_keras({}, cfg)
-    with pytest.raises(ValueError, match=r"config must be a DotAttentionConfig"):
+    with pytest.raises(ValueError, match=r"params_to_keras expects a DotAttentionConfig"):
         params_to_keras({}, {"use_scale": True})

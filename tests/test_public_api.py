@@ -33,7 +33,9 @@ def _imported_roots(path):
 SRC = pathlib.Path(flax_dotattn.__file__).parent / "_src"
 
 
-@pytest.mark.parametrize("module", ["attention", "masks", "validation", "config"])
+@pytest.mark.parametrize(
+    "module", ["attention", "masks", "validation", "options", "config", "config_files"]
+)
 def test_pure_layers_import_neither_flax_nor_keras(module):
     assert not _imported_roots(SRC / f"{module}.py") & {"flax", "keras"}
 
@@ -45,6 +47,30 @@ BENCH = PACKAGE / "bench"
 def _library_files():
     """The package's modules but the benchmark's, which sits on top of the library."""
     return [path for path in sorted(PACKAGE.rglob("*.py")) if BENCH not in path.parents]
+
+
+def _module_level_roots(path):
+    """The top-level packages a file imports when it is imported (outside any function)."""
+    roots = set()
+
+    def visit(node):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda):
+            return
+        if isinstance(node, ast.Import):
+            roots.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            roots.add(node.module.split(".")[0])
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(ast.parse(path.read_text()))
+    return roots
+
+
+def test_yaml_is_imported_only_to_read_or_write_yaml():
+    for path in pathlib.Path(flax_dotattn.__file__).parent.rglob("*.py"):
+        assert "yaml" not in _module_level_roots(path), path
+    assert "yaml" in _imported_roots(SRC / "config_files.py")
 
 
 def test_library_never_imports_keras():

@@ -9,15 +9,44 @@ This module imports neither flax nor keras.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Literal, NamedTuple, overload
+from typing import Literal, TypedDict, Unpack, overload
 
-from flax_dotattn._src import chunked, dispatch, fused, validation
-from flax_dotattn._src.config import check_option, document_options
-from flax_dotattn._src.masks import Masking
-from flax_dotattn._src.materialised import materialised_attention
-from flax_dotattn._src.types import Array, Implementation, Masks, Params, ScoreMode
+from flax_dotattn._src import dispatch, kernels, validation
+from flax_dotattn._src.types import (
+    Array,
+    BlockSizeLike,
+    Implementation,
+    Masks,
+    Params,
+    PrecisionLike,
+    ScoreMode,
+    Window,
+)
 
 __all__ = ["Masks", "Params", "dot_attention", "which_implementation"]
+
+
+class DotAttentionKeywords(TypedDict, total=False):
+    """The keyword-only arguments of :func:`dot_attention` but ``return_attention_scores``
+    (typed once for its overloads, which differ in that argument alone)."""
+
+    attention_mask: Array | None
+    bias: Array | None
+    segment_ids: tuple[Array, Array] | None
+    window: Window
+    score_mode: ScoreMode
+    dropout_rate: float
+    dropout_rng: Array | None
+    deterministic: bool | None
+    precision: PrecisionLike
+    implementation: Implementation | None
+    block_size: BlockSizeLike
+
+
+class AllKeywords(DotAttentionKeywords, total=False):
+    """Every keyword-only argument of :func:`dot_attention` (:func:`which_implementation`)."""
+
+    return_attention_scores: bool
 
 
 @overload
@@ -29,18 +58,8 @@ def dot_attention(
     masks: Masks = None,
     causal: bool = False,
     *,
-    attention_mask: Array | None = None,
-    bias: Array | None = None,
-    segment_ids: tuple[Array, Array] | None = None,
-    window: tuple[int | None, int | None] | None = None,
-    score_mode: ScoreMode = "dot",
-    dropout_rate: float = 0.0,
-    dropout_rng: Array | None = None,
-    deterministic: bool | None = None,
     return_attention_scores: Literal[False] = False,
-    precision: Any = None,
-    implementation: Implementation | None = None,
-    block_size: Any = None,
+    **keywords: Unpack[DotAttentionKeywords],
 ) -> Array: ...
 
 
@@ -53,24 +72,25 @@ def dot_attention(
     masks: Masks = None,
     causal: bool = False,
     *,
-    attention_mask: Array | None = None,
-    bias: Array | None = None,
-    segment_ids: tuple[Array, Array] | None = None,
-    window: tuple[int | None, int | None] | None = None,
-    score_mode: ScoreMode = "dot",
-    dropout_rate: float = 0.0,
-    dropout_rng: Array | None = None,
-    deterministic: bool | None = None,
     return_attention_scores: Literal[True],
-    precision: Any = None,
-    implementation: Implementation | None = None,
-    block_size: Any = None,
+    **keywords: Unpack[DotAttentionKeywords],
 ) -> tuple[Array, Array]: ...
 
 
-@document_options(
-    "window", "score_mode", "dropout_rate", "deterministic", "precision", "block_size"
-)
+@overload
+def dot_attention(
+    params: Params,
+    query: Array,
+    value: Array,
+    key: Array | None = None,
+    masks: Masks = None,
+    causal: bool = False,
+    *,
+    return_attention_scores: bool,
+    **keywords: Unpack[DotAttentionKeywords],
+) -> Array | tuple[Array, Array]: ...
+
+
 def dot_attention(
     params: Params,
     query: Array,
@@ -82,15 +102,15 @@ def dot_attention(
     attention_mask: Array | None = None,
     bias: Array | None = None,
     segment_ids: tuple[Array, Array] | None = None,
-    window: tuple[int | None, int | None] | None = None,
+    window: Window = None,
     score_mode: ScoreMode = "dot",
     dropout_rate: float = 0.0,
     dropout_rng: Array | None = None,
     deterministic: bool | None = None,
     return_attention_scores: bool = False,
-    precision: Any = None,
+    precision: PrecisionLike = None,
     implementation: Implementation | None = None,
-    block_size: Any = None,
+    block_size: BlockSizeLike = None,
 ) -> Array | tuple[Array, Array]:
     """Keras's dot-product (Luong-style) attention as a pure function.
 
@@ -138,9 +158,21 @@ def dot_attention(
         broadcastable to ``[..., Tq]`` / ``[..., Tv]``, for packed sequences: a query
         attends only to keys of its own segment. The chunked path skips blocks whose
         segments cannot meet.
-      {options}
+      window: None or a sliding window ``(left, right)``: query ``i`` sees keys
+        ``i - left <= j <= i + right`` (global positions, top-left aligned like
+        ``causal``; a None side, or one of 2**30 or more, is unbounded). With
+        ``causal=True``, ``(w, 0)`` is a causal sliding window. The chunked path
+        computes only the blocks inside the band.
+      score_mode: ``"dot"`` (``query @ key^T``) or ``"concat"``
+        (``sum(tanh(query + key))``), Keras's ``score_mode``.
+      dropout_rate: dropout on the attention weights, a Python float in ``[0, 1)``
+        (Keras's ``dropout``).
       dropout_rng: PRNG key; required when dropout is active.
+      deterministic: True disables dropout (as at inference), False applies it; it must
+        be given whenever ``dropout_rate > 0``.
       return_attention_scores: also return the (post-dropout) attention weights.
+      precision: matmul precision: None, a ``jax.lax.Precision`` or its name
+        (``"default"``, ``"high"``, ``"highest"``, any case).
       implementation: None (choose automatically by shape, dtype, backend and
         features), ``"xla"`` (materialise the ``[..., Tq, Tv]`` scores) or
         ``"chunked"`` (online softmax over blocks: O(T · block) memory in forward,
@@ -155,6 +187,8 @@ def dot_attention(
         ``jax.vmap`` chooses what the batched call chooses. Every path
         supports ``jax.grad``, ``jax.jvp``/``jax.jacfwd``, ``jax.vmap`` and empty
         dimensions.
+      block_size: the chunked path's blocks: None (the measured default per score mode
+        and mask), an int, a pair ``(Bq, Bk)`` or a :class:`BlockSizes`.
 
     Returns:
       ``output [..., Tq, Dv]`` in the inputs' dtype, or ``(output, weights)`` with
@@ -190,27 +224,38 @@ def dot_attention(
       [[1. 2.]
        [1. 2.]]
     """
-    checked = _check_and_plan(**locals())
-    output, weights = _run(checked.plan, checked.inputs, checked.block_sizes, checked.options)
-    output = validation.finish(output, checked.inputs)  # [..., Tq, Dv]
-    if checked.return_attention_scores:
-        return output, weights.astype(checked.inputs.dtype)  # [..., Tq, Tv]
-    return output
+    return attend(validation.check_call(locals()))
 
 
 #: Read once at import: documentation tools may later replace ``__signature__``.
 _SIGNATURE = inspect.signature(dot_attention)
 
 
-def which_implementation(*args: Any, **kwargs: Any) -> dispatch.Plan:
+def which_implementation(
+    params: Params,
+    query: Array,
+    value: Array,
+    key: Array | None = None,
+    masks: Masks = None,
+    causal: bool = False,
+    **keywords: Unpack[AllKeywords],
+) -> dispatch.Plan:
     """Which implementation :func:`dot_attention` would run for these arguments, and why.
 
     Takes exactly :func:`dot_attention`'s arguments (arrays, not shapes) and checks them
     the same way; nothing is computed.
 
+    Args:
+      params, query, value, key, masks, causal: see :func:`dot_attention`.
+      **keywords: :func:`dot_attention`'s keyword-only arguments.
+
     Returns:
       A ``Plan`` named tuple: ``implementation`` (``"xla"``, ``"chunked"`` or ``"cudnn"``)
       and a human-readable ``reason``.
+
+    Raises:
+      TypeError: for a keyword :func:`dot_attention` does not take.
+      ValueError: for everything :func:`dot_attention` rejects.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -221,101 +266,16 @@ def which_implementation(*args: Any, **kwargs: Any) -> dispatch.Plan:
       >>> plan.implementation, plan.reason
       ('chunked', "one sequence's materialised scores would take 64 MiB >= 1 MiB")
     """
-    bound = _SIGNATURE.bind(*args, **kwargs)
-    bound.apply_defaults()
-    return _check_and_plan(**bound.arguments).plan
+    bound = _SIGNATURE.bind(params, query, value, key, masks, causal, **keywords)
+    call = validation.check_call(bound.arguments)
+    return dispatch.plan(call.inputs, call.options)
 
 
-class _Checked(NamedTuple):
-    inputs: validation.AttentionInputs
-    plan: dispatch.Plan
-    block_sizes: Any
-    options: dict
-    return_attention_scores: bool
-
-
-def _check_and_plan(
-    params, query, value, key, masks, causal, *, attention_mask, bias, segment_ids, window,
-    score_mode, dropout_rate, dropout_rng, deterministic, return_attention_scores, precision,
-    implementation, block_size,
-) -> _Checked:  # fmt: skip
-    """Validates :func:`dot_attention`'s arguments and plans the call."""
-    causal = check_option("causal", causal)
-    return_attention_scores = validation.check_static_bool(
-        "return_attention_scores", return_attention_scores
-    )
-    implementation = check_option("implementation", implementation)
-    window = check_option("window", window)
-    block_sizes = check_option("block_size", block_size)
-    precision = validation.check_precision(precision)
-    dropout_rate, dropout_rng = validation.check_dropout(deterministic, dropout_rate, dropout_rng)
-    inputs = validation.check_inputs(
-        params,
-        query,
-        value,
-        key,
-        masks,
-        score_mode,
-        attention_mask=attention_mask,
-        bias=bias,
-        segment_ids=segment_ids,
-    )
-    plan = dispatch.plan(
-        inputs,
-        implementation,
-        score_mode=score_mode,
-        return_attention_scores=return_attention_scores,
-        dropout=dropout_rate > 0.0,
-        causal=causal,
-        window=window,
-    )
-    options = dict(
-        score_mode=score_mode,
-        causal=causal,
-        window=window,
-        dropout_rate=dropout_rate,
-        dropout_rng=dropout_rng,
-        precision=precision,
-        compute_dtype=inputs.compute_dtype,
-    )
-    return _Checked(inputs, plan, block_sizes, options, return_attention_scores)
-
-
-def _run(
-    plan: dispatch.Plan, inputs: validation.AttentionInputs, block_sizes: Any, options: dict
-) -> tuple[Array, Array | None]:
-    """Runs ``plan``; returns the output before the query mask (and the weights for xla)."""
-    arrays = (
-        inputs.query,
-        inputs.key,
-        inputs.value,
-        inputs.masking,
-        inputs.bias,
-        inputs.scale,
-        inputs.concat_score_weight,
-    )
-    if plan.implementation == "xla":
-        return materialised_attention(*arrays, **options)
-    if plan.implementation == "cudnn":
-        return _cudnn(inputs, block_sizes, options), None
-    return chunked.attention(*arrays, block_sizes=block_sizes, **options), None
-
-
-def _cudnn(inputs: validation.AttentionInputs, block_sizes: Any, options: dict) -> Array:
-    """The fused kernel, with the chunked path where the kernel would differ from Keras."""
-
-    def keras(query, key, value, value_mask):
-        return chunked.attention(
-            query, key, value, Masking(value_mask=value_mask), None, inputs.scale, None,
-            block_sizes=block_sizes, **options,
-        )  # fmt: skip
-
-    return fused.fused_attention(
-        inputs.query,
-        inputs.key,
-        inputs.value,
-        inputs.masking.value_mask,
-        inputs.scale,
-        causal=options["causal"],
-        fallback=keras,
-    )
+def attend(call: validation.CheckedCall) -> Array | tuple[Array, Array]:
+    """:func:`dot_attention` on checked arguments: plan, run, mask the queries, cast."""
+    plan = dispatch.plan(call.inputs, call.options)
+    output, weights = kernels.run(plan, call)
+    output = validation.finish(output, call.inputs)  # [..., Tq, Dv]
+    if weights is None or not call.options.return_attention_scores:
+        return output
+    return output, weights.astype(call.inputs.dtype)  # [..., Tq, Tv]

@@ -15,7 +15,7 @@ import numpy as np
 
 
 def _is_positive_int(x: Any) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_)) and x >= 1
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_)) and bool(x >= 1)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -20,6 +20,7 @@ from typing import NamedTuple
 import jax
 
 from flax_dotattn._src.fused import ineligibility
+from flax_dotattn._src.options import AttentionOptions
 from flax_dotattn._src.validation import AttentionInputs
 
 #: Per sequence, by score mode. On a 2-core x86 CPU, ``"dot"``: at T = 512 (1 MiB of
@@ -44,37 +45,21 @@ def materialised_bytes(inputs: AttentionInputs, score_mode: str) -> int:
     return tq * tv * per_score * inputs.compute_dtype.itemsize
 
 
-def plan(
-    inputs: AttentionInputs,
-    implementation: str | None,
-    *,
-    score_mode: str,
-    return_attention_scores: bool,
-    dropout: bool,
-    causal: bool,
-    window: tuple[int | None, int | None] | None = None,
-) -> Plan:
-    """The :class:`Plan` for these (static) inputs and features.
+def plan(inputs: AttentionInputs, options: AttentionOptions) -> Plan:
+    """The :class:`Plan` for these (static) inputs and options.
 
-    ``implementation=None`` chooses automatically; an explicit choice is checked.
+    ``options.implementation=None`` chooses automatically; an explicit choice is checked.
 
     Raises:
       ValueError: when the requested implementation cannot run these inputs.
     """
-    fused_reason = _fused_reason(
-        inputs,
-        score_mode=score_mode,
-        return_attention_scores=return_attention_scores,
-        dropout=dropout,
-        causal=causal,
-    )
-    extra = _unsupported_by_fused(inputs, window)
-    fused_reason = fused_reason or extra
+    implementation = options.implementation
+    fused_reason = _fused_reason(inputs, options) or _unsupported_by_fused(inputs, options)
     if implementation == "cudnn":
         if fused_reason:
             raise ValueError(f"implementation='cudnn' cannot run these inputs: {fused_reason}.")
         return Plan("cudnn", reason="requested")
-    if implementation == "chunked" and return_attention_scores:
+    if implementation == "chunked" and options.return_attention_scores:
         raise ValueError(
             "implementation='chunked' never forms the [..., Tq, Tv] weights, so it cannot "
             "return them; received return_attention_scores=True (use implementation=None "
@@ -84,31 +69,39 @@ def plan(
         return Plan(implementation, reason="requested")
     if fused_reason is None:
         return Plan("cudnn", reason="on GPU the fused kernel takes these inputs")
-    if return_attention_scores:
+    if options.return_attention_scores:
         return Plan("xla", reason="the weights are returned, which only xla forms")
-    size = materialised_bytes(inputs, score_mode)
-    limit = CHUNKED_CROSSOVER_BYTES[score_mode]
+    size = materialised_bytes(inputs, options.score_mode)
+    limit = CHUNKED_CROSSOVER_BYTES[options.score_mode]
     what = f"one sequence's materialised scores would take {size / 2**20:.3g} MiB"
     if size < limit:
         return Plan("xla", reason=f"{what} < {limit / 2**20:.3g} MiB")
     return Plan("chunked", reason=f"{what} >= {limit / 2**20:.3g} MiB")
 
 
-def _unsupported_by_fused(inputs: AttentionInputs, window) -> str | None:
+def _unsupported_by_fused(inputs: AttentionInputs, options: AttentionOptions) -> str | None:
     """Features this library does not (yet) map onto the fused kernel: they fall back, so
     the numbers never differ from Keras's rule."""
     features = {
         "attention_mask": inputs.masking.attention_mask,
         "bias": inputs.bias,
         "segment_ids": inputs.masking.query_segment_ids,
-        "window": window,
+        "window": options.window,
     }
     given = [name for name, x in features.items() if x is not None]
     return f"{', '.join(given)} given (not mapped onto the fused kernel)" if given else None
 
 
-def _fused_reason(inputs: AttentionInputs, **features: bool | str) -> str | None:
+def _fused_reason(inputs: AttentionInputs, options: AttentionOptions) -> str | None:
     """Why the fused GPU kernel cannot take these inputs here (None when it can)."""
     if jax.default_backend() != "gpu":
         return f"the backend is {jax.default_backend()!r}, not 'gpu'"
-    return ineligibility(inputs.query.shape, inputs.value.shape, inputs.dtype, **features)
+    return ineligibility(
+        inputs.query.shape,
+        inputs.value.shape,
+        inputs.dtype,
+        score_mode=options.score_mode,
+        causal=options.causal,
+        dropout=options.dropout,
+        return_attention_scores=options.return_attention_scores,
+    )

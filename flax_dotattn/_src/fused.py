@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -127,7 +127,7 @@ def fused_attention(
     *,
     causal: bool,
     fallback: Callable[[Array, Array, Array, Array | None], Array],
-    jax_nn_implementation: str | None = "cudnn",
+    jax_nn_implementation: Literal["xla", "cudnn"] | None = "cudnn",
 ) -> Array:
     """Keras attention through ``jax.nn.dot_product_attention``, before the query mask.
 

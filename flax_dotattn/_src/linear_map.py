@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -40,7 +40,7 @@ LinearFn = Callable[[Any, Any], Any]
 class _Flat:
     """``fn`` on flat lists: ``(*residual_leaves, *linear_leaves) -> output leaves``."""
 
-    fn: Hashable
+    fn: Callable[..., Any]  # hashable: part of the primitive's static parameters
     residual_tree: Any
     linear_tree: Any
     n_res: int
@@ -72,7 +72,7 @@ class _Vmapped:
     """A flat function under ``jax.vmap``: residuals batched along ``residual_axes``
     (None: unbatched), linear leaves and outputs along axis 0."""
 
-    fn: Hashable
+    fn: Callable[..., Any]  # hashable: part of the primitive's static parameters
     residual_axes: tuple[int | None, ...]
 
     def __call__(self, *leaves: Any) -> list[Any]:
@@ -161,9 +161,9 @@ def _batch(args, dims, *, fn, transpose, n_res, out_avals, transpose_avals):
     ]
     if isinstance(fn, _Flat):
         batched = [d is not None for d in dims[:n_res]]
-        out = fn.fold(size, residuals, batched, linear)
-        if out is not None:
-            return out, [0] * len(out)
+        folded = fn.fold(size, residuals, batched, linear)
+        if folded is not None:
+            return folded, [0] * len(folded)
     out = _linear_p.bind(
         *residuals,
         *linear,

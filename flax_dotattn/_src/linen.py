@@ -11,21 +11,46 @@ from typing import Any
 import flax.linen as nn
 
 from flax_dotattn._src import module_call
-from flax_dotattn._src.config import DotAttentionConfig, document_options
-from flax_dotattn._src.types import Array, Masks
+from flax_dotattn._src.config import DotAttentionConfig, check_config, field_values
+from flax_dotattn._src.types import (
+    Array,
+    BlockSizeLike,
+    DTypeLike,
+    Implementation,
+    Masks,
+    PrecisionLike,
+    ScoreMode,
+    Window,
+)
 
 
-@document_options()
 class DotAttention(nn.Module):
     """Keras's ``Attention`` layer as a Flax Linen module.
 
     Params (both initialised to 1.0, as in Keras): ``scale: f32[]`` when ``use_scale``
     and ``concat_score_weight: f32[]`` when ``score_mode="concat"``. Dropout draws from
     the ``"dropout"`` rng stream. The fields are the options of
-    :class:`DotAttentionConfig` (same names, defaults and checks):
+    :class:`DotAttentionConfig`, with the same names, defaults and checks (the fields are
+    checked when the module is called, or read as :attr:`config`).
 
     Attributes:
-      {options}
+      use_scale: create the learned ``scale`` param, which multiplies the logits (inside
+        the ``tanh`` in concat mode), as Keras's ``use_scale``.
+      score_mode: ``"dot"`` or ``"concat"`` (which creates the ``concat_score_weight``
+        param), as Keras's ``score_mode``.
+      dropout_rate: dropout on the attention weights, in ``[0, 1)`` (Keras ``dropout``).
+      causal: the default of the call's ``causal``: query ``i`` attends to keys
+        ``j <= i`` only.
+      deterministic: the default of the call's ``deterministic`` (True: no dropout);
+        with None the call must decide whenever ``dropout_rate > 0``.
+      dtype: the inputs are cast to this dtype before the call (None: follow the
+        inputs).
+      param_dtype: dtype of the learned params.
+      precision: matmul precision: None, a ``jax.lax.Precision`` or its name.
+      window: the default of the call's ``window``, a sliding window ``(left, right)``.
+      implementation: None (automatic), ``"xla"``, ``"chunked"`` or ``"cudnn"``; see
+        :func:`dot_attention`.
+      block_size: blocks of the chunked path (see :class:`BlockSizes`).
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -39,15 +64,23 @@ class DotAttention(nn.Module):
       (2, 3, 4)
     """
 
-    # One field per DotAttentionConfig option: the schema is declared there, once.
-    __annotations__ = module_call.option_annotations()
-    locals().update(module_call.option_defaults())
+    use_scale: bool = False
+    score_mode: ScoreMode = "dot"
+    dropout_rate: float = 0.0
+    causal: bool = False
+    deterministic: bool | None = None
+    dtype: DTypeLike | None = None
+    param_dtype: DTypeLike = "float32"
+    precision: PrecisionLike = None
+    window: Window = None
+    implementation: Implementation | None = None
+    block_size: BlockSizeLike = None
 
     @classmethod
     def from_config(cls, config: DotAttentionConfig, **kwargs: Any) -> DotAttention:
         """Builds the module from a :class:`DotAttentionConfig` (kwargs: e.g. ``name``)."""
-        config = module_call.check_config(config, "DotAttention.from_config")
-        return cls(**module_call.config_fields(config), **kwargs)
+        config = check_config(config, "DotAttention.from_config")
+        return cls(**field_values(config), **kwargs)
 
     @property
     def config(self) -> DotAttentionConfig:
@@ -66,7 +99,7 @@ class DotAttention(nn.Module):
         attention_mask: Array | None = None,
         bias: Array | None = None,
         segment_ids: tuple[Array, Array] | None = None,
-        window: tuple[int | None, int | None] | None = None,
+        window: Window = None,
         deterministic: bool | None = None,
         return_attention_scores: bool = False,
     ) -> Array | tuple[Array, Array]:
@@ -87,6 +120,7 @@ class DotAttention(nn.Module):
         Returns:
           ``[..., Tq, Dv]``, or ``(output, weights)``; see :func:`dot_attention`.
         """
+        arguments = dict(locals())  # the call's arguments, before any other local
         config = self.config  # validates the fields
         params = {
             name: self.param(name, nn.initializers.ones_init(), (), config.param_dtype)
@@ -95,17 +129,7 @@ class DotAttention(nn.Module):
         return module_call.module_attention(
             config,
             params,
-            query,
-            value,
-            key,
-            masks,
-            causal,
-            deterministic=deterministic,
-            return_attention_scores=return_attention_scores,
-            attention_mask=attention_mask,
-            bias=bias,
-            segment_ids=segment_ids,
-            window=window,
+            arguments,
             dropout_rng=lambda: self.make_rng("dropout"),
             where_deterministic="as a module field or a call argument",
         )

@@ -114,8 +114,9 @@ def keep_mask(
         masks.append(masking.value_mask[..., None, :])  # [..., 1, Tv]
     if masking.attention_mask is not None:
         masks.append(masking.attention_mask)  # [..., Tq, Tv] (broadcastable)
-    if masking.query_segment_ids is not None:
-        same = masking.query_segment_ids[..., :, None] == masking.kv_segment_ids[..., None, :]
+    q_seg, kv_seg = masking.query_segment_ids, masking.kv_segment_ids
+    if q_seg is not None and kv_seg is not None:  # given together
+        same = q_seg[..., :, None] == kv_seg[..., None, :]
         masks.append(same)  # [..., Tq, Tv]
     if not masks:
         return None

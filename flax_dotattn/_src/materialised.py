@@ -6,14 +6,14 @@ Shape glossary: ``...`` batch dims, ``Tq``/``Tv`` query/key lengths, ``D`` query
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 
 from flax_dotattn._src import masks as masks_lib
+from flax_dotattn._src.options import AttentionOptions
 from flax_dotattn._src.scores import masked_logits
 from flax_dotattn._src.types import Array
+from flax_dotattn._src.validation import AttentionInputs
 
 
 def dropout_weights(weights: Array, rate: float, rng: Array) -> Array:
@@ -24,67 +24,46 @@ def dropout_weights(weights: Array, rate: float, rng: Array) -> Array:
 
 
 def materialised_attention(
-    query: Array,
-    key: Array,
-    value: Array,
-    masking: masks_lib.Masking,
-    bias: Array | None,
-    scale: Array | None,
-    concat_score_weight: Array | None,
-    *,
-    score_mode: str,
-    causal: bool,
-    window: tuple[int | None, int | None] | None = None,
-    dropout_rate: float,
-    dropout_rng: Array | None,
-    precision: Any,
-    compute_dtype: Any,
+    options: AttentionOptions, inputs: AttentionInputs, dropout_rng: Array | None
 ) -> tuple[Array, Array]:
     """Keras's computation, step by step, before the query mask.
 
     Args:
-      query: ``[..., Tq, D]``.
-      key: ``[..., Tv, D]``.
-      value: ``[..., Tv, Dv]``.
-      masking: value mask ``[..., Tv]``, full mask (broadcastable ``[..., Tq, Tv]``) and
-        segment ids ``[..., Tq]`` / ``[..., Tv]``, each None when absent.
-      bias: float, broadcastable ``[..., Tq, Tv]`` (same rank), or None.
-      scale: scalar ``[]`` or None.
-      concat_score_weight: scalar ``[]`` (concat mode) or None.
-      score_mode: ``"dot"`` or ``"concat"``.
-      causal: apply the top-left causal mask.
-      window: None or the sliding window ``(left, right)``.
-      dropout_rate: dropout rate on the weights (0 disables).
-      dropout_rng: PRNG key when ``dropout_rate > 0``.
-      precision: matmul precision.
-      compute_dtype: dtype of the computation (float32 for 16-bit inputs).
+      options: the call's options (score mode, causal, window, dropout, precision).
+      inputs: the checked arrays: query ``[..., Tq, D]``, key ``[..., Tv, D]``, value
+        ``[..., Tv, Dv]``, the masking (value mask ``[..., Tv]``, full mask broadcastable
+        to ``[..., Tq, Tv]``, segment ids ``[..., Tq]`` / ``[..., Tv]``), the bias
+        (broadcastable to ``[..., Tq, Tv]``, same rank), the scalars and the compute
+        dtype (float32 for 16-bit inputs).
+      dropout_rng: PRNG key when dropout applies, else None.
 
     Returns:
-      ``(output [..., Tq, Dv], weights [..., Tq, Tv])`` in ``compute_dtype``.
+      ``(output [..., Tq, Dv], weights [..., Tq, Tv])`` in the compute dtype.
     """
-    tq, tv = query.shape[-2], key.shape[-2]
+    query, key, value = inputs.query, inputs.key, inputs.value
+    compute_dtype, precision = inputs.compute_dtype, options.lax_precision
     keep = masks_lib.keep_mask(
-        jnp.arange(tq),
-        jnp.arange(tv),
-        masking,
-        causal=causal,
-        window=window,
+        jnp.arange(query.shape[-2]),
+        jnp.arange(key.shape[-2]),
+        inputs.masking,
+        causal=options.causal,
+        window=options.window,
         batch_ndim=query.ndim - 2,
     )
     scores = masked_logits(
         query,
         key,
         keep,
-        bias,
-        score_mode=score_mode,
-        scale=scale,
-        concat_score_weight=concat_score_weight,
+        inputs.bias,
+        score_mode=options.score_mode,
+        scale=inputs.scale,
+        concat_score_weight=inputs.concat_score_weight,
         precision=precision,
         compute_dtype=compute_dtype,
     )  # [..., Tq, Tv]
     weights = jax.nn.softmax(scores, axis=-1)  # [..., Tq, Tv]
-    if dropout_rate > 0.0:
-        weights = dropout_weights(weights, dropout_rate, dropout_rng)
+    if dropout_rng is not None:
+        weights = dropout_weights(weights, options.applied_dropout_rate, dropout_rng)
     output = jnp.einsum(
         "...qk,...kd->...qd", weights, value.astype(compute_dtype), precision=precision
     )  # [..., Tq, Dv]

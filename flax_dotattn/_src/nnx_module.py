@@ -9,7 +9,6 @@ stream. ``model.train()`` / ``model.eval()`` flip ``deterministic`` as for
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,20 +17,33 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flax_dotattn._src import module_call
-from flax_dotattn._src.config import OPTIONS, DotAttentionConfig, document_options
+from flax_dotattn._src.config import DotAttentionConfig, check_config, field_values
 from flax_dotattn._src.linen import DotAttention as LinenDotAttention
-from flax_dotattn._src.types import Array, Masks
+from flax_dotattn._src.types import (
+    Array,
+    BlockSizeLike,
+    DTypeLike,
+    Implementation,
+    Masks,
+    PrecisionLike,
+    ScoreMode,
+    Window,
+)
 
 
-@document_options()
 class DotAttention(nnx.Module):
     """Keras's ``Attention`` layer as a Flax NNX module.
 
-    The keyword arguments are the options of :class:`flax_dotattn.DotAttentionConfig`
-    (same names, defaults and checks), plus ``rngs``:
+    The keyword arguments ``use_scale``, ``score_mode``, ``dropout_rate``, ``causal``,
+    ``deterministic``, ``dtype``, ``param_dtype``, ``precision``, ``window``,
+    ``implementation`` and ``block_size`` are the fields of the Linen
+    :class:`flax_dotattn.DotAttention`: the options of
+    :class:`flax_dotattn.DotAttentionConfig`, with the same names, defaults, checks and
+    meaning. They are checked on construction and kept as attributes by their canonical
+    values (dtypes and precision by name, ``block_size`` as a
+    :class:`flax_dotattn.BlockSizes`).
 
     Args:
-      {options}
       rngs: an ``nnx.Rngs`` whose ``"dropout"`` stream feeds dropout (optional when no
         dropout is used, or when ``rngs`` is passed at call time).
 
@@ -48,18 +60,53 @@ class DotAttention(nnx.Module):
       1.0
     """
 
-    def __init__(self, *, rngs: nnx.Rngs | None = None, **options: Any):
-        unknown = sorted(set(options) - set(OPTIONS))
-        if unknown:
-            raise ValueError(
-                f"DotAttention got unknown options {unknown}; expected options from "
-                f"{sorted(OPTIONS)} and rngs."
+    def __init__(
+        self,
+        *,
+        use_scale: bool = False,
+        score_mode: ScoreMode = "dot",
+        dropout_rate: float = 0.0,
+        causal: bool = False,
+        deterministic: bool | None = None,
+        dtype: DTypeLike | None = None,
+        param_dtype: DTypeLike = "float32",
+        precision: PrecisionLike = None,
+        window: Window = None,
+        implementation: Implementation | None = None,
+        block_size: BlockSizeLike = None,
+        rngs: nnx.Rngs | None = None,
+    ):
+        # The config checks the arguments and holds them by their canonical values (it
+        # reads them from a mapping: its fields' types are those canonical values).
+        config = DotAttentionConfig.from_dict(
+            dict(
+                use_scale=use_scale,
+                score_mode=score_mode,
+                dropout_rate=dropout_rate,
+                causal=causal,
+                deterministic=deterministic,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                precision=precision,
+                window=window,
+                implementation=implementation,
+                block_size=block_size,
             )
-        config = DotAttentionConfig(**options)  # validates
-        for name, value in module_call.config_fields(config).items():
-            setattr(self, name, value)
+        )
+        self.use_scale = config.use_scale
+        self.score_mode = config.score_mode
+        self.dropout_rate = config.dropout_rate
+        self.causal = config.causal
+        self.deterministic = config.deterministic
+        self.dtype = config.dtype
+        self.param_dtype = config.param_dtype
+        self.precision = config.precision
+        self.window = config.window
+        self.implementation = config.implementation
+        self.block_size = config.block_size
         for name in config.param_names:
             setattr(self, name, nnx.Param(jnp.ones((), config.param_dtype)))
+        self.rngs: nnx.Rngs | None
         if rngs is None:
             self.rngs = nnx.data(None)
         elif isinstance(rngs, nnx.Rngs):
@@ -67,19 +114,11 @@ class DotAttention(nnx.Module):
         else:
             raise ValueError(f"rngs must be None or an nnx.Rngs; received a {type(rngs).__name__}.")
 
-    __init__.__signature__ = inspect.Signature(
-        [
-            inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
-            *module_call.option_parameters(),
-            inspect.Parameter("rngs", inspect.Parameter.KEYWORD_ONLY, default=None),
-        ]
-    )
-
     @classmethod
     def from_config(cls, config: DotAttentionConfig, *, rngs: nnx.Rngs | None = None):
         """Builds the module from a :class:`DotAttentionConfig`."""
-        config = module_call.check_config(config, "DotAttention.from_config")
-        return cls(**module_call.config_fields(config), rngs=rngs)
+        config = check_config(config, "DotAttention.from_config")
+        return cls(**field_values(config), rngs=rngs)
 
     @property
     def config(self) -> DotAttentionConfig:
@@ -101,7 +140,7 @@ class DotAttention(nnx.Module):
         attention_mask: Array | None = None,
         bias: Array | None = None,
         segment_ids: tuple[Array, Array] | None = None,
-        window: tuple[int | None, int | None] | None = None,
+        window: Window = None,
         deterministic: bool | None = None,
         return_attention_scores: bool = False,
         rngs: nnx.Rngs | Array | None = None,
@@ -113,17 +152,7 @@ class DotAttention(nnx.Module):
         return module_call.module_attention(
             self.config,
             self.params(),
-            query,
-            value,
-            key,
-            masks,
-            causal,
-            deterministic=deterministic,
-            return_attention_scores=return_attention_scores,
-            attention_mask=attention_mask,
-            bias=bias,
-            segment_ids=segment_ids,
-            window=window,
+            locals(),
             dropout_rng=lambda: self._dropout_key(rngs),
             where_deterministic="constructor, call argument, or model.train()/model.eval()",
         )

@@ -47,15 +47,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
-from jax.sharding import PartitionSpec
+from jax.sharding import Mesh, PartitionSpec
 
 from flax_dotattn._src import chunked, validation
 from flax_dotattn._src.blocks import BlockSizes
-from flax_dotattn._src.config import check_option
 from flax_dotattn._src.linear_map import linear_map
 from flax_dotattn._src.masks import MASK_PENALTY, Masking
 from flax_dotattn._src.sharding import check_mesh_axis
-from flax_dotattn._src.types import Array, Masks, Params, ScoreMode
+from flax_dotattn._src.types import Array, BlockSizeLike, Masks, Params, PrecisionLike, ScoreMode
 
 Layout = Literal["contiguous", "zigzag"]
 LAYOUTS: tuple[str, ...] = ("contiguous", "zigzag")
@@ -437,32 +436,12 @@ class _Plan(NamedTuple):
     dropout_rng: Array | None
 
 
-def _plan(
-    params,
-    query,
-    value,
-    key,
-    masks,
-    causal,
-    *,
-    mesh,
-    axis_name,
-    score_mode,
-    dropout_rate,
-    dropout_rng,
-    deterministic,
-    precision,
-    block_size,
-    layout,
-) -> _Plan:
-    """Validates the arguments as the other entry points do and fixes the ring's settings."""
-    causal = check_option("causal", causal)
-    dropout_rate, dropout_rng = validation.check_dropout(deterministic, dropout_rate, dropout_rng)
-    block_sizes = check_option("block_size", block_size) or BlockSizes.default(score_mode)
-    precision = validation.check_precision(precision)
-    inputs = validation.check_inputs(params, query, value, key, masks, score_mode)
+def _plan(call: validation.CheckedCall, mesh: Any, axis_name: Any, layout: Any) -> _Plan:
+    """Checks the ring's own arguments and fixes its settings for a checked call."""
+    options, inputs = call.options, call.inputs
+    block_sizes = options.block_size or BlockSizes.default(options.score_mode)
     n = check_mesh_axis(mesh, axis_name)
-    layout = _check_layout(layout, causal)
+    layout = _check_layout(layout, options.causal)
     parts = 2 * n if layout == "zigzag" else n
     for name, x in (("query", inputs.query), ("value", inputs.value)):
         length = x.shape[-2]
@@ -475,23 +454,23 @@ def _plan(
             )
     cq, cv = inputs.query.shape[-2] // parts, inputs.value.shape[-2] // parts
     pair = chunked.Static(
-        score_mode=score_mode,
-        causal=causal,
+        score_mode=options.score_mode,
+        causal=options.causal,
         window=None,
-        dropout_rate=dropout_rate,
+        dropout_rate=options.applied_dropout_rate,
         batch=(),  # used only to broadcast a full mask or bias, which the ring has none of
         tq=cq,
         tv=cv,
         forward_blocks=chunked.clip_blocks(block_sizes.forward, cq, cv),
         backward_blocks=chunked.clip_blocks(block_sizes.backward, cq, cv),
-        precision=precision,
+        precision=options.lax_precision,
     )
     ring = Ring(axis_name, n, layout == "zigzag", cq, cv, pair)
-    return _Plan(inputs, ring, dropout_rng)
+    return _Plan(inputs, ring, call.dropout_rng)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def _sharded(ring: Ring, mesh: Any, compute_dtype: Any, work: bool, *arrays: Array | None):
+def _sharded(ring: Ring, mesh: Any, compute_dtype: Any, work: bool, *arrays: Any):
     """The ring on every device of the axis, the sequence sharded: the output
     ``[..., Tq, Dv]`` (sharded like the query), or with ``work`` the kernel blocks each
     device computes ``int [n]``. Jitted so that eager calls compile once."""
@@ -550,14 +529,14 @@ def ring_attention(
     masks: Masks = None,
     causal: bool = False,
     *,
-    mesh: Any,
-    axis_name: Any,
+    mesh: Mesh,
+    axis_name: str,
     score_mode: ScoreMode = "dot",
     dropout_rate: float = 0.0,
     dropout_rng: Array | None = None,
     deterministic: bool | None = None,
-    precision: Any = None,
-    block_size: Any = None,
+    precision: PrecisionLike = None,
+    block_size: BlockSizeLike = None,
     layout: Layout | None = None,
 ) -> Array:
     """:func:`dot_attention` with queries, keys and values sharded along the sequence.
@@ -619,30 +598,18 @@ def ring_attention(
       >>> bool(jnp.allclose(out, dot_attention(None, q, v, causal=True), atol=1e-6))
       True
     """
-    plan = _plan(**locals())
-    inputs = plan.inputs
-    batch, tq, tv = inputs.query.shape[:-2], inputs.query.shape[-2], inputs.value.shape[-2]
-    dv = inputs.value.shape[-1]
-    if 0 in (math.prod(batch), tq, tv, dv):  # nothing to attend over: zeros, as one device
-        return validation.finish(jnp.zeros((*batch, tq, dv), inputs.compute_dtype), inputs)
-
-    output = _run(plan, mesh)
-    return validation.finish(output, inputs)
+    plan = _plan(validation.check_call(locals()), mesh, axis_name, layout)
+    empty = validation.empty_output(plan.inputs)
+    if empty is not None:  # nothing to attend over: zeros, as one device
+        return empty
+    return validation.finish(_run(plan, mesh), plan.inputs)
 
 
 #: Read once at import: documentation tools may later replace ``__signature__``.
 _SIGNATURE = inspect.signature(ring_attention)
 
 
-def blocks_per_device(
-    params: Params,
-    query: Array,
-    value: Array,
-    key: Array | None = None,
-    masks: Masks = None,
-    causal: bool = False,
-    **options: Any,
-) -> np.ndarray:
+def blocks_per_device(*args: Any, **kwargs: Any) -> np.ndarray:
     """Kernel blocks each device computes in one forward pass of :func:`ring_attention`
     (same arguments): ``int [n]``, for benchmarks.
 
@@ -650,7 +617,9 @@ def blocks_per_device(
     pair, the blocks holding a visible (query, key) pair are counted: those the kernel
     computes when every row sees a key (its bound test skips the others).
     """
-    bound = _SIGNATURE.bind(params, query, value, key, masks, causal, **options)
+    bound = _SIGNATURE.bind(*args, **kwargs)
     bound.apply_defaults()
-    plan = _plan(**bound.arguments)
-    return np.asarray(_run(plan, options["mesh"], work=True))
+    arguments = bound.arguments
+    call = validation.check_call(arguments)
+    plan = _plan(call, arguments["mesh"], arguments["axis_name"], arguments["layout"])
+    return np.asarray(_run(plan, arguments["mesh"], work=True))

@@ -13,8 +13,8 @@ from typing import Any
 import jax.numpy as jnp
 
 from flax_dotattn._src import validation
-from flax_dotattn._src.config import float_dtype_name
 from flax_dotattn._src.masks import apply_score_mask
+from flax_dotattn._src.options import check_precision, float_dtype_name, to_lax_precision
 from flax_dotattn._src.types import Array, ScoreMode
 
 
@@ -46,8 +46,10 @@ def logits(
     pre = q + k  # [..., Tq, Tv, D]
     if scale is not None:
         pre = scale.astype(compute_dtype) * pre
-    weight = concat_score_weight.astype(compute_dtype)
-    return weight * jnp.sum(jnp.tanh(pre), axis=-1)  # [..., Tq, Tv]
+    scores = jnp.sum(jnp.tanh(pre), axis=-1)  # [..., Tq, Tv]
+    if concat_score_weight is not None:  # always, once checked: concat mode requires it
+        scores = concat_score_weight.astype(compute_dtype) * scores
+    return scores
 
 
 def masked_logits(
@@ -117,7 +119,7 @@ def attention_scores(
         score_mode,
         value_name="key",
     )
-    precision = validation.check_precision(precision)
+    lax_precision = to_lax_precision(check_precision("precision", precision))
     compute_dtype = (
         inputs.compute_dtype
         if compute_dtype is None
@@ -129,6 +131,6 @@ def attention_scores(
         score_mode=score_mode,
         scale=inputs.scale,
         concat_score_weight=inputs.concat_score_weight,
-        precision=precision,
+        precision=lax_precision,
         compute_dtype=compute_dtype,
     )

@@ -17,7 +17,6 @@ Shape glossary: ``...`` batch dims, ``Tq``/``Tv`` query/key lengths, ``D`` query
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import jax
@@ -25,9 +24,16 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import Mesh, PartitionSpec
 
-from flax_dotattn._src import chunked, validation
-from flax_dotattn._src.config import check_option
-from flax_dotattn._src.types import Array, Masks, Params, ScoreMode
+from flax_dotattn._src import kernels, validation
+from flax_dotattn._src.types import (
+    Array,
+    BlockSizeLike,
+    Masks,
+    Params,
+    PrecisionLike,
+    ScoreMode,
+    Window,
+)
 
 
 def check_mesh_axis(mesh: Any, axis_name: Any) -> int:
@@ -55,13 +61,13 @@ def sequence_parallel_attention(
     attention_mask: Array | None = None,
     bias: Array | None = None,
     segment_ids: tuple[Array, Array] | None = None,
-    window: tuple[int | None, int | None] | None = None,
+    window: Window = None,
     score_mode: ScoreMode = "dot",
     dropout_rate: float = 0.0,
     dropout_rng: Array | None = None,
     deterministic: bool | None = None,
-    precision: Any = None,
-    block_size: Any = None,
+    precision: PrecisionLike = None,
+    block_size: BlockSizeLike = None,
 ) -> Array:
     """:func:`dot_attention` with keys/values sharded along ``Tv`` over ``axis_name``.
 
@@ -102,22 +108,8 @@ def sequence_parallel_attention(
       >>> bool(jnp.allclose(out, dot_attention(None, q, v, causal=True), atol=1e-6))
       True
     """
-    causal = check_option("causal", causal)
-    dropout_rate, dropout_rng = validation.check_dropout(deterministic, dropout_rate, dropout_rng)
-    block_sizes = check_option("block_size", block_size)
-    window = check_option("window", window)
-    precision = validation.check_precision(precision)
-    inputs = validation.check_inputs(
-        params,
-        query,
-        value,
-        key,
-        masks,
-        score_mode,
-        attention_mask=attention_mask,
-        bias=bias,
-        segment_ids=segment_ids,
-    )
+    call = validation.check_call(locals())
+    inputs = call.inputs
     n = check_mesh_axis(mesh, axis_name)
     tv = inputs.key.shape[-2]
     if tv % n:
@@ -126,9 +118,9 @@ def sequence_parallel_attention(
             f"{axis_name!r}; received value shape {tuple(inputs.value.shape)}."
         )
     shard_len = tv // n
-    batch, tq, dv = inputs.query.shape[:-2], inputs.query.shape[-2], inputs.value.shape[-1]
-    if 0 in (math.prod(batch), tq, tv, dv):  # nothing to attend over: zeros, as one device
-        return validation.finish(jnp.zeros(batch + (tq, dv), inputs.compute_dtype), inputs)
+    empty = validation.empty_output(inputs)
+    if empty is not None:  # nothing to attend over: zeros, as one device
+        return empty
     nb = inputs.query.ndim - 2
     replicated = PartitionSpec()
     seq = PartitionSpec(*([None] * nb), axis_name, None)  # [..., Tv, D]
@@ -140,33 +132,25 @@ def sequence_parallel_attention(
         return PartitionSpec(*([None] * (x.ndim - 1)), axis_name if x.shape[-1] == tv else None)
 
     masking = inputs.masking
-    masking_specs = type(masking)(
-        value_mask=None if masking.value_mask is None else seq_mask,
-        attention_mask=pair_spec(masking.attention_mask),
-        query_segment_ids=None if masking.query_segment_ids is None else replicated,
-        kv_segment_ids=None if masking.kv_segment_ids is None else seq_mask,
+    # A Masking of PartitionSpecs, in the field order of Masking (a pytree prefix of it).
+    masking_specs = type(masking)._make(
+        (
+            None if masking.value_mask is None else seq_mask,
+            pair_spec(masking.attention_mask),
+            None if masking.query_segment_ids is None else replicated,
+            None if masking.kv_segment_ids is None else seq_mask,
+        )
     )
 
     def shard(q, k, v, masking, bias, scale, cw, rng):
         index = lax.axis_index(axis_name)
         if rng is not None:
             rng = jax.random.fold_in(rng, index)
-        out, (m, log_l) = chunked.attention(
-            q,
-            k,
-            v,
-            masking,
-            bias,
-            scale,
-            cw,
-            score_mode=score_mode,
-            causal=causal,
-            window=window,
-            dropout_rate=dropout_rate,
-            dropout_rng=rng,
-            block_sizes=block_sizes,
-            precision=precision,
-            compute_dtype=inputs.compute_dtype,
+        local = inputs._replace(
+            query=q, key=k, value=v, masking=masking, bias=bias, scale=scale, concat_score_weight=cw
+        )
+        out, (m, log_l) = kernels.chunked(
+            validation.CheckedCall(call.options, local, rng),
             key_offset=index * shard_len,
             with_stats=True,
         )  # [..., Tq, Dv], [..., Tq], [..., Tq]
@@ -198,6 +182,6 @@ def sequence_parallel_attention(
         inputs.bias,
         inputs.scale,
         inputs.concat_score_weight,
-        dropout_rng,
+        call.dropout_rng,
     )
     return validation.finish(output, inputs)

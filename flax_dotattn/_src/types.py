@@ -11,6 +11,8 @@ from typing import Any, Literal, get_args
 
 import jax
 
+from flax_dotattn._src.blocks import BlockSizes
+
 #: The one array alias used in every signature.
 Array = jax.Array
 
@@ -29,3 +31,13 @@ PARAM_NAMES: tuple[str, ...] = ("scale", "concat_score_weight")
 
 Params = Mapping[str, Any] | None
 Masks = Sequence[Any] | None
+
+#: ``window``: None or ``(left, right)``, a None side unbounded.
+Window = tuple[int | None, int | None] | None
+#: What ``precision`` accepts: None, a ``jax.lax.Precision`` or its name (any case).
+PrecisionLike = jax.lax.Precision | str | None
+#: What ``block_size`` accepts: None, an int, a pair ``(Bq, Bk)``, a mapping of
+#: :class:`BlockSizes` fields or a :class:`BlockSizes`.
+BlockSizeLike = BlockSizes | int | tuple[int, int] | Mapping[str, int | None] | None
+#: What ``dtype`` and ``param_dtype`` accept: a dtype or its name.
+DTypeLike = jax.typing.DTypeLike

@@ -2,8 +2,9 @@
 
 Every check here is static (shapes, dtypes and Python values only), so it costs nothing
 under ``jax.jit`` and fires at trace time. Each error names the argument and states the
-expected and the received shape, dtype or value. Options shared with the config are
-checked by the config's own checks (:func:`flax_dotattn._src.config.check_option`).
+expected and the received shape, dtype or value. The options are checked by the options
+spec (:mod:`flax_dotattn._src.options`); :func:`check_call` checks everything an entry
+point takes.
 
 Shape checks use chex's assertions for their messages and are enforced again without
 chex, so nothing broadcasts silently even when ``chex.disable_asserts()`` is in effect.
@@ -12,16 +13,17 @@ Shape glossary: see :mod:`flax_dotattn._src.masks`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple, NoReturn
+from typing import Any, NamedTuple
 
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_dotattn._src.config import check_option
 from flax_dotattn._src.masks import Masking
+from flax_dotattn._src.options import OPTIONS, AttentionOptions, fail
 from flax_dotattn._src.types import PARAM_NAMES, Array
 
 
@@ -40,8 +42,38 @@ class AttentionInputs(NamedTuple):
     compute_dtype: jnp.dtype  # float32 for float16/bfloat16 inputs
 
 
-def _fail(message: str) -> NoReturn:
-    raise ValueError(message)
+class CheckedCall(NamedTuple):
+    """An entry point's arguments, checked: what the kernels are run with."""
+
+    options: AttentionOptions
+    inputs: AttentionInputs
+    dropout_rng: Array | None  # the dropout key; None when dropout does not apply
+
+
+def check_call(arguments: Mapping[str, Any]) -> CheckedCall:
+    """Checks the arguments of an attention entry point, given by name.
+
+    Every entry point (:func:`dot_attention`, :func:`which_implementation`,
+    :func:`sequence_parallel_attention`, :func:`ring_attention` and the modules) passes
+    its arguments here as a mapping of its parameter names (its ``locals()`` on entry, or
+    a bound signature's ``arguments``): the options build an :class:`AttentionOptions`
+    and the arrays are checked by :func:`check_inputs`. Names an entry point does not
+    take (``ring_attention`` has no ``bias``) are absent and take their defaults.
+    """
+    options = AttentionOptions.from_arguments(arguments)
+    dropout_rng = options.dropout_key(arguments.get("dropout_rng"))
+    inputs = check_inputs(
+        arguments["params"],
+        arguments["query"],
+        arguments["value"],
+        arguments.get("key"),
+        arguments.get("masks"),
+        options.score_mode,
+        attention_mask=arguments.get("attention_mask"),
+        bias=arguments.get("bias"),
+        segment_ids=arguments.get("segment_ids"),
+    )
+    return CheckedCall(options, inputs, dropout_rng)
 
 
 def _is_array(x: Any) -> bool:
@@ -52,64 +84,21 @@ def _require(ok: bool, assertion: Callable[..., None], *args: Any, message: str)
     """Runs a chex assertion (ValueError, ``message``); enforces ``ok`` without chex too."""
     assertion(*args, exception_type=ValueError, custom_message=message)
     if not ok:
-        _fail(message)
-
-
-def check_static_bool(name: str, value: Any) -> bool:
-    """Returns ``value`` if it is a Python bool, else raises a ValueError."""
-    if not isinstance(value, (bool, np.bool_)):
-        _fail(
-            f"{name} must be a Python bool (it is static under jit); "
-            f"received {name}={value!r} of type {type(value).__name__}."
-        )
-    return bool(value)
-
-
-def check_precision(precision: Any) -> jax.lax.Precision | None:
-    """Checks ``precision`` as the config does; returns a ``jax.lax.Precision`` or None."""
-    name = check_option("precision", precision)
-    return None if name is None else jax.lax.Precision[name.upper()]
-
-
-def check_dropout(
-    deterministic: Any, dropout_rate: Any, dropout_rng: Any
-) -> tuple[float, Array | None]:
-    """Validates the dropout arguments; returns the effective ``(rate, rng)``.
-
-    The rate is 0 and the rng None when no dropout applies (``deterministic=True`` or a
-    zero rate). With a positive rate ``deterministic`` must be given.
-    """
-    dropout_rate = check_option("dropout_rate", dropout_rate)
-    deterministic = check_option("deterministic", deterministic)
-    if dropout_rate == 0.0:
-        return 0.0, None
-    if deterministic is None:
-        _fail(
-            f"deterministic must be True or False when dropout_rate > 0 (True: no dropout, "
-            f"as at inference); received deterministic=None with dropout_rate={dropout_rate}."
-        )
-    if deterministic:
-        return 0.0, None
-    if dropout_rng is None:
-        _fail(
-            "dropout_rng is required when deterministic=False and dropout_rate > 0; "
-            f"received dropout_rng=None with dropout_rate={dropout_rate}."
-        )
-    return dropout_rate, dropout_rng
+        fail(message)
 
 
 def check_float_array(name: str, x: Any, layout: str) -> Array:
     """Converts ``x`` to a JAX array and checks it is a real floating array of rank >= 2."""
     if not _is_array(x):
-        _fail(f"{name} must be an array of shape {layout}; received a {type(x).__name__}.")
+        fail(f"{name} must be an array of shape {layout}; received a {type(x).__name__}.")
     if not jnp.issubdtype(x.dtype, jnp.floating):
-        _fail(
+        fail(
             f"{name} must have a real floating dtype (float16, bfloat16, float32 or "
             f"float64); received dtype {x.dtype}."
         )
     x = jnp.asarray(x)
     if x.ndim < 2:
-        _fail(
+        fail(
             f"{name} must have rank >= 2 with shape {layout}; "
             f"received shape {tuple(x.shape)} (rank {x.ndim})."
         )
@@ -150,7 +139,7 @@ def _check_array(
         "int": "have an integer dtype",
     }[kind]
     if not _is_array(x):
-        _fail(
+        fail(
             f"{name} must be {'None or ' if optional else ''}an array broadcastable to "
             f"{layout} = {expected}; received {_describe(x)}."
         )
@@ -163,7 +152,7 @@ def _check_array(
         "int": jnp.issubdtype(dtype, jnp.integer) and dtype != jnp.bool_,
     }[kind]
     if not ok:
-        _fail(f"{name} must {wanted}; received dtype {dtype}.")
+        fail(f"{name} must {wanted}; received dtype {dtype}.")
     x = jnp.asarray(x)
     message = (
         f"{name} must have a shape broadcastable to {layout} = {expected} (NumPy rules, "
@@ -171,7 +160,7 @@ def _check_array(
     )
     # chex has no broadcastability assertion; the explicit check gives the message.
     if not _broadcastable(tuple(x.shape), tuple(expected)):
-        _fail(message)
+        fail(message)
     return x
 
 
@@ -201,7 +190,7 @@ def _exact_ids(name: str, ids: Any) -> Any:
     info = np.iinfo(target)
     low, high = int(ids.min()), int(ids.max())
     if low < info.min or high > info.max:
-        _fail(
+        fail(
             f"segment_ids: {name} must fit JAX's {target} ({info.min}..{info.max}) so that "
             f"ids compare exactly; received {ids.dtype} ids in {low}..{high}."
         )
@@ -217,7 +206,7 @@ def _common_id_dtype(q_ids: Array, kv_ids: Array) -> tuple[Array, Array]:
         np.can_cast(x.dtype, common, "safe") for x in (q_ids, kv_ids)
     )
     if not exact:
-        _fail(
+        fail(
             "segment_ids: query_segment_ids and kv_segment_ids must have integer dtypes "
             f"that one {jax.dtypes.canonicalize_dtype(jnp.int64)} or narrower type holds "
             f"exactly, so that ids compare by value; received {q_ids.dtype} and "
@@ -249,7 +238,7 @@ def check_pair_masks(
     q_seg = kv_seg = None
     if segment_ids is not None:
         if not _is_pair(segment_ids):
-            _fail(
+            fail(
                 "segment_ids must be None or a pair (query_segment_ids, kv_segment_ids) of "
                 f"integer arrays; received {_describe(segment_ids)}."
             )
@@ -269,7 +258,7 @@ def check_masks(
     if masks is None:
         return None, None
     if not _is_pair(masks):
-        _fail(
+        fail(
             "masks must be None or a pair (query_mask, value_mask), each None or an "
             f"array; received {_describe(masks)}."
         )
@@ -291,41 +280,41 @@ def check_params(params: Any, score_mode: str) -> tuple[Array | None, Array | No
     if params is None:
         params = {}
     if not isinstance(params, Mapping):
-        _fail(
+        fail(
             "params must be None or a mapping with optional keys "
             f"{PARAM_NAMES!r}; received a {type(params).__name__}."
         )
     unknown = sorted(str(k) for k in params if k not in PARAM_NAMES)
     if unknown:
-        _fail(f"params has unknown keys {unknown}; expected only keys from {PARAM_NAMES!r}.")
+        fail(f"params has unknown keys {unknown}; expected only keys from {PARAM_NAMES!r}.")
     leaves: dict[str, Array | None] = dict.fromkeys(PARAM_NAMES)
     for name in PARAM_NAMES:
         if name not in params:
             continue
         leaf = params[name]
         if not _is_array(leaf) and (isinstance(leaf, bool) or not isinstance(leaf, (int, float))):
-            _fail(
+            fail(
                 f"params[{name!r}] must be a real scalar (an array of shape () or a Python "
                 f"number); received a {type(leaf).__name__}."
             )
         leaf = jnp.asarray(leaf)
         if leaf.shape != ():
-            _fail(
+            fail(
                 f"params[{name!r}] must be a scalar of shape (); "
                 f"received shape {tuple(leaf.shape)}."
             )
         if not jnp.issubdtype(leaf.dtype, jnp.floating) and not (
             jnp.issubdtype(leaf.dtype, jnp.integer) and leaf.dtype != jnp.bool_
         ):
-            _fail(f"params[{name!r}] must be a real number; received dtype {leaf.dtype}.")
+            fail(f"params[{name!r}] must be a real number; received dtype {leaf.dtype}.")
         leaves[name] = leaf
     if score_mode == "concat" and leaves["concat_score_weight"] is None:
-        _fail(
+        fail(
             "score_mode='concat' needs params['concat_score_weight'] (a scalar; Keras "
             "initialises it to 1.0); received params without it."
         )
     if score_mode == "dot" and leaves["concat_score_weight"] is not None:
-        _fail(
+        fail(
             "params['concat_score_weight'] is only used with score_mode='concat'; "
             "received it with score_mode='dot'."
         )
@@ -350,7 +339,7 @@ def check_inputs(
     ``value_name`` is the name errors use for ``value`` (``"key"`` when the caller has
     keys only, as :func:`attention_scores`).
     """
-    score_mode = check_option("score_mode", score_mode)
+    score_mode = OPTIONS["score_mode"].check("score_mode", score_mode)
     query = check_float_array("query", query, "[..., Tq, D]")
     value = check_float_array(value_name, value, "[..., Tv, Dv]")
     key = value if key is None else check_float_array("key", key, "[..., Tv, D]")
@@ -358,7 +347,7 @@ def check_inputs(
     batch = tuple(query.shape[:-2])
     for name, x in ((value_name, value), ("key", key)):
         if x.ndim != query.ndim:
-            _fail(
+            fail(
                 f"{name} must have the same rank as query ({query.ndim}: batch dims "
                 f"{batch}); received {name} shape {tuple(x.shape)} and query shape "
                 f"{tuple(query.shape)}."
@@ -436,6 +425,17 @@ def hide_non_finite(key: Array, value: Array, value_mask: Array) -> tuple[Array,
 
     value_out = clean(value)
     return value_out if key is value else clean(key), value_out
+
+
+def empty_output(inputs: AttentionInputs) -> Array | None:
+    """The output when there is nothing to attend over (an empty batch, ``Tq``, ``Tv`` or
+    ``Dv``): zeros ``[..., Tq, Dv]`` in the inputs' dtype; None when no dimension is empty.
+    """
+    batch, tq, tv = inputs.query.shape[:-2], inputs.query.shape[-2], inputs.key.shape[-2]
+    dv = inputs.value.shape[-1]
+    if 0 not in (math.prod(batch), tq, tv, dv):
+        return None
+    return finish(jnp.zeros((*batch, tq, dv), inputs.compute_dtype), inputs)
 
 
 def finish(output: Array, inputs: AttentionInputs) -> Array:

@@ -45,7 +45,7 @@ def _jitted(attend: Callable, mode: str) -> Callable:
     return jax.jit(jax.grad(lambda q, k, v: jnp.sum(attend(q, k, v) ** 2), argnums=(0, 1, 2)))
 
 
-def _ours(causal: bool, implementation: str | None) -> baselines.Attend:
+def _ours(causal: bool, implementation: Any) -> baselines.Attend:
     def attend(q, k, v):
         return dot_attention(None, q, v, k, causal=causal, implementation=implementation)
 
@@ -95,7 +95,7 @@ def build_scenario(name: str, t: int = SCENARIO_LENGTH, d: int = 64) -> tuple[Ca
     """
     q, k, v = _inputs(1, t, d)
     segments = jnp.repeat(jnp.arange(8), t // 8)  # [T]
-    options = {
+    table: dict[str, dict[str, Any]] = {
         "causal_full": dict(causal=True),
         "causal_window_256": dict(causal=True, window=(256, 0)),
         "packed_segment_ids": dict(segment_ids=(segments, segments)),
@@ -103,7 +103,8 @@ def build_scenario(name: str, t: int = SCENARIO_LENGTH, d: int = 64) -> tuple[Ca
             attention_mask=segments[:, None] == segments[None, :], implementation="xla"
         ),
         "packed_as_batch": dict(),
-    }[name]
+    }
+    options = table[name]
     if name == "packed_as_batch":
         q, k, v = (x.reshape(8, t // 8, d) for x in (q, k, v))
     return _jitted(lambda q, k, v: dot_attention(None, q, v, k, **options), "fwd_bwd"), (q, k, v)

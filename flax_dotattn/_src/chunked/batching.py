@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any, overload
 
 import jax
 
@@ -20,13 +21,17 @@ from flax_dotattn._src.masks import Masking
 from flax_dotattn._src.types import Array
 
 
-def _foldable(batched: Operands) -> bool:
+def _foldable(batched: Any) -> bool:
     """Whether a vmapped axis can join the batch: the scalars and the key must be shared."""
     shared = (batched.key_offset, batched.scale, batched.concat_score_weight, batched.rng)
     return not any(jax.tree.leaves(shared))
 
 
-def fold_rows(x: Array | None, batched: bool | None, n: int) -> Array | None:
+@overload
+def fold_rows(x: Array, batched: Any, n: int) -> Array: ...
+@overload
+def fold_rows(x: None, batched: Any, n: int) -> None: ...
+def fold_rows(x: Array | None, batched: Any, n: int) -> Array | None:
     """``[n, B, ...]`` (or ``[B, ...]`` shared by the n) -> ``[n * B, ...]``."""
     if x is None:
         return None
@@ -39,7 +44,7 @@ def unfold_rows(x: Array | None, n: int) -> Array | None:
     return None if x is None else x.reshape((n, x.shape[0] // n) + x.shape[1:])
 
 
-def _fold_pairs(static: Static, x: Array | None, batched: bool | None) -> Array | None:
+def _fold_pairs(static: Static, x: Array | None, batched: Any) -> Array | None:
     """A broadcastable ``[..., Tq, Tv]`` array for the batch ``(n,) + static.batch``."""
     if x is None or not batched:
         return x  # broadcasts along the new leading batch dim by itself
@@ -47,7 +52,9 @@ def _fold_pairs(static: Static, x: Array | None, batched: bool | None) -> Array 
     return x.reshape(x.shape[:1] + (1,) * lacking + x.shape[1:])
 
 
-def _fold_operands(static: Static, ops: Operands, batched: Operands, n: int) -> Operands:
+def _fold_operands(static: Static, ops: Operands, batched: Any, n: int) -> Operands:
+    """``ops`` with the mapped axis folded into the batch; ``batched`` has the tree of
+    ``ops`` with bools (whether each leaf is mapped)."""
     rows = functools.partial(fold_rows, n=n)
     masking, masking_b = ops.masking, batched.masking
     return ops._replace(
@@ -64,7 +71,7 @@ def _fold_operands(static: Static, ops: Operands, batched: Operands, n: int) -> 
     )
 
 
-def fold(static: Static, res: Residuals, batched: Residuals, n: int, bias_moves: bool):
+def fold(static: Static, res: Residuals, batched: Any, n: int, bias_moves: bool):
     """``(static, residuals)`` for the batch ``(n,) + static.batch``, or None when the
     mapped axis cannot join it. ``bias_moves``: the bias has a per-element (co)tangent,
     so it is made per element too."""
@@ -76,12 +83,8 @@ def fold(static: Static, res: Residuals, batched: Residuals, n: int, bias_moves:
         ops_b = ops_b._replace(bias=True)
     folded = static._replace(batch=(n,) + static.batch)
     rows = functools.partial(fold_rows, n=n)
-    return folded, Residuals(
-        _fold_operands(static, ops, ops_b, n),
-        rows(res.out, batched.out),
-        rows(res.m, batched.m),
-        rows(res.norm, batched.norm),
-    )
+    stats = (rows(x, b) for x, b in zip(res[1:], batched[1:], strict=True))
+    return folded, Residuals._make((_fold_operands(static, ops, ops_b, n), *stats))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +97,7 @@ class TangentMap:
     def __call__(self, res: Residuals, tangents: Tangents):
         return tangent(self.static, res, tangents)
 
-    def fold(self, n: int, res: Residuals, batched: Residuals, tangents: Tangents):
+    def fold(self, n: int, res: Residuals, batched: Any, tangents: Tangents):
         """The map for a vmapped axis of size ``n`` joined to the batch (``linear_map``'s
         batching protocol; the tangents are mapped along axis 0)."""
         if tangents.scale is not None or tangents.concat_weight is not None:
@@ -127,7 +130,7 @@ class TransposeMap:
     def __call__(self, res: Residuals, cts):
         return transpose(self.static, res, self.present, *cts)
 
-    def fold(self, n: int, res: Residuals, batched: Residuals, cts):
+    def fold(self, n: int, res: Residuals, batched: Any, cts):
         """As :meth:`TangentMap.fold`, for the transpose."""
         if self.present.scale is not None or self.present.concat_weight is not None:
             return None  # per-element cotangents of the scalars: leave it to jax.vmap
@@ -140,7 +143,9 @@ class TransposeMap:
         cts = tuple(fold_rows(x, True, n) for x in cts)
 
         def unfold(out: Tangents) -> Tangents:
-            bias = None if out.bias is None else out.bias.reshape((n,) + bias_shape)
+            bias = None
+            if out.bias is not None and bias_shape is not None:
+                bias = out.bias.reshape((n,) + bias_shape)
             return Tangents(
                 unfold_rows(out.query, n), unfold_rows(out.key, n), unfold_rows(out.value, n),
                 bias,
@@ -164,8 +169,9 @@ def batching_forward(static: Static):
     @run.def_vmap
     def _(n, in_batched, ops):
         (batched,) = in_batched
-        res, res_b = Residuals(ops, None, None, None), Residuals(batched, None, None, None)
+        res, res_b = Residuals._make((ops, None, None, None)), (batched, None, None, None)
         got = fold(static, res, res_b, n, False)
+        out: Any
         if got is None:  # per-element scalars or dropout keys
             axes = jax.tree.map(lambda b: 0 if b else None, batched)
             out = jax.vmap(functools.partial(forward, static), in_axes=(axes,))(ops)

@@ -28,7 +28,9 @@ def logit_bounds(static: Static, ops: Operands) -> tuple[Array, Array]:
     if static.score_mode == "dot":
         scale = 1.0 if ops.scale is None else jnp.abs(ops.scale)
         return scale * jnp.linalg.norm(q, axis=-1), jnp.linalg.norm(k, axis=-1)
-    q_bound = jnp.broadcast_to(jnp.abs(ops.concat_score_weight) * q.shape[-1], q.shape[:2])
+    weight = ops.concat_score_weight
+    assert weight is not None, "concat mode has a weight"
+    q_bound = jnp.broadcast_to(jnp.abs(weight) * q.shape[-1], q.shape[:2])
     return q_bound, jnp.ones(k.shape[:2], k.dtype)
 
 

@@ -130,6 +130,7 @@ def _segments(ops: Operands, blocks: Blocks) -> tuple[Array | None, ...]:
     masking = ops.masking
     if masking.query_segment_ids is None:
         return None, None, None, None
+    assert masking.kv_segment_ids is not None, "segment ids come in pairs"
     q_seg = to_blocks(masking.query_segment_ids, blocks[0], fill=-1)
     kv_seg = to_blocks(masking.kv_segment_ids, blocks[1], fill=-2)
     q_range = jnp.stack([q_seg.min(-1), q_seg.max(-1)], axis=1)

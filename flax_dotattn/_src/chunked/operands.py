@@ -74,7 +74,8 @@ class Tangents(NamedTuple):
     def present(self) -> Tangents:
         """Which tangents are nonzero: True there, None elsewhere (hashable, and with the
         same None fields, so :attr:`moves_logits` reads it too)."""
-        return Tangents(*(None if t is None else True for t in self))
+        flags: list[Any] = [None if t is None else True for t in self]
+        return Tangents(*flags)
 
 
 def clip_blocks(blocks: tuple[int, int], tq: int, tv: int) -> tuple[int, int]:

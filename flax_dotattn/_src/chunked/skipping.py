@@ -59,7 +59,7 @@ def may_see(cut: Blocked, i: Any, j: Any) -> Any:
     tests = []
     if cut.value_mask is not None:
         tests.append(jnp.any(cut.value_mask[j]))
-    if cut.q_segment_range is not None:
+    if cut.q_segment_range is not None and cut.kv_segment_range is not None:
         (q_lo, q_hi), (k_lo, k_hi) = cut.q_segment_range[i], cut.kv_segment_range[j]
         tests.append(jnp.any(jnp.maximum(q_lo, k_lo) <= jnp.minimum(q_hi, k_hi)))
     if cut.attention_mask is not None:

@@ -81,6 +81,7 @@ def dropout_scale(static: Static, rng: Array | None, i: Any, j: Any, shape, dtyp
     dropout. Drawn per forward block, so every pass draws the same pattern."""
     if static.dropout_rate == 0.0:
         return None
+    assert rng is not None, "dropout has a key"
     keep_prob = 1.0 - static.dropout_rate
     key = jax.random.fold_in(jax.random.fold_in(rng, i), j)
     keep = jax.random.bernoulli(key, keep_prob, shape)

@@ -10,6 +10,7 @@ in place, so the pass needs O(T) memory and no ``[T, T]`` work beyond the visite
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -61,6 +62,7 @@ def _block_cotangents(
     def logits(moving: Tangents) -> Array:
         chosen = zip(fixed, moving, present, strict=True)
         a = Tangents(*(x if p is None else y for x, y, p in chosen))
+        assert a.query is not None and a.key is not None
         return block_logits(
             static, cut, ops.key_offset, i, j, a.query, a.key, a.bias, a.scale, a.concat_weight
         )
@@ -76,7 +78,7 @@ def _block_cotangents(
         cts = cts._replace(
             value=jnp.einsum("bqk,bqd->bkd", dropped(p, drop), row.g, precision=static.precision)
         )
-    if cts.bias is not None:  # summed over the dims the bias broadcasts along
+    if cts.bias is not None and cut.bias is not None:  # summed over the broadcast dims
         extent = cut.bias.shape[:-2] + pair_extent(cut.bias, cut.blocks)
         cts = cts._replace(bias=unbroadcast(cts.bias.reshape(static.batch + cut.blocks), extent))
     return cts
@@ -86,16 +88,19 @@ def _accumulate(acc: Tangents, blocks, i: Any, j: Any, new: Tangents) -> Tangent
     """Adds block (i, j)'s cotangents: the query's to the block's own accumulator, the
     keys', values' and bias's in place at their block, the scalars'."""
 
-    def plus(a, b):
-        return None if a is None else a + b
+    def at(a: Array | None, b: Array | None, add: Callable) -> Array | None:
+        return None if a is None or b is None else add(a, b)
+
+    def plus(a: Array, b: Array) -> Array:
+        return a + b
 
     return Tangents(
-        query=plus(acc.query, new.query),
-        key=None if acc.key is None else add_at(acc.key, j, new.key),
-        value=None if acc.value is None else add_at(acc.value, j, new.value),
-        bias=None if acc.bias is None else pair_add(acc.bias, blocks, i, j, new.bias),
-        scale=plus(acc.scale, new.scale),
-        concat_weight=plus(acc.concat_weight, new.concat_weight),
+        query=at(acc.query, new.query, plus),
+        key=at(acc.key, new.key, lambda a, b: add_at(a, j, b)),
+        value=at(acc.value, new.value, lambda a, b: add_at(a, j, b)),
+        bias=at(acc.bias, new.bias, lambda a, b: pair_add(a, blocks, i, j, b)),
+        scale=at(acc.scale, new.scale, plus),
+        concat_weight=at(acc.concat_weight, new.concat_weight, plus),
     )
 
 
@@ -168,7 +173,7 @@ def _unblocked(static: Static, res: Residuals, cts: Tangents) -> Tangents:
         return None if x is None else from_blocks(x, length)
 
     bias = cts.bias
-    if bias is not None:
+    if bias is not None and res.ops.bias is not None:
         bias = bias[..., : res.ops.bias.shape[-2], : res.ops.bias.shape[-1]]
     return cts._replace(
         query=rows(cts.query, static.tq),
