@@ -8,7 +8,7 @@ and log-normaliser ``log_l``), and the shards are merged exactly::
     out = sum_s w_s * out_s / sum_s w_s
 
 which is the softmax over all keys (Keras's masking rule and fully masked rows
-included). Gradients flow through the kernel's custom VJP and ``shard_map``.
+included). Gradients flow through the kernel's custom JVP (and its transpose) and ``shard_map``.
 
 Shape glossary: ``...`` batch dims, ``Tq``/``Tv`` query/key lengths, ``D`` query/key depth,
 ``Dv`` value depth, ``n`` the size of the mesh axis.
