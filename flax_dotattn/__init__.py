@@ -30,7 +30,7 @@ from flax_dotattn._src.sharding import (
     sequence_parallel_attention as sequence_parallel_attention,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = (
     "BlockSizes",

@@ -8,6 +8,7 @@ import pytest
 from flax_dotattn import (
     DotAttention,
     DotAttentionConfig,
+    attention_scores,
     dot_attention,
     make_causal_mask,
     params_from_keras,
@@ -328,3 +329,25 @@ def test_bench_cli_rejects_bad_arguments(argv, pattern, capsys):
 def test_config_and_interop_errors(fn, pattern):
     with pytest.raises(ValueError, match=pattern):
         fn()
+
+
+SCORES_BAD = [
+    ("score_mode_capitalised", dict(score_mode="Dot"), r"score_mode must be one of .*'Dot'"),
+    ("score_mode_unknown", dict(score_mode="general"), r"score_mode must be one of"),
+    ("concat_without_weight", dict(score_mode="concat"), r"needs params\['concat_score_weight'\]"),
+    ("scale_not_scalar", dict(scale=jnp.ones(2)), r"params\['scale'\] must be a scalar"),
+    ("scale_a_string", dict(scale="2"), r"params\['scale'\] must be a real scalar"),
+    ("key_depth", dict(key=jnp.ones((2, 3))), r"key depth must equal query depth D=4"),
+    ("precision_unknown", dict(precision="max"), r"precision must be None, a jax.lax.Precision"),
+    ("compute_dtype_int", dict(compute_dtype="int32"), r"compute_dtype must be one of"),
+]
+
+
+@pytest.mark.parametrize(
+    "kwargs,pattern", [c[1:] for c in SCORES_BAD], ids=[c[0] for c in SCORES_BAD]
+)
+def test_attention_scores_rejects_bad_arguments(kwargs, pattern):
+    args = dict(query=jnp.ones((3, 4)), key=jnp.ones((5, 4)))
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=pattern):
+        attention_scores(**args)

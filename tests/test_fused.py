@@ -12,7 +12,7 @@ import pytest
 from conftest import assert_close
 
 from flax_dotattn import dot_attention
-from flax_dotattn._src.fused import fused_attention, ineligibility
+from flax_dotattn._src.fused import fold_scale, fused_attention, ineligibility
 
 ON_GPU = jax.default_backend() == "gpu"
 
@@ -140,6 +140,60 @@ def test_ineligible_inputs_fall_back(kwargs, reason):
         )
         is None
     )
+
+
+# -- folding the learned scale into the inputs -------------------------------------------
+
+
+def test_folding_a_large_scale_into_float16_stays_finite(rng):
+    q = jnp.asarray(100 + rng.normal(size=(2, 8, 8)), jnp.float16)
+    k = jnp.asarray(rng.normal(size=(2, 8, 8)), jnp.float16)
+    v = jnp.asarray(rng.normal(size=(2, 8, 8)), jnp.float16)
+    scale = jnp.float32(1000.0)
+    out = cpu_mapping(q, k, v, None, scale, False)
+    assert out.dtype == jnp.float16 and bool(jnp.all(jnp.isfinite(out)))
+    expected = dot_attention({"scale": scale}, q, v, k, implementation="xla")
+    assert_close(out, expected, jnp.float16, factor=5)
+
+
+def test_scale_that_cannot_be_folded_falls_back(rng):
+    q = jnp.full((1, 4, 8), 60000.0, jnp.float16)
+    k = jnp.full((1, 4, 8), 60000.0, jnp.float16)
+    _, _, overflow = fold_scale(q, k, jnp.float32(1e6))
+    assert bool(overflow)
+    v = jnp.asarray(rng.normal(size=(1, 4, 8)), jnp.float16)
+    out = cpu_mapping(q, k, v, None, jnp.float32(1e6), False)
+    assert bool(jnp.all(jnp.isfinite(out)))
+
+
+def fused_and_xla_errors(rng, magnitude=30.0, scale=1.37, n=8, t=64, d=64):
+    """Max |error| of the fused mapping and of the xla path against float64 on the
+    float16-rounded inputs (the figures the long-sequences guide's GPU section quotes)."""
+    q, k, v = (
+        jnp.asarray(rng.normal(size=(n, t, d)) * magnitude / np.sqrt(d), jnp.float16)
+        for _ in range(3)
+    )
+    s = jnp.float32(scale)
+    q64, k64, v64 = (np.asarray(x, np.float64) for x in (q, k, v))
+    logits = np.einsum("bqd,bkd->bqk", q64, k64) * scale
+    w = np.exp(logits - logits.max(-1, keepdims=True))
+    ref = np.einsum("bqk,bkd->bqd", w / w.sum(-1, keepdims=True), v64)
+    fused = np.asarray(cpu_mapping(q, k, v, None, s, False), np.float64)
+    xla = np.asarray(dot_attention({"scale": s}, q, v, k, implementation="xla"), np.float64)
+    return np.abs(fused - ref).max(), np.abs(xla - ref).max()
+
+
+def test_folding_a_power_of_two_scale_is_exact(rng):
+    # Powers of two shift exponents only: the mapping then has the xla path's error.
+    fused_err, xla_err = fused_and_xla_errors(rng, magnitude=30.0, scale=0.125)
+    assert fused_err <= 1.05 * xla_err, (fused_err, xla_err)
+
+
+def test_folding_a_general_scale_costs_one_float16_rounding(rng):
+    # q * scale is rounded to float16 once; at moderate logits (std ~1.5) that costs
+    # well under 3x the xla path's error (the long-sequences guide quotes the table).
+    fused_err, xla_err = fused_and_xla_errors(rng, magnitude=3.0, scale=1.37)
+    assert fused_err < 3 * xla_err, (fused_err, xla_err)
 
 
 @pytest.mark.skipif(ON_GPU, reason="checks the CPU error")

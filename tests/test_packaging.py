@@ -170,6 +170,16 @@ def test_declared_version_is_the_package_version():
     assert declared == flax_dotattn.__version__
 
 
+def test_changelog_newest_release_is_the_package_version():
+    """The newest dated section of CHANGELOG.md is ``__version__``; "Unreleased" sits above."""
+    changelog = (ROOT / "CHANGELOG.md").read_text()
+    headings = re.findall(r"^## (.+)$", changelog, re.M)
+    assert headings[0] == "[Unreleased]", headings[:2]
+    released = [h for h in headings if re.fullmatch(r"\[[^\]]+\] - \d{4}-\d{2}-\d{2}", h)]
+    assert released, headings
+    assert released[0].startswith(f"[{flax_dotattn.__version__}] - "), released[0]
+
+
 def test_python_floor_matches_the_lint_target():
     floor = re.fullmatch(r">=\s*3\.(\d+)", PROJECT["requires-python"]).group(1)
     assert PYPROJECT["tool"]["ruff"]["target-version"] == f"py3{floor}"

@@ -1,4 +1,5 @@
-"""The repository's promises: README's commands match CI, and the examples run."""
+"""The repository's promises: README's commands match CI, the examples run, and
+tests/README.md maps every test file."""
 
 import pathlib
 import re
@@ -54,3 +55,14 @@ def test_readme_python_blocks_run(monkeypatch):
     for block in runnable:
         exec(compile(block, "README.md", "exec"), namespace)
     assert namespace["out"].shape == (8, 10, 64)
+
+
+def test_tests_readme_lists_every_test_file():
+    """tests/README.md has a row for each Python file of tests/, and no row for a file that
+    does not exist."""
+    readme = (ROOT / "tests/README.md").read_text()
+    rows = [line.split("|")[1] for line in readme.splitlines() if line.startswith("| `")]
+    listed = {name for cell in rows for name in re.findall(r"`([\w.]+\.py)`", cell)}
+    present = {path.name for path in (ROOT / "tests").glob("*.py")}
+    assert sorted(present - listed) == [], "missing from tests/README.md"
+    assert sorted(listed - present) == [], "listed in tests/README.md but absent"

@@ -56,6 +56,14 @@ def test_concat_scores_golden():
     assert_close(scores, expected)
 
 
+def test_attention_scores_takes_python_scalars():
+    q = jnp.array([[1.0, 0.0], [0.0, 1.0]])
+    np.testing.assert_allclose(attention_scores(q, q, scale=2.0), [[2.0, 0.0], [0.0, 2.0]])
+    concat = attention_scores(q, q, score_mode="concat", scale=0.5, concat_score_weight=2.0)
+    expected = 2.0 * np.tanh(0.5 * (np.asarray(q)[:, None] + np.asarray(q)[None])).sum(-1)
+    np.testing.assert_allclose(concat, expected, rtol=1e-6)
+
+
 def test_value_mask_subtracts_1e9_not_replaces():
     # Two masked keys with logits 0 and 64: after subtracting 1e9 (float32 spacing is 64
     # there) their order survives; a replacement by -1e9 would make them equal.
