@@ -1,7 +1,7 @@
 """Automatic choice of implementation from static shapes, dtype, backend and features.
 
 * ``"cudnn"`` on GPU for float16/bfloat16 inputs the fused kernel can take (see
-  :func:`flax_dotattn._src.fused.ineligibility`).
+  :func:`flax_dotattn._src.cudnn.ineligibility`).
 * ``"xla"`` (materialised) for short sequences, and whenever the weights are returned.
 * ``"chunked"`` once one sequence's materialised intermediate (its ``[Tq, Tv]`` scores;
   ``[Tq, Tv, D]`` in concat mode) reaches :data:`CHUNKED_CROSSOVER_BYTES`.
@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import jax
 
-from flax_dotattn._src.fused import ineligibility
+from flax_dotattn._src.cudnn import ineligibility
 from flax_dotattn._src.options import AttentionOptions
 from flax_dotattn._src.validation import AttentionInputs
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from flax_dotattn._src import fused
+from flax_dotattn._src import cudnn
 from flax_dotattn._src.chunked import attention as blockwise_attention
 from flax_dotattn._src.dispatch import Plan
 from flax_dotattn._src.masks import Masking
-from flax_dotattn._src.materialised import materialised_attention
 from flax_dotattn._src.types import Array
 from flax_dotattn._src.validation import CheckedCall
+from flax_dotattn._src.xla import materialised_attention
 
 
 def chunked(call: CheckedCall, *, key_offset: int | Array = 0, with_stats: bool = False) -> Any:
@@ -72,7 +72,7 @@ def _cudnn(call: CheckedCall) -> Array:
         )
         return chunked(call._replace(inputs=fallback))
 
-    return fused.fused_attention(
+    return cudnn.fused_attention(
         inputs.query,
         inputs.key,
         inputs.value,

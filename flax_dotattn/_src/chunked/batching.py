@@ -169,7 +169,8 @@ def batching_forward(static: Static):
     @run.def_vmap
     def _(n, in_batched, ops):
         (batched,) = in_batched
-        res, res_b = Residuals._make((ops, None, None, None)), (batched, None, None, None)
+        res = Residuals._make((ops, None, None, None))
+        res_b = Residuals._make((batched, None, None, None))
         got = fold(static, res, res_b, n, False)
         out: Any
         if got is None:  # per-element scalars or dropout keys

@@ -1,4 +1,5 @@
-"""The materialised path: form the ``[..., Tq, Tv]`` scores, softmax, weighted sum.
+"""``implementation="xla"``, the materialised path: form the ``[..., Tq, Tv]`` scores,
+softmax, weighted sum (Keras's computation, step by step).
 
 Shape glossary: ``...`` batch dims, ``Tq``/``Tv`` query/key lengths, ``D`` query/key depth,
 ``Dv`` value depth.

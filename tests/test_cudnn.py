@@ -12,7 +12,7 @@ import pytest
 from conftest import assert_close
 
 from flax_dotattn import dot_attention
-from flax_dotattn._src.fused import fold_scale, fused_attention, ineligibility
+from flax_dotattn._src.cudnn import fold_scale, fused_attention, ineligibility
 
 ON_GPU = jax.default_backend() == "gpu"
 

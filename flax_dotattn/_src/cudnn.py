@@ -1,4 +1,5 @@
-"""GPU fast path: ``jax.nn.dot_product_attention(implementation="cudnn")`` with Keras semantics.
+"""``implementation="cudnn"``, the GPU path: ``jax.nn.dot_product_attention(implementation=
+"cudnn")`` with Keras semantics.
 
 Keras's logits are ``scale * (q @ k^T)`` with no ``1/sqrt(D)``: the learned scale is
 folded into query and key without overflow (:func:`fold_scale`) and ``scale=1.0`` is
