@@ -23,9 +23,8 @@ from flax_dotattn import (
     sequence_parallel_attention,
 )
 from flax_dotattn import nnx as fdnnx
-from flax_dotattn._src import chunked
+from flax_dotattn._src import chunked, validation
 from flax_dotattn._src.chunked import kernel, skipping
-from flax_dotattn._src.masks import Masking
 
 
 def dense_keep(batch, tq, tv, *, value_mask=None, attention_mask=None, segments=None,
@@ -328,12 +327,9 @@ def test_eager_chunked_calls_reuse_the_compiled_kernel():
 def test_a_sliding_window_computes_only_the_band():
     # T = 16384 with a (256, 0) causal window: the compiled program's temporaries stay
     # linear in T, and the chunked sweep visits O(T * window) blocks (checked via the band).
-    static, _ = chunked.prepare(
-        jnp.ones((1, 16384, 8)), jnp.ones((1, 16384, 8)), jnp.ones((1, 16384, 8)),
-        Masking(), None, None, None, score_mode="dot", causal=True, window=(256, 0),
-        dropout_rate=0.0, dropout_rng=None, block_sizes=None, precision=None,
-        compute_dtype=jnp.float32,
-    )  # fmt: skip
+    x = jnp.ones((1, 16384, 8))
+    call = validation.check_call(dict(params=None, query=x, value=x, causal=True, window=(256, 0)))
+    static, _ = chunked.prepare(call)
     block_q, block_k = static.forward_blocks
     _, _, n_steps = skipping.band(static, static.forward_blocks, 0, 3, 16384 // block_k)
     assert n_steps * block_k <= block_q + 256 + 2 * block_k

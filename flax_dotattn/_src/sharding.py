@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import Mesh, PartitionSpec
 
-from flax_dotattn._src import kernels, validation
+from flax_dotattn._src import chunked, validation
 from flax_dotattn._src.types import (
     Array,
     BlockSizeLike,
@@ -149,7 +149,7 @@ def sequence_parallel_attention(
         local = inputs._replace(
             query=q, key=k, value=v, masking=masking, bias=bias, scale=scale, concat_score_weight=cw
         )
-        out, (m, log_l) = kernels.chunked(
+        out, (m, log_l) = chunked.attention(
             validation.CheckedCall(call.options, local, rng),
             key_offset=index * shard_len,
             with_stats=True,

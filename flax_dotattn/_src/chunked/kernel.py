@@ -21,8 +21,8 @@ from flax_dotattn._src.chunked.batching import TangentMap, TransposeMap, batchin
 from flax_dotattn._src.chunked.operands import Operands, Static, Tangents, prepare
 from flax_dotattn._src.chunked.tangent import Residuals
 from flax_dotattn._src.linear_map import linear_map
-from flax_dotattn._src.masks import Masking
 from flax_dotattn._src.types import Array
+from flax_dotattn._src.validation import CheckedCall
 
 
 def tangent(static: Static, res: Residuals, tangents: Tangents) -> tuple[Array, Array]:
@@ -66,39 +66,19 @@ attend.defjvp(_attend_jvp, symbolic_zeros=True)
 attend_jit = jax.jit(attend, static_argnums=0)
 
 
-def attention(
-    query: Array,
-    key: Array,
-    value: Array,
-    masking: Masking,
-    bias: Array | None,
-    scale: Array | None,
-    concat_score_weight: Array | None,
-    *,
-    with_stats: bool = False,
-    **options: Any,
-) -> Array | tuple[Array, tuple[Array, Array]]:
-    """Blockwise attention with Keras semantics, before the query mask.
+def attention(call: CheckedCall, *, key_offset: int | Array = 0, with_stats: bool = False) -> Any:
+    """Blockwise attention with Keras semantics on a checked call, before the query mask.
 
     Args:
-      query: ``[..., Tq, D]``.
-      key: ``[..., Tv, D]``.
-      value: ``[..., Tv, Dv]``.
-      masking: value mask ``[..., Tv]``, full mask (broadcastable ``[..., Tq, Tv]``) and
-        segment ids ``[..., Tq]`` / ``[..., Tv]``, each None when absent.
-      bias: float, broadcastable ``[..., Tq, Tv]`` (same rank), or None.
-      scale: scalar ``[]`` or None.
-      concat_score_weight: scalar ``[]`` (concat mode) or None.
+      call: the checked inputs (``query [..., Tq, D]``, ``key [..., Tv, D]``, ``value
+        [..., Tv, Dv]``, masks, bias, scalars), options and dropout key of an entry point.
+        Under dropout the random pattern depends on the blocks.
+      key_offset: global position of the first key, for a shard of a longer sequence (may
+        be traced).
       with_stats: also return the softmax statistics of each row.
-      **options: the keyword arguments of :func:`.operands.prepare`: ``score_mode``,
-        ``causal``, ``window``, ``dropout_rate`` (the random pattern depends on the
-        blocks), ``dropout_rng``, ``block_sizes`` (None: :meth:`BlockSizes.default`),
-        ``precision``, ``compute_dtype`` (of the whole computation: float32 for 16-bit
-        inputs) and ``key_offset`` (global position of the first key, for a shard of a
-        longer sequence; may be traced).
 
     Returns:
-      ``[..., Tq, Dv]`` in ``compute_dtype``; with ``with_stats``, also ``(m, log_l)``,
+      ``[..., Tq, Dv]`` in the compute dtype; with ``with_stats``, also ``(m, log_l)``,
       each ``[..., Tq]``, the row max and log-normaliser: the row's log-sum-exp is
       ``m + log_l``. ``m`` carries no derivative; ``log_l`` carries that of the whole
       log-sum-exp, so use them as ``stop_gradient(m) + log_l``. Empty dimensions give
@@ -107,13 +87,14 @@ def attention(
       the materialised path and ``jax.nn`` do; with ``with_stats`` it outputs 0 with
       ``log_l = -inf`` (weight 0 when shards are merged).
     """
-    batch, tq, tv, dv = query.shape[:-2], query.shape[-2], key.shape[-2], value.shape[-1]
-    cdt = jnp.dtype(options["compute_dtype"])
+    inputs = call.inputs
+    batch, tq = inputs.query.shape[:-2], inputs.query.shape[-2]
+    tv, dv = inputs.key.shape[-2], inputs.value.shape[-1]
     if 0 in (math.prod(batch), tq, tv, dv):
-        out = jnp.zeros(batch + (tq, dv), cdt)
-        stats = (jnp.full(batch + (tq,), -jnp.inf, cdt),) * 2
+        out = jnp.zeros(batch + (tq, dv), inputs.compute_dtype)
+        stats = (jnp.full(batch + (tq,), -jnp.inf, inputs.compute_dtype),) * 2
         return (out, stats) if with_stats else out
-    static, ops = prepare(query, key, value, masking, bias, scale, concat_score_weight, **options)
+    static, ops = prepare(call, key_offset)
     # Eager calls go through the jitted kernel (compiled once per shape); traced calls
     # inline the kernel into the caller's trace.
     traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(ops))

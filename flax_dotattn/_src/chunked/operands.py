@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax_dotattn._src.blocks import BlockSizes
 from flax_dotattn._src.masks import Masking
 from flax_dotattn._src.types import Array
+from flax_dotattn._src.validation import CheckedCall
 
 
 class Static(NamedTuple):
@@ -83,44 +84,32 @@ def clip_blocks(blocks: tuple[int, int], tq: int, tv: int) -> tuple[int, int]:
     return max(1, min(blocks[0], tq)), max(1, min(blocks[1], tv))
 
 
-def prepare(
-    query: Array,
-    key: Array,
-    value: Array,
-    masking: Masking,
-    bias: Array | None,
-    scale: Array | None,
-    concat_score_weight: Array | None,
-    *,
-    score_mode: str,
-    causal: bool,
-    window: tuple[int | None, int | None] | None = None,
-    dropout_rate: float,
-    dropout_rng: Array | None,
-    block_sizes: BlockSizes | None,
-    precision: Any,
-    compute_dtype: Any,
-    key_offset: int | Array = 0,
-) -> tuple[Static, Operands]:
-    """Flattens the batch, casts to ``compute_dtype`` and fixes the static settings."""
+def prepare(call: CheckedCall, key_offset: int | Array = 0) -> tuple[Static, Operands]:
+    """The kernel's static settings and operands for a checked call: the batch flattened
+    to ``B``, the arrays cast to the compute dtype. ``key_offset`` is the global position
+    of the first key (for a shard of a longer sequence; may be traced)."""
+    options, inputs = call.options, call.inputs
+    query, value = inputs.query, inputs.value
     batch = query.shape[:-2]
     tq, d = query.shape[-2:]
     tv, dv = value.shape[-2:]
     b = math.prod(batch)
-    blocks = block_sizes or BlockSizes.default(score_mode, window, causal)
-    cdt = jnp.dtype(compute_dtype)
+    blocks = options.block_size or BlockSizes.default(
+        options.score_mode, options.window, options.causal
+    )
     static = Static(
-        score_mode=score_mode,
-        causal=causal,
-        window=window,
-        dropout_rate=float(dropout_rate),
+        score_mode=options.score_mode,
+        causal=options.causal,
+        window=options.window,
+        dropout_rate=options.applied_dropout_rate,
         batch=tuple(batch),
         tq=tq,
         tv=tv,
         forward_blocks=clip_blocks(blocks.forward, tq, tv),
         backward_blocks=clip_blocks(blocks.backward, tq, tv),
-        precision=precision,
+        precision=options.lax_precision,
     )
+    cdt = jnp.dtype(inputs.compute_dtype)
 
     def flat(x: Array | None, t: int) -> Array | None:
         return None if x is None else x.reshape(b, t)
@@ -128,9 +117,10 @@ def prepare(
     def cast(x: Array | None) -> Array | None:
         return None if x is None else x.astype(cdt)
 
+    masking = inputs.masking
     ops = Operands(
         q=query.astype(cdt).reshape(b, tq, d),
-        k=key.astype(cdt).reshape(b, tv, d),
+        k=inputs.key.astype(cdt).reshape(b, tv, d),
         v=value.astype(cdt).reshape(b, tv, dv),
         masking=Masking(
             value_mask=flat(masking.value_mask, tv),
@@ -138,10 +128,10 @@ def prepare(
             query_segment_ids=flat(masking.query_segment_ids, tq),
             kv_segment_ids=flat(masking.kv_segment_ids, tv),
         ),
-        bias=cast(bias),
+        bias=cast(inputs.bias),
         key_offset=jnp.asarray(key_offset, jnp.int32),
-        scale=cast(scale),
-        concat_score_weight=cast(concat_score_weight),
-        rng=dropout_rng if dropout_rate > 0.0 else None,
+        scale=cast(inputs.scale),
+        concat_score_weight=cast(inputs.concat_score_weight),
+        rng=call.dropout_rng if static.dropout_rate > 0.0 else None,
     )
     return static, ops
