@@ -61,7 +61,7 @@ def _masks(kind, qm, vm):
     return (qm if "q" in kind else None, vm if "v" in kind else None)
 
 
-@pytest.mark.parametrize("score_mode", ["dot", "concat"])
+@pytest.mark.parametrize("score_mode", ["dot", pytest.param("concat", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("feature", FEATURES, ids=lambda f: f["id"])
 def test_values_and_gradients_match_materialised(feature, score_mode, rng):
     q, k, v, qm, vm = _inputs(rng)
@@ -85,6 +85,7 @@ def test_values_and_gradients_match_materialised(feature, score_mode, rng):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * max(1.0, np.abs(b).max()))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tq,tv", [(1, 1), (1, 40), (40, 1), (16, 16), (33, 7), (8, 64)], ids=str)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_any_lengths_and_blocks(tq, tv, causal, rng):
@@ -273,6 +274,7 @@ def test_vmapped_and_batched_calls_take_the_same_path_at_the_same_cost(rng):
     assert temp_bytes(per_example) <= 1.1 * temp_bytes(batched)
 
 
+@pytest.mark.slow
 def test_vmap_over_dropout_keys_and_scales_matches_a_python_loop(rng):
     # Per-element keys or scalars cannot join the kernel's batch: the fallback (JAX's own
     # vectorisation) must still give each element's own result and derivatives.

@@ -29,6 +29,7 @@ def test_jvp_equals_the_xla_path_on_every_path(implementation, rng):
     assert_close(tangent, ref_tangent, factor=5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("score_mode", ["dot", "concat"])
 def test_jacfwd_equals_jacrev_for_every_input(score_mode, rng):
     vm = jnp.asarray([[1, 1, 0, 1, 0], [0, 0, 0, 0, 0]], bool)

@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # the quick tier (-m "not slow") leaves this file out
+
 EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
 
 

@@ -15,6 +15,7 @@ from conftest import assert_close
 from flax_dotattn import dot_attention
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("block", [1, 2, 3, (1, 2), (4, 1)], ids=str)
 def test_skipped_future_blocks_match_keras_for_huge_negative_logits(block):
     # Row 0 sees only key 0 (logit -3e9); Keras turns the masked future keys' logits 0
@@ -35,6 +36,7 @@ def test_skipped_future_blocks_match_keras_for_huge_negative_logits(block):
     assert_close(jax.grad(lambda v: loss("chunked", v))(v), jax.grad(lambda v: loss("xla", v))(v))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("score_mode", ["dot", "concat"])
 @pytest.mark.parametrize("block", [(2, 3), (3, 2), (5, 1)], ids=str)
 def test_chunked_equals_xla_for_logits_up_to_1e10(score_mode, block, rng):

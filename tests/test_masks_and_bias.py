@@ -160,7 +160,13 @@ SCORE_CASES = (
 
 
 @pytest.mark.parametrize("implementation", ["xla", "chunked"])
-@pytest.mark.parametrize("name,score_mode", SCORE_CASES, ids=[f"{n}-{m}" for n, m in SCORE_CASES])
+@pytest.mark.parametrize(
+    "name,score_mode",
+    [  # the concat cases run in the full suite only (not in -m "not slow")
+        pytest.param(n, m, id=f"{n}-{m}", marks=[pytest.mark.slow] if m == "concat" else [])
+        for n, m in SCORE_CASES
+    ],
+)
 def test_values_and_gradients_match_the_dense_reference(name, implementation, score_mode, rng):
     q, k, v, kw, ref = _case(rng, name)
     params = {"scale": jnp.float32(0.7)}
@@ -204,6 +210,7 @@ def test_low_precision_chunked_matches_the_reference(dtype, rng):
     assert_close(out, expected, dtype, factor=2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "name",
     ["full_mask_bias_causal", "segments_window_value_mask_heads_bias", "key_bias_row_mask_causal"],

@@ -61,6 +61,7 @@ def test_batch_sharded_jit_matches_single_device(implementation, rng):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("score_mode", ["dot", "concat"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("shards", [2, 8])

@@ -24,7 +24,10 @@ from flax_dotattn import dot_attention
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CPUS = jax.devices("cpu")
-pytestmark = pytest.mark.skipif(len(CPUS) < 8, reason="needs 8 (simulated) CPU devices")
+pytestmark = [
+    pytest.mark.skipif(len(CPUS) < 8, reason="needs 8 (simulated) CPU devices"),
+    pytest.mark.slow,
+]
 
 
 @pytest.fixture

@@ -8,6 +8,8 @@ import pytest
 from flax_dotattn import dot_attention
 
 DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
+# The 16-bit cases of the big grid run in the full suite only (not in -m "not slow").
+GRID_DTYPES = [jnp.float32] + [pytest.param(d, marks=pytest.mark.slow) for d in DTYPES[1:]]
 IMPLS = ["xla", "chunked"]
 
 
@@ -59,7 +61,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("implementation", IMPLS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("dtype", GRID_DTYPES, ids=lambda d: jnp.dtype(d).name)
 @pytest.mark.parametrize("case", CASES)
 def test_values_and_gradients_are_finite(case, dtype, implementation):
     params, q, v, k, masks, causal = _case(case, dtype)
@@ -123,7 +125,9 @@ def test_a_minus_inf_bias_gives_the_materialised_numbers_on_the_chunked_path(n_p
         np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=tol * 10, atol=tol * 10)
 
 
-@pytest.mark.parametrize("implementation", IMPLS + [None])
+@pytest.mark.parametrize(
+    "implementation", [*IMPLS, pytest.param(None, marks=pytest.mark.slow, id="automatic")]
+)
 @pytest.mark.parametrize("n_pad", [300, 512])  # a partial block of padding, and whole ones
 def test_non_finite_keys_and_values_hidden_by_the_value_mask_never_reach_the_output(
     n_pad, implementation

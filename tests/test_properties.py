@@ -8,12 +8,15 @@ derandomised) or ``dev`` (more examples), e.g.
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from conftest import assert_close, tolerance
 from hypothesis import given
 from hypothesis import strategies as st
 from keras_reference import keras_attention
 
 from flax_dotattn import dot_attention
+
+pytestmark = pytest.mark.slow  # the quick tier (-m "not slow") leaves this file out
 
 
 @st.composite

@@ -20,7 +20,10 @@ from flax_dotattn import dot_attention, ring_attention
 from flax_dotattn._src.ring import blocks_per_device
 
 CPUS = jax.devices("cpu")
-pytestmark = pytest.mark.skipif(len(CPUS) < 8, reason="needs 8 (simulated) CPU devices")
+pytestmark = [
+    pytest.mark.skipif(len(CPUS) < 8, reason="needs 8 (simulated) CPU devices"),
+    pytest.mark.slow,
+]
 
 
 def _inputs(rng, batch, tq, tv, d=4, dv=3):

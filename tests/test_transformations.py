@@ -124,6 +124,7 @@ def test_no_host_transfers_inside_the_function(implementation, rng):
         grad(*args).block_until_ready()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("implementation", ["xla", "chunked"])
 def test_second_order_gradients_in_float64(implementation, rng):
     with jax.enable_x64(True):
@@ -162,6 +163,7 @@ def test_vmap_in_axes_mixing_batched_queries_and_shared_keys(rng):
     assert_close(out, expected)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("implementation", ["xla", "chunked"])
 def test_scan_over_layers_with_checkpoint_matches_a_python_loop(implementation, rng):
     x = jnp.asarray(rng.normal(size=(2, 6, 4)) * 0.5, jnp.float32)
