@@ -7,6 +7,7 @@ import pytest
 from conftest import assert_close
 
 from flax_dotattn import DotAttention, DotAttentionConfig, dot_attention
+from flax_dotattn import nnx as fdnnx
 
 
 def _inputs(rng):
@@ -120,3 +121,31 @@ def test_module_inside_a_jitted_train_step(rng):
         params, state, loss = step(params, state)
         losses.append(float(loss))
     assert np.isfinite(losses).all() and float(params["scale"]) != 1.0
+
+
+@pytest.mark.parametrize("scale_init", [1.0, 0.125])
+def test_scale_init_sets_the_learned_scale_and_round_trips(scale_init):
+    q = jnp.ones((2, 3, 64))
+    layer = DotAttention(use_scale=True, scale_init=scale_init)
+    variables = layer.init(jax.random.key(0), q, q)
+    assert float(variables["params"]["scale"]) == scale_init
+    nnx_layer = fdnnx.DotAttention(use_scale=True, scale_init=scale_init)
+    assert float(nnx_layer.scale[...]) == scale_init
+    expected = dot_attention({"scale": jnp.float32(scale_init)}, q, q)
+    np.testing.assert_allclose(layer.apply(variables, q, q), expected)
+    config = layer.config
+    assert config.scale_init == scale_init
+    assert DotAttentionConfig.from_dict(config.to_dict()) == config
+    assert nnx_layer.config == config
+
+
+def test_scale_init_must_be_a_finite_float():
+    with pytest.raises(ValueError, match="scale_init must be finite"):
+        DotAttentionConfig(scale_init=float("nan"))
+    with pytest.raises(ValueError, match="scale_init must be a finite Python float"):
+        DotAttentionConfig(scale_init="0.1")
+
+
+def test_a_scale_init_keras_cannot_carry_warns_on_export():
+    with pytest.warns(UserWarning, match="scale_init=0.125 is not exported"):
+        DotAttentionConfig(use_scale=True, scale_init=0.125).to_keras()

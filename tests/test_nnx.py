@@ -113,3 +113,26 @@ def test_nnx_jit_and_grad(rng):
     grads = nnx.grad(loss)(model, q)
     assert float(grads.scale[...]) != 0.0
     assert model.config == DotAttentionConfig(use_scale=True)
+
+
+def test_no_dropout_draws_nothing_from_the_rngs():
+    rngs, fresh = nnx.Rngs(0), nnx.Rngs(0)
+    fdnnx.DotAttention(use_scale=True, rngs=rngs)  # dropout_rate=0: no stream forked
+    assert jnp.array_equal(jax.random.key_data(rngs.params()), jax.random.key_data(fresh.params()))
+    with_dropout = nnx.Rngs(0)
+    fdnnx.DotAttention(dropout_rate=0.1, rngs=with_dropout)  # forks the dropout stream
+    assert not jnp.array_equal(
+        jax.random.key_data(with_dropout.params()), jax.random.key_data(nnx.Rngs(0).params())
+    )
+
+
+def test_config_keeps_the_constructed_values_not_the_train_eval_state():
+    layer = fdnnx.DotAttention(dropout_rate=0.1, rngs=nnx.Rngs(0))
+    assert layer.config.deterministic is None
+    layer.eval()
+    q = jnp.ones((1, 3, 4))
+    layer(q, q)  # eval: no dropout, no error
+    assert layer.config.deterministic is None
+    assert layer.config == fdnnx.DotAttention.from_config(layer.config).config
+    layer.train()
+    assert layer.config.deterministic is None

@@ -42,6 +42,8 @@ LEFT_OUT = {
         "bias",
         "segment_ids",
         "window",
+        "query_offset",
+        "kv_length",
     },
 }
 #: Parameters of their own (not options).
@@ -51,7 +53,7 @@ OWN = {
 }
 
 #: Spec options that are not call options: the modules apply them before calling.
-MODULE_ONLY = {"use_scale", "dtype", "param_dtype"}
+MODULE_ONLY = {"use_scale", "scale_init", "dtype", "param_dtype"}
 
 
 def _parameters(fn) -> dict[str, inspect.Parameter]:

@@ -33,6 +33,8 @@ class DotAttentionKeywords(TypedDict, total=False):
     attention_mask: Array | None
     bias: Array | None
     segment_ids: tuple[Array, Array] | None
+    query_offset: int | Array | None
+    kv_length: int | Array | None
     window: Window
     score_mode: ScoreMode
     dropout_rate: float
@@ -102,6 +104,8 @@ def dot_attention(
     attention_mask: Array | None = None,
     bias: Array | None = None,
     segment_ids: tuple[Array, Array] | None = None,
+    query_offset: int | Array | None = None,
+    kv_length: int | Array | None = None,
     window: Window = None,
     score_mode: ScoreMode = "dot",
     dropout_rate: float = 0.0,
@@ -158,6 +162,16 @@ def dot_attention(
         broadcastable to ``[..., Tq]`` / ``[..., Tv]``, for packed sequences: a query
         attends only to keys of its own segment. The chunked path skips blocks whose
         segments cannot meet.
+      query_offset: None (Keras's top-left rule: query ``i`` sits at position ``i``), a
+        Python int or an integer array broadcastable to the batch dims ``...``: the
+        position of query 0 among the keys, for decoding with a KV cache. ``causal``
+        then shows key ``j`` to query ``i`` iff ``j <= query_offset + i``, and ``window``
+        is measured from ``query_offset + i``. May be traced: one compiled step serves
+        every position.
+      kv_length: None, a Python int or an integer array broadcastable to the batch dims:
+        the filled length of a key/value cache. Keys at or beyond it are masked (ANDed
+        with the value mask; their non-finite entries read as 0), and the chunked path
+        skips their blocks. May be traced.
       window: None or a sliding window ``(left, right)``: query ``i`` sees keys
         ``i - left <= j <= i + right`` (global positions, top-left aligned like
         ``causal``; a None side, or one of 2**30 or more, is unbounded). With

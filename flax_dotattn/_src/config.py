@@ -35,7 +35,9 @@ class DotAttentionConfig:
 
     Attributes:
       use_scale: learn a scalar ``scale`` that multiplies the logits (inside the ``tanh``
-        in concat mode), initialised to 1.0 (Keras ``use_scale``).
+        in concat mode), initialised to ``scale_init`` (Keras ``use_scale``).
+      scale_init: the learned ``scale``'s initial value, a float: 1.0 as in Keras; a
+        transformer's usual ``1 / sqrt(D)`` for head depth ``D`` (e.g. 0.125 for 64).
       score_mode: ``"dot"`` (``query @ key^T``) or ``"concat"``
         (``sum(tanh(query + key))``), as Keras's ``score_mode``.
       dropout_rate: dropout on the attention weights, in ``[0, 1)`` (Keras ``dropout``).
@@ -70,6 +72,7 @@ class DotAttentionConfig:
     """
 
     use_scale: bool = False
+    scale_init: float = 1.0
     score_mode: ScoreMode = "dot"
     dropout_rate: float = 0.0
     causal: bool = False
@@ -88,6 +91,11 @@ class DotAttentionConfig:
     def of(cls, obj: Any) -> DotAttentionConfig:
         """Reads the fields from same-named attributes of ``obj`` (e.g. a module)."""
         return cls(**{f.name: getattr(obj, f.name) for f in dataclasses.fields(cls)})
+
+    def initial_value(self, param: str) -> float:
+        """The initial value of the learned scalar ``param``: ``scale_init`` for
+        ``"scale"``, 1.0 (Keras's) for ``"concat_score_weight"``."""
+        return self.scale_init if param == "scale" else 1.0
 
     @property
     def param_names(self) -> tuple[str, ...]:
@@ -160,7 +168,8 @@ class DotAttentionConfig:
 
         What cannot be carried: ``deterministic`` (Keras uses the call's ``training``
         flag), ``precision``, ``implementation`` and ``block_size`` (Keras has one
-        materialised path), ``window`` (with a warning: Keras has none); and in Keras 3
+        materialised path), ``window`` (with a warning: Keras has none),
+        ``scale_init`` other than 1.0 (with a warning: Keras starts at 1.0); and in Keras 3
         (``legacy=False``) ``causal``, which is a call argument there
         (``layer(..., use_causal_mask=True)``): a warning is issued when a causal config
         is exported that way. ``dtype=None`` ("follow the inputs")

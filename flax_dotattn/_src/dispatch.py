@@ -87,6 +87,7 @@ def _unsupported_by_fused(inputs: AttentionInputs, options: AttentionOptions) ->
         "bias": inputs.bias,
         "segment_ids": inputs.masking.query_segment_ids,
         "window": options.window,
+        "query_offset": inputs.query_offset,
     }
     given = [name for name, x in features.items() if x is not None]
     return f"{', '.join(given)} given (not mapped onto the fused kernel)" if given else None

@@ -121,6 +121,14 @@ def config_to_keras(config: DotAttentionConfig, *, legacy: bool = False) -> dict
                 UserWarning,
                 stacklevel=3,
             )
+    if config.use_scale and config.scale_init != 1.0:
+        warnings.warn(
+            f"Keras's Attention initialises scale to 1.0; scale_init={config.scale_init} "
+            "is not exported (the trained value travels with the weights, see "
+            "params_to_keras).",
+            UserWarning,
+            stacklevel=3,
+        )
     if config.window is not None:
         warnings.warn(
             f"Keras's Attention has no sliding window; window={config.window} is not "

@@ -36,6 +36,8 @@ class DotAttention(nn.Module):
     Attributes:
       use_scale: create the learned ``scale`` param, which multiplies the logits (inside
         the ``tanh`` in concat mode), as Keras's ``use_scale``.
+      scale_init: the ``scale`` param's initial value: 1.0 as in Keras; ``1 / sqrt(D)``
+        for a transformer's usual logits (``D`` the query depth).
       score_mode: ``"dot"`` or ``"concat"`` (which creates the ``concat_score_weight``
         param), as Keras's ``score_mode``.
       dropout_rate: dropout on the attention weights, in ``[0, 1)`` (Keras ``dropout``).
@@ -65,6 +67,7 @@ class DotAttention(nn.Module):
     """
 
     use_scale: bool = False
+    scale_init: float = 1.0
     score_mode: ScoreMode = "dot"
     dropout_rate: float = 0.0
     causal: bool = False
@@ -99,6 +102,8 @@ class DotAttention(nn.Module):
         attention_mask: Array | None = None,
         bias: Array | None = None,
         segment_ids: tuple[Array, Array] | None = None,
+        query_offset: int | Array | None = None,
+        kv_length: int | Array | None = None,
         window: Window = None,
         deterministic: bool | None = None,
         return_attention_scores: bool = False,
@@ -111,7 +116,8 @@ class DotAttention(nn.Module):
           key: ``[..., Tv, D]`` or None (use ``value``).
           masks: None or ``(query_mask [..., Tq], value_mask [..., Tv])``.
           causal: overrides the ``causal`` field when not None.
-          attention_mask, bias, segment_ids: see :func:`dot_attention`.
+          attention_mask, bias, segment_ids, query_offset, kv_length: see
+            :func:`dot_attention`.
           window: overrides the ``window`` field when not None.
           deterministic: overrides the ``deterministic`` field when not None. With
             ``dropout_rate > 0`` one of the two must be set.
@@ -123,7 +129,9 @@ class DotAttention(nn.Module):
         arguments = dict(locals())  # the call's arguments, before any other local
         config = self.config  # validates the fields
         params = {
-            name: self.param(name, nn.initializers.ones_init(), (), config.param_dtype)
+            name: self.param(
+                name, nn.initializers.constant(config.initial_value(name)), (), config.param_dtype
+            )
             for name in config.param_names
         }
         return module_call.module_attention(

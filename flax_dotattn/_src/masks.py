@@ -82,8 +82,10 @@ def keep_mask(
     positions and mask slices) build their masks here.
 
     Args:
-      query_positions: int ``[Tq]``, global positions of the queries.
-      key_positions: int ``[Tv]``, global positions of the keys.
+      query_positions: int ``[Tq]``, global positions of the queries, or ``[..., Tq]``
+        with batch dims (at most ``batch_ndim``, broadcastable) when they differ per
+        sequence (``query_offset``).
+      key_positions: int ``[Tv]`` (or ``[..., Tv]``), global positions of the keys.
       masking: the value mask ``[..., Tv]``, full mask ``[..., Tq, Tv]`` and segment ids
         ``[..., Tq]`` / ``[..., Tv]`` of these positions (None entries are ignored).
       causal: AND in "key position <= query position" (top-left aligned, as
@@ -98,7 +100,11 @@ def keep_mask(
       keep, or None when nothing is masked.
     """
     masks = []
-    q_pos, k_pos = query_positions[:, None], key_positions[None, :]  # [Tq, 1], [1, Tv]
+    q_pos = query_positions[..., :, None]  # [(...,) Tq, 1]
+    k_pos = key_positions[..., None, :]  # [(...,) 1, Tv]
+    rank = max(q_pos.ndim, k_pos.ndim)  # positions may carry (broadcastable) batch dims
+    q_pos = q_pos.reshape((1,) * (rank - q_pos.ndim) + q_pos.shape)
+    k_pos = k_pos.reshape((1,) * (rank - k_pos.ndim) + k_pos.shape)
     position_masks = []
     if causal:
         position_masks.append(q_pos >= k_pos)
@@ -108,8 +114,8 @@ def keep_mask(
             position_masks.append(k_pos >= q_pos - left)
         if right is not None:
             position_masks.append(k_pos <= q_pos + right)
-    for visible in position_masks:  # [Tq, Tv]
-        masks.append(visible.reshape((1,) * batch_ndim + visible.shape))
+    for visible in position_masks:  # [(...,) Tq, Tv]
+        masks.append(visible.reshape((1,) * (batch_ndim + 2 - visible.ndim) + visible.shape))
     if masking.value_mask is not None:
         masks.append(masking.value_mask[..., None, :])  # [..., 1, Tv]
     if masking.attention_mask is not None:

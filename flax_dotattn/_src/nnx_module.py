@@ -9,6 +9,7 @@ stream. ``model.train()`` / ``model.eval()`` flip ``deterministic`` as for
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -34,8 +35,8 @@ from flax_dotattn._src.types import (
 class DotAttention(nnx.Module):
     """Keras's ``Attention`` layer as a Flax NNX module.
 
-    The keyword arguments ``use_scale``, ``score_mode``, ``dropout_rate``, ``causal``,
-    ``deterministic``, ``dtype``, ``param_dtype``, ``precision``, ``window``,
+    The keyword arguments ``use_scale``, ``scale_init``, ``score_mode``, ``dropout_rate``,
+    ``causal``, ``deterministic``, ``dtype``, ``param_dtype``, ``precision``, ``window``,
     ``implementation`` and ``block_size`` are the fields of the Linen
     :class:`flax_dotattn.DotAttention`: the options of
     :class:`flax_dotattn.DotAttentionConfig`, with the same names, defaults, checks and
@@ -64,6 +65,7 @@ class DotAttention(nnx.Module):
         self,
         *,
         use_scale: bool = False,
+        scale_init: float = 1.0,
         score_mode: ScoreMode = "dot",
         dropout_rate: float = 0.0,
         causal: bool = False,
@@ -81,6 +83,7 @@ class DotAttention(nnx.Module):
         config = DotAttentionConfig.from_dict(
             dict(
                 use_scale=use_scale,
+                scale_init=scale_init,
                 score_mode=score_mode,
                 dropout_rate=dropout_rate,
                 causal=causal,
@@ -94,6 +97,7 @@ class DotAttention(nnx.Module):
             )
         )
         self.use_scale = config.use_scale
+        self.scale_init = config.scale_init
         self.score_mode = config.score_mode
         self.dropout_rate = config.dropout_rate
         self.causal = config.causal
@@ -105,14 +109,20 @@ class DotAttention(nnx.Module):
         self.implementation = config.implementation
         self.block_size = config.block_size
         for name in config.param_names:
-            setattr(self, name, nnx.Param(jnp.ones((), config.param_dtype)))
+            value = jnp.full((), config.initial_value(name), config.param_dtype)
+            setattr(self, name, nnx.Param(value))
+        # Train/eval state (model.train() / model.eval() flip ``deterministic``) is kept
+        # apart from the configured value, which is what ``.config`` reports.
+        self._configured_deterministic = config.deterministic
         self.rngs: nnx.Rngs | None
-        if rngs is None:
-            self.rngs = nnx.data(None)
-        elif isinstance(rngs, nnx.Rngs):
-            self.rngs = rngs["dropout"].fork()
-        else:
+        if rngs is not None and not isinstance(rngs, nnx.Rngs):
             raise ValueError(f"rngs must be None or an nnx.Rngs; received a {type(rngs).__name__}.")
+        if rngs is None or config.dropout_rate == 0.0:
+            # No dropout, no stream: forking would advance ``rngs`` and shift the
+            # initialisation of every layer built after this one.
+            self.rngs = nnx.data(None)
+        else:
+            self.rngs = rngs["dropout"].fork()
 
     @classmethod
     def from_config(cls, config: DotAttentionConfig, *, rngs: nnx.Rngs | None = None):
@@ -122,8 +132,11 @@ class DotAttention(nnx.Module):
 
     @property
     def config(self) -> DotAttentionConfig:
-        """The module's hyper-parameters as a :class:`DotAttentionConfig`."""
-        return DotAttentionConfig.of(self)
+        """The module's hyper-parameters as a :class:`DotAttentionConfig`: as constructed,
+        without the train/eval state that ``model.train()`` / ``model.eval()`` set
+        (``deterministic`` is the constructor's)."""
+        config = DotAttentionConfig.of(self)
+        return dataclasses.replace(config, deterministic=self._configured_deterministic)
 
     def params(self) -> dict[str, Array]:
         """The learned scalars as a plain dict, as :func:`dot_attention` takes them."""
@@ -140,6 +153,8 @@ class DotAttention(nnx.Module):
         attention_mask: Array | None = None,
         bias: Array | None = None,
         segment_ids: tuple[Array, Array] | None = None,
+        query_offset: int | Array | None = None,
+        kv_length: int | Array | None = None,
         window: Window = None,
         deterministic: bool | None = None,
         return_attention_scores: bool = False,
@@ -150,7 +165,7 @@ class DotAttention(nnx.Module):
         ``rngs`` (an ``nnx.Rngs`` or a key) overrides the constructor's dropout stream.
         """
         return module_call.module_attention(
-            self.config,
+            DotAttentionConfig.of(self),  # deterministic as train()/eval() left it
             self.params(),
             locals(),
             dropout_rng=lambda: self._dropout_key(rngs),

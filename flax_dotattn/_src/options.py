@@ -72,6 +72,18 @@ def check_choice(choices: tuple[Any, ...]) -> Callable[[str, Any], Any]:
     return check
 
 
+def check_finite_float(name: str, value: Any) -> float:
+    """A finite real number, as a Python float (NumPy scalars by their shortest repr)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(
+        value, (int, float, np.integer, np.floating)
+    ):
+        fail(f"{name} must be a finite Python float; {_received(name, value)}")
+    number = float(str(value)) if isinstance(value, np.floating) else float(value)
+    if not np.isfinite(number):
+        fail(f"{name} must be finite; received {name}={number!r}.")
+    return number
+
+
 def check_dropout_rate(name: str, value: Any) -> float:
     """A real number in ``[0, 1)``, as a Python float."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(
@@ -168,11 +180,12 @@ class Option(NamedTuple):
 
 #: Every option of the library, by name. The modules' hyper-parameters
 #: (:class:`DotAttentionConfig`) are all but ``return_attention_scores``, a call argument;
-#: the options of one call (:class:`AttentionOptions`) are all but ``use_scale`` and the
-#: dtypes, which the modules apply before calling.
+#: the options of one call (:class:`AttentionOptions`) are all but ``use_scale``,
+#: ``scale_init`` and the dtypes, which the modules apply before calling.
 OPTIONS: Mapping[str, Option] = MappingProxyType(
     {
         "use_scale": Option(False, check_bool),
+        "scale_init": Option(1.0, check_finite_float),
         "score_mode": Option("dot", check_choice(SCORE_MODES)),
         "dropout_rate": Option(0.0, check_dropout_rate),
         "causal": Option(False, check_bool),

@@ -61,6 +61,8 @@ def sequence_parallel_attention(
     attention_mask: Array | None = None,
     bias: Array | None = None,
     segment_ids: tuple[Array, Array] | None = None,
+    query_offset: int | Array | None = None,
+    kv_length: int | Array | None = None,
     window: Window = None,
     score_mode: ScoreMode = "dot",
     dropout_rate: float = 0.0,
@@ -83,8 +85,9 @@ def sequence_parallel_attention(
       key: ``[..., Tv, D]`` or None.
       masks: None or ``(query_mask [..., Tq], value_mask [..., Tv])``.
       causal: Python bool; the mask compares global positions.
-      attention_mask, bias, segment_ids, window: see :func:`dot_attention` (global
-        positions; a full mask or bias is split along ``Tv`` unless broadcast there).
+      attention_mask, bias, segment_ids, query_offset, kv_length, window: see
+        :func:`dot_attention` (global positions; a full mask or bias is split along ``Tv``
+        unless broadcast there).
       mesh: the device mesh.
       axis_name: the mesh axis to shard ``Tv`` over.
       score_mode, dropout_rate, dropout_rng, deterministic, precision, block_size: see

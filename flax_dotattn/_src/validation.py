@@ -38,6 +38,7 @@ class AttentionInputs(NamedTuple):
     bias: Array | None  # float, broadcastable to [..., Tq, Tv], same rank
     scale: Array | None  # []
     concat_score_weight: Array | None  # []
+    query_offset: Array | None  # int32 [] or [...] (batch rank): position of query 0
     dtype: jnp.dtype  # dtype of the inputs (and of the outputs)
     compute_dtype: jnp.dtype  # float32 for float16/bfloat16 inputs
 
@@ -72,6 +73,8 @@ def check_call(arguments: Mapping[str, Any]) -> CheckedCall:
         attention_mask=arguments.get("attention_mask"),
         bias=arguments.get("bias"),
         segment_ids=arguments.get("segment_ids"),
+        query_offset=arguments.get("query_offset"),
+        kv_length=arguments.get("kv_length"),
     )
     return CheckedCall(options, inputs, dropout_rng)
 
@@ -332,6 +335,8 @@ def check_inputs(
     attention_mask: Any = None,
     bias: Any = None,
     segment_ids: Any = None,
+    query_offset: Any = None,
+    kv_length: Any = None,
     value_name: str = "value",
 ) -> AttentionInputs:
     """Validates the array arguments of :func:`dot_attention` and normalises them.
@@ -391,6 +396,13 @@ def check_inputs(
         attention_mask, bias, segment_ids, query.shape, value.shape
     )
     scale, concat_score_weight = check_params(params, score_mode)
+    query_offset = check_position("query_offset", query_offset, batch)
+    kv_length = check_position("kv_length", kv_length, batch)
+    if kv_length is not None:  # cache slots at or beyond the filled length are masked
+        slots = jnp.arange(value.shape[-2])
+        filled = slots.reshape((1,) * kv_length.ndim + slots.shape) < kv_length[..., None]
+        filled = jnp.broadcast_to(filled, value.shape[:-1])
+        value_mask = filled if value_mask is None else value_mask & filled
     if value_mask is not None:
         key, value = hide_non_finite(key, value, value_mask)
 
@@ -405,9 +417,42 @@ def check_inputs(
         bias=bias,
         scale=scale,
         concat_score_weight=concat_score_weight,
+        query_offset=query_offset,
         dtype=dtype,
         compute_dtype=compute_dtype,
     )
+
+
+def check_position(name: str, x: Any, batch: tuple[int, ...]) -> Array | None:
+    """A position or length per sequence: None, a Python int or an integer array that
+    broadcasts to the batch dims ``batch`` (NumPy rules). Returns int32, ``[]`` for a
+    scalar, else at the batch's rank (size-1 dims kept); values beyond int32 raise."""
+    if x is None:
+        return None
+    if isinstance(x, (bool, np.bool_)) or not (
+        isinstance(x, int) or (_is_array(x) and jnp.issubdtype(x.dtype, jnp.integer))
+    ):
+        fail(
+            f"{name} must be None, a Python int or an integer array broadcastable to the "
+            f"batch dims {batch}; received {_describe(x)}"
+            + (f" of dtype {getattr(x, 'dtype', None)}." if _is_array(x) else ".")
+        )
+    host = np.asarray(x) if isinstance(x, (int, np.ndarray, np.generic)) else None
+    if host is not None and host.size and (host.min() < -(2**31) or host.max() >= 2**31):
+        fail(f"{name} must fit int32 positions; received values in {host.min()}..{host.max()}.")
+    if host is None and not np.can_cast(x.dtype, np.int32, "safe"):
+        fail(
+            f"{name} must have an integer dtype that int32 holds (positions are int32; "
+            f"a traced {x.dtype} could wrap); received dtype {x.dtype}: cast it to int32."
+        )
+    x = jnp.asarray(host if host is not None else x)
+    if not _broadcastable(tuple(x.shape), batch):
+        fail(
+            f"{name} must broadcast to the batch dims {batch} (NumPy rules); received "
+            f"shape {tuple(x.shape)}."
+        )
+    x = x.astype(jnp.int32)
+    return x if x.ndim == 0 else x.reshape((1,) * (len(batch) - x.ndim) + x.shape)
 
 
 def hide_non_finite(key: Array, value: Array, value_mask: Array) -> tuple[Array, Array]:

@@ -35,7 +35,8 @@ def materialised_attention(
         ``[..., Tv, Dv]``, the masking (value mask ``[..., Tv]``, full mask broadcastable
         to ``[..., Tq, Tv]``, segment ids ``[..., Tq]`` / ``[..., Tv]``), the bias
         (broadcastable to ``[..., Tq, Tv]``, same rank), the scalars and the compute
-        dtype (float32 for 16-bit inputs).
+        dtype (float32 for 16-bit inputs); ``query_offset`` (``[]`` or at the batch's
+        rank) moves the queries' positions for ``causal`` and ``window``.
       dropout_rng: PRNG key when dropout applies, else None.
 
     Returns:
@@ -43,8 +44,14 @@ def materialised_attention(
     """
     query, key, value = inputs.query, inputs.key, inputs.value
     compute_dtype, precision = inputs.compute_dtype, options.lax_precision
+    query_positions = jnp.arange(query.shape[-2])  # [Tq]
+    offset = inputs.query_offset  # [] or at the batch's rank
+    if offset is not None:  # [(...,) Tq]
+        query_positions = offset[..., None] + query_positions.reshape(
+            (1,) * offset.ndim + query_positions.shape
+        )
     keep = masks_lib.keep_mask(
-        jnp.arange(query.shape[-2]),
+        query_positions,
         jnp.arange(key.shape[-2]),
         inputs.masking,
         causal=options.causal,

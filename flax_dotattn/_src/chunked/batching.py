@@ -23,7 +23,7 @@ from flax_dotattn._src.types import Array
 
 def _foldable(batched: Any) -> bool:
     """Whether a vmapped axis can join the batch: the scalars and the key must be shared."""
-    shared = (batched.key_offset, batched.scale, batched.concat_score_weight, batched.rng)
+    shared = (batched.scale, batched.concat_score_weight, batched.rng)
     return not any(jax.tree.leaves(shared))
 
 
@@ -52,12 +52,23 @@ def _fold_pairs(static: Static, x: Array | None, batched: Any) -> Array | None:
     return x.reshape(x.shape[:1] + (1,) * lacking + x.shape[1:])
 
 
+def _fold_offset(key_offset: Array, batched: Any, n: int, b: int) -> Array:
+    """The key offset for ``n * b`` rows: a shared scalar stays one, else one per row."""
+    if not batched and key_offset.ndim == 0:
+        return key_offset
+    x = key_offset if batched else jax.numpy.broadcast_to(key_offset, (n,) + key_offset.shape)
+    x = x[:, None] if x.ndim == 1 else x  # [n, 1] or [n, B]
+    return jax.numpy.broadcast_to(x, (n, b)).reshape(n * b)
+
+
 def _fold_operands(static: Static, ops: Operands, batched: Any, n: int) -> Operands:
     """``ops`` with the mapped axis folded into the batch; ``batched`` has the tree of
     ``ops`` with bools (whether each leaf is mapped)."""
     rows = functools.partial(fold_rows, n=n)
     masking, masking_b = ops.masking, batched.masking
+    b = ops.q.shape[1] if batched.q else ops.q.shape[0]  # rows per mapped element
     return ops._replace(
+        key_offset=_fold_offset(ops.key_offset, batched.key_offset, n, b),
         q=rows(ops.q, batched.q),
         k=rows(ops.k, batched.k),
         v=rows(ops.v, batched.v),

@@ -46,7 +46,7 @@ class Operands(NamedTuple):
     v: Array  # [B, Tv, Dv]
     masking: Masking  # value mask [B, Tv], full mask [..., Tq, Tv], segment ids [B, T]
     bias: Array | None  # [..., Tq, Tv], broadcastable batch dims
-    key_offset: Array  # int32 [], global position of key 0
+    key_offset: Array  # int32 [] or [B]: position of key 0 relative to query 0
     scale: Array | None  # []
     concat_score_weight: Array | None  # []
     rng: Array | None  # dropout key
@@ -84,10 +84,22 @@ def clip_blocks(blocks: tuple[int, int], tq: int, tv: int) -> tuple[int, int]:
     return max(1, min(blocks[0], tq)), max(1, min(blocks[1], tv))
 
 
+def _key_offset(key_offset: int | Array, query_offset: Array | None, batch) -> Array:
+    """Where key 0 sits relative to query 0: ``key_offset - query_offset``, int32 ``[]``,
+    or ``[B]`` when the query offset differs per sequence."""
+    offset = jnp.asarray(key_offset, jnp.int32)
+    if query_offset is None:
+        return offset
+    if query_offset.ndim:
+        query_offset = jnp.broadcast_to(query_offset, batch).reshape(-1)  # [B]
+    return offset - query_offset
+
+
 def prepare(call: CheckedCall, key_offset: int | Array = 0) -> tuple[Static, Operands]:
     """The kernel's static settings and operands for a checked call: the batch flattened
     to ``B``, the arrays cast to the compute dtype. ``key_offset`` is the global position
-    of the first key (for a shard of a longer sequence; may be traced)."""
+    of the first key (for a shard of a longer sequence; may be traced); the call's
+    ``query_offset`` (the position of query 0) is taken from it."""
     options, inputs = call.options, call.inputs
     query, value = inputs.query, inputs.value
     batch = query.shape[:-2]
@@ -129,7 +141,7 @@ def prepare(call: CheckedCall, key_offset: int | Array = 0) -> tuple[Static, Ope
             kv_segment_ids=flat(masking.kv_segment_ids, tv),
         ),
         bias=cast(inputs.bias),
-        key_offset=jnp.asarray(key_offset, jnp.int32),
+        key_offset=_key_offset(key_offset, inputs.query_offset, batch),
         scale=cast(inputs.scale),
         concat_score_weight=cast(inputs.concat_score_weight),
         rng=call.dropout_rng if static.dropout_rate > 0.0 else None,

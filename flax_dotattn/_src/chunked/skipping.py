@@ -41,12 +41,13 @@ def band(static: Static, blocks: Blocks, key_offset: Any, i: Any, n_k: int):
     if static.causal:
         right = 0 if right is None else min(right, 0)
     first_q, last_q = i * block_q, (i + 1) * block_q - 1
-    j_lo = 0 if left is None else jnp.maximum((first_q - left - key_offset) // block_k, 0)
-    j_hi = (
-        n_k - 1 if right is None else jnp.minimum((last_q + right - key_offset) // block_k, n_k - 1)
-    )
+    # Per-row offsets [B] (query_offset per sequence): the union of the rows' bands.
+    per_row = jnp.ndim(key_offset) > 0
+    high, low = (jnp.max(key_offset), jnp.min(key_offset)) if per_row else (key_offset,) * 2
+    j_lo = 0 if left is None else jnp.maximum((first_q - left - high) // block_k, 0)
+    j_hi = n_k - 1 if right is None else jnp.minimum((last_q + right - low) // block_k, n_k - 1)
     n_steps = n_k
-    if left is not None and right is not None:
+    if left is not None and right is not None and not per_row:
         # Keys first_q - left .. last_q + right: Bq + left + right positions, which can
         # straddle one block more than they fill.
         n_steps = min(n_k, -(-(block_q + left + right) // block_k) + 1)

@@ -34,10 +34,11 @@ def block_logits(
         query_segment_ids=None if cut.q_segments is None else cut.q_segments[i],
         kv_segment_ids=None if cut.kv_segments is None else cut.kv_segments[j],
     )
+    # [Bk], or [B, Bk] for per-row offsets (query_offset per sequence)
+    k_global = key_offset[..., None] + k_pos.reshape((1,) * key_offset.ndim + k_pos.shape)
     keep = keep_mask(
-        q_pos, key_offset + k_pos, masking, causal=static.causal, window=static.window,
-        batch_ndim=1,
-    )  # fmt: skip
+        q_pos, k_global, masking, causal=static.causal, window=static.window, batch_ndim=1
+    )
     s = masked_logits(
         q_blk,
         k_blk,
