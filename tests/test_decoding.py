@@ -21,7 +21,7 @@ from flax_dotattn import DotAttention, dot_attention, sequence_parallel_attentio
 PATHS = [
     pytest.param({"implementation": "xla"}, id="xla"),
     pytest.param({"implementation": "chunked", "block_size": (4, 8)}, id="chunked"),
-    pytest.param({}, id="automatic"),
+    pytest.param({}, id="automatic", marks=pytest.mark.slow),  # = one of the two above
 ]
 
 
@@ -128,6 +128,7 @@ def test_offsets_broadcast_over_heads_and_match_one_call_per_sequence():
             assert_close(out[i], one)
 
 
+@pytest.mark.slow
 def test_vmap_over_per_example_offsets_equals_a_python_loop():
     r = np.random.default_rng(4)
     n, tq, tv, d = 3, 3, 40, 8
@@ -152,6 +153,7 @@ def test_vmap_over_per_example_offsets_equals_a_python_loop():
             assert_close(g[i], e, factor=5)
 
 
+@pytest.mark.slow
 def test_sequence_parallel_takes_offsets_and_lengths():
     cpus = jax.devices("cpu")
     if len(cpus) < 4:
@@ -210,7 +212,9 @@ def test_bad_offsets_and_lengths_raise_naming_the_argument(kwargs, pattern):
         dot_attention(None, q, q, causal=True, **kwargs)
 
 
-@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize(
+    "seed", [0, 1, *(pytest.param(s, marks=pytest.mark.slow) for s in range(2, 6))]
+)
 def test_chunked_equals_xla_with_random_offsets_lengths_and_blocks(seed):
     r = np.random.default_rng(100 + seed)
     b, tq, tv = 2, int(r.integers(1, 20)), int(r.integers(1, 60))
