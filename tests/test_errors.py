@@ -351,3 +351,9 @@ def test_attention_scores_rejects_bad_arguments(kwargs, pattern):
     args.update(kwargs)
     with pytest.raises(ValueError, match=pattern):
         attention_scores(**args)
+
+
+def test_a_block_size_mapping_without_both_blocks_is_a_value_error():
+    q = jnp.ones((1, 4, 2))
+    with pytest.raises(ValueError, match=r"block_size as a mapping needs keys \['block_k'\]"):
+        dot_attention(None, q, q, block_size={"block_q": 4})

@@ -161,3 +161,21 @@ def test_sequence_parallel_takes_a_minus_inf_bias_that_hides_a_whole_shard(rng):
     for a, b in zip(g_par, g_one, strict=True):
         assert np.isfinite(np.asarray(a)).all()
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_sequence_parallel_rows_of_minus_inf_zeroed_by_the_query_mask_keep_gradients_finite(rng):
+    q, k, v, _, _ = _inputs(rng)
+    mesh = Mesh(np.array(CPUS[:4]), ("seq",))
+    real_q, real_k = jnp.arange(24) < 20, jnp.arange(32) < 28
+    bias = jnp.where(real_q[:, None] & real_k[None, :], 0.0, -jnp.inf)  # [Tq, Tv]
+
+    def loss(q, k, v):
+        out = sequence_parallel_attention(
+            None, q, v, k, (real_q, real_k), bias=bias, mesh=mesh, axis_name="seq",
+            block_size=(8, 4),
+        )  # fmt: skip
+        return jnp.sum(out**2)
+
+    grads = jax.jit(jax.grad(loss, (0, 1, 2)))(q, k, v)
+    for g in grads:
+        assert np.isfinite(np.asarray(g)).all()

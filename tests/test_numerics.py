@@ -164,3 +164,43 @@ def test_a_row_whose_every_logit_is_minus_inf_is_nan_on_every_path(implementatio
     assert np.isnan(np.asarray(out[0, 3])).all() and np.isnan(np.asarray(reference[0, 3])).all()
     rows = np.arange(40) != 3
     np.testing.assert_allclose(out[0, rows], reference[0, rows], rtol=2e-5, atol=2e-5)
+
+
+def test_rows_of_minus_inf_that_the_query_mask_zeroes_leave_gradients_finite_on_every_path():
+    # The additive padding idiom: padded queries see only -inf logits, and the query
+    # mask zeroes their rows. Every path gives finite gradients (0 for those rows).
+    t = 12
+    q = jax.random.normal(jax.random.key(2), (2, t, 8))
+    real = jnp.arange(t) < 9  # [T]
+    bias = jnp.where(real[:, None] & real[None, :], 0.0, -jnp.inf)  # [Tq, Tv]
+    grads = {}
+    for impl in IMPLS:
+
+        def loss(q, k, v, impl=impl):
+            out = dot_attention(
+                None, q, v, k, (real, real), bias=bias, implementation=impl, block_size=(4, 4)
+            )
+            return jnp.sum(out**2)
+
+        grads[impl] = jax.grad(loss, (0, 1, 2))(q, q, q)
+        assert _finite(grads[impl]), impl
+    for g, e in zip(grads["chunked"], grads["xla"], strict=True):
+        np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4)  # gradients of size ~1
+
+
+@pytest.mark.parametrize("implementation", IMPLS)
+@pytest.mark.parametrize("n_pad", [300, 512])
+def test_non_finite_values_hidden_by_a_key_padding_mask_never_reach_the_output(
+    n_pad, implementation
+):
+    t = 1024
+    r = np.random.default_rng(1)
+    q, k, v = (jnp.asarray(r.normal(size=(2, t, 8)), jnp.float32) for _ in range(3))
+    keep = jnp.arange(t) < t - n_pad
+    garbage = jnp.where(keep[None, :, None], 0.0, jnp.nan)
+    padding = keep[None, None, :]  # [1, 1, Tv]: a key-padding attention_mask
+
+    def run(k, v):
+        return dot_attention(None, q, v, k, attention_mask=padding, implementation=implementation)
+
+    np.testing.assert_allclose(run(k + garbage, v + garbage), run(k, v), rtol=2e-5, atol=2e-5)

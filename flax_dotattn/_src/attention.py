@@ -148,7 +148,11 @@ def dot_attention(
         that broadcasts (NumPy rules) to ``[..., Tq]`` / ``[..., Tv]`` (e.g. ``[Tv]`` for
         the whole batch, ``[B, 1, Tv]`` for inputs ``[B, H, T, D]``), bool or numeric
         (nonzero keeps). Masked queries get zero output rows; masked values get no
-        weight.
+        weight. Keys and values that no query can see (hidden by the value mask,
+        ``kv_length`` or a key-padding ``attention_mask [..., 1, Tv]``) read as 0 where
+        they are not finite, on every path, so garbage in padding never reaches an output
+        or a gradient. Masks that hide (query, key) pairs rather than keys (``causal``,
+        ``window``, segment ids, a full mask) do not clean them: keep such entries finite.
       causal: Python bool (static). Query ``i`` attends to keys ``j <= i``, top-left
         aligned when ``Tq != Tv`` (see :func:`make_causal_mask`).
       attention_mask: None or a bool/numeric mask broadcastable to ``[..., Tq, Tv]``
@@ -157,7 +161,9 @@ def dot_attention(
       bias: None or a float array broadcastable to ``[..., Tq, Tv]``, added to the
         logits after ``scale`` / ``concat_score_weight`` and before the masks
         (relative positions, ALiBi). Differentiable; its gradient is summed over the
-        broadcast dims.
+        broadcast dims. ``-inf`` entries are allowed (the additive way to mask); a row
+        whose every logit is ``-inf`` has no softmax and outputs NaN (as ``jax.nn`` does)
+        through a constant, so zeroing it with the query mask leaves gradients finite.
       segment_ids: None or ``(query_segment_ids, kv_segment_ids)``, integer arrays
         broadcastable to ``[..., Tq]`` / ``[..., Tv]``, for packed sequences: a query
         attends only to keys of its own segment. The chunked path skips blocks whose

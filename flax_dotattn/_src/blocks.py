@@ -132,6 +132,11 @@ class BlockSizes:
                     f"{name} got unknown BlockSizes keys {unknown}; expected keys from "
                     f"{sorted(fields)}."
                 )
+            missing = sorted({"block_q", "block_k"} - set(value))
+            if missing:
+                raise ValueError(
+                    f"{name} as a mapping needs keys {missing}; received {name}={value!r}."
+                )
             return cls(**value)
         raise ValueError(
             f"{name} must be None, a positive int, a pair (block_q, block_k) of them, a "

@@ -159,11 +159,13 @@ def sequence_parallel_attention(
         )  # [..., Tq, Dv], [..., Tq], [..., Tq]
         m = lax.stop_gradient(m)
         top = lax.pmax(m, axis_name)  # [..., Tq]
-        w = jnp.exp(m - top + log_l)  # [..., Tq]
-        total = lax.psum(w, axis_name)
-        # A shard whose keys a -inf bias hides from a row has w = 0 and out = NaN (0 / 0).
+        top = jnp.where(top > -jnp.inf, top, jnp.zeros((), top.dtype))  # a row of -inf only
+        w = jnp.exp(m - top + log_l)  # [..., Tq]; 0 for a shard a -inf bias hides
+        total = lax.psum(w, axis_name)[..., None]  # [..., Tq, 1]
         part = jnp.where(w[..., None] > 0, w[..., None] * out, jnp.zeros((), out.dtype))
-        return lax.psum(part, axis_name) / total[..., None]  # [..., Tq, Dv]
+        merged = lax.psum(part, axis_name) / jnp.where(total > 0, total, 1)  # [..., Tq, Dv]
+        # A row whose every logit is -inf is NaN through a constant (a zero derivative).
+        return jnp.where(total > 0, merged, jnp.full((), jnp.nan, merged.dtype))
 
     in_specs = (
         replicated,

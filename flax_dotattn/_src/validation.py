@@ -200,7 +200,7 @@ def _exact_ids(name: str, ids: Any) -> Any:
     return ids.astype(target)
 
 
-def _common_id_dtype(q_ids: Array, kv_ids: Array) -> tuple[Array, Array]:
+def _common_id_dtype(q_ids: Array, kv_ids: Array, received: Any) -> tuple[Array, Array]:
     """Both id arrays in one integer dtype that holds every value of each exactly, or a
     ValueError (e.g. uint32 against int32: JAX's 32-bit comparison would equate
     4294967295 and -1)."""
@@ -212,8 +212,8 @@ def _common_id_dtype(q_ids: Array, kv_ids: Array) -> tuple[Array, Array]:
         fail(
             "segment_ids: query_segment_ids and kv_segment_ids must have integer dtypes "
             f"that one {jax.dtypes.canonicalize_dtype(jnp.int64)} or narrower type holds "
-            f"exactly, so that ids compare by value; received {q_ids.dtype} and "
-            f"{kv_ids.dtype} (cast both to one signed type)."
+            f"exactly, so that ids compare by value; received {received[0]} and "
+            f"{received[1]} (cast both to one signed type)."
         )
     return q_ids.astype(common), kv_ids.astype(common)
 
@@ -248,7 +248,8 @@ def check_pair_masks(
         q_seg, kv_seg = (_exact_ids(n, x) for n, x in zip(_SEGMENT_NAMES, segment_ids, strict=True))
         q_seg = _check_array("query_segment_ids", q_seg, batch + (tq,), "[..., Tq]", "int", False)
         kv_seg = _check_array("kv_segment_ids", kv_seg, batch + (tv,), "[..., Tv]", "int", False)
-        q_seg, kv_seg = _common_id_dtype(q_seg, kv_seg)
+        received = tuple(getattr(x, "dtype", type(x).__name__) for x in segment_ids)
+        q_seg, kv_seg = _common_id_dtype(q_seg, kv_seg, received)
         q_seg = jnp.broadcast_to(q_seg, batch + (tq,))
         kv_seg = jnp.broadcast_to(kv_seg, batch + (tv,))
     return attention_mask, bias, q_seg, kv_seg
@@ -403,8 +404,12 @@ def check_inputs(
         filled = slots.reshape((1,) * kv_length.ndim + slots.shape) < kv_length[..., None]
         filled = jnp.broadcast_to(filled, value.shape[:-1])
         value_mask = filled if value_mask is None else value_mask & filled
-    if value_mask is not None:
-        key, value = hide_non_finite(key, value, value_mask)
+    shown = value_mask  # keys some query may see: the value mask and any key-padding mask
+    if attention_mask is not None and attention_mask.shape[-2] == 1:  # [..., 1, Tv]
+        keys = jnp.broadcast_to(attention_mask[..., 0, :], value.shape[:-1])
+        shown = keys if shown is None else shown & keys
+    if shown is not None:
+        key, value = hide_non_finite(key, value, shown)
 
     dtype = jnp.dtype(jnp.result_type(query, key, value))
     compute_dtype = jnp.dtype(jnp.float32) if jnp.finfo(dtype).bits < 32 else dtype
@@ -457,7 +462,9 @@ def check_position(name: str, x: Any, batch: tuple[int, ...]) -> Array | None:
 
 def hide_non_finite(key: Array, value: Array, value_mask: Array) -> tuple[Array, Array]:
     """Reads non-finite entries of the keys and values that ``value_mask [..., Tv]``
-    hides as 0, so that garbage in the padding never reaches an output or a gradient.
+    hides from every query as 0 (the value mask, ``kv_length`` and a key-padding
+    ``attention_mask [..., 1, Tv]``), so that garbage in the padding never reaches an
+    output or a gradient, on any path.
 
     Finite entries are untouched, so every number, Keras's rows that see no key included,
     stays as it was; the cost is one elementwise pass over ``[..., Tv, D]`` and

@@ -24,6 +24,19 @@ def dropout_weights(weights: Array, rate: float, rng: Array) -> Array:
     return jnp.where(keep, weights / jnp.asarray(keep_prob, weights.dtype), 0)
 
 
+def softmax(scores: Array) -> tuple[Array, Array]:
+    """``jax.nn.softmax`` over the keys, and which rows have one: ``(weights, seen)``,
+    ``seen [..., Tq, 1]`` False for a row whose every logit is ``-inf`` (a ``-inf`` bias),
+    whose weights are 0 here. The caller writes NaN into such rows through a constant,
+    after the weighted sum, so their derivative is 0, not NaN: a query mask that zeroes
+    the row leaves every gradient finite, as on the chunked path."""
+    top = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
+    seen = top > -jnp.inf
+    unnormalised = jnp.exp(scores - jnp.where(seen, top, jnp.zeros((), top.dtype)))
+    total = jnp.sum(unnormalised, axis=-1, keepdims=True)
+    return unnormalised / jnp.where(seen, total, jnp.ones((), total.dtype)), seen
+
+
 def materialised_attention(
     options: AttentionOptions, inputs: AttentionInputs, dropout_rng: Array | None
 ) -> tuple[Array, Array]:
@@ -69,10 +82,11 @@ def materialised_attention(
         precision=precision,
         compute_dtype=compute_dtype,
     )  # [..., Tq, Tv]
-    weights = jax.nn.softmax(scores, axis=-1)  # [..., Tq, Tv]
+    weights, seen = softmax(scores)  # [..., Tq, Tv], [..., Tq, 1]
     if dropout_rng is not None:
         weights = dropout_weights(weights, options.applied_dropout_rate, dropout_rng)
     output = jnp.einsum(
         "...qk,...kd->...qd", weights, value.astype(compute_dtype), precision=precision
     )  # [..., Tq, Dv]
-    return output, weights
+    nan = jnp.full((), jnp.nan, output.dtype)  # rows without a softmax (every logit -inf)
+    return jnp.where(seen, output, nan), jnp.where(seen, weights, nan)
