@@ -30,6 +30,8 @@ def softmax(scores: Array) -> tuple[Array, Array]:
     whose weights are 0 here. The caller writes NaN into such rows through a constant,
     after the weighted sum, so their derivative is 0, not NaN: a query mask that zeroes
     the row leaves every gradient finite, as on the chunked path."""
+    if scores.shape[-1] == 0:  # no keys: no logits, nothing to write NaN into
+        return scores, jnp.ones(scores.shape[:-1] + (1,), bool)
     top = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
     seen = top > -jnp.inf
     unnormalised = jnp.exp(scores - jnp.where(seen, top, jnp.zeros((), top.dtype)))
