@@ -36,6 +36,7 @@ def _inputs(rng, dtype, batch=(2,), tq=16, tv=16, d=16):
     return arr(*batch, tq, d), arr(*batch, tv, d), arr(*batch, tv, d)
 
 
+@pytest.mark.slow
 # float16 is left to the GPU test: jax.nn's XLA path with a mask asks CPU dot_general for
 # F16_F16_F32, which the CPU backend rejects.
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)

@@ -159,7 +159,7 @@ SCORE_CASES = (
 )
 
 
-@pytest.mark.parametrize("implementation", ["xla", "chunked"])
+@pytest.mark.parametrize("implementation", [pytest.param("xla", marks=pytest.mark.slow), "chunked"])
 @pytest.mark.parametrize(
     "name,score_mode",
     [  # the concat cases run in the full suite only (not in -m "not slow")
@@ -283,6 +283,7 @@ def test_a_packed_row_equals_its_sequences_run_one_by_one(cuts, block, causal):
         assert_close(packed[a:b], alone)
 
 
+@pytest.mark.slow
 @settings(deadline=None)
 @given(t=st.sampled_from([1, 9]), causal=st.booleans(), impl=st.sampled_from(["xla", "chunked"]))
 def test_a_window_as_wide_as_the_sequence_changes_nothing(t, causal, impl):

@@ -37,6 +37,7 @@ def _params(score_mode):
     return params
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("implementation", ["xla", "chunked"])
 def test_batch_sharded_jit_matches_single_device(implementation, rng):
     q, k, v, qm, vm = _inputs(rng)
@@ -140,6 +141,7 @@ def test_sequence_parallel_errors(kwargs, pattern):
         sequence_parallel_attention(**args)
 
 
+@pytest.mark.slow
 def test_sequence_parallel_takes_a_minus_inf_bias_that_hides_a_whole_shard(rng):
     q, k, v, _, _ = _inputs(rng)
     mesh = Mesh(np.array(CPUS[:4]), ("seq",))
@@ -163,6 +165,7 @@ def test_sequence_parallel_takes_a_minus_inf_bias_that_hides_a_whole_shard(rng):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_sequence_parallel_rows_of_minus_inf_zeroed_by_the_query_mask_keep_gradients_finite(rng):
     q, k, v, _, _ = _inputs(rng)
     mesh = Mesh(np.array(CPUS[:4]), ("seq",))

@@ -98,7 +98,11 @@ def _left_padding_bias(t, n_pad, dtype=jnp.float32):
     return jnp.where(jnp.arange(t) < n_pad, -jnp.inf, 0.0).astype(dtype)[None, None, :]
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16], ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize(
+    "dtype",
+    [jnp.float32, pytest.param(jnp.float16, marks=pytest.mark.slow)],
+    ids=lambda d: jnp.dtype(d).name,
+)
 @pytest.mark.parametrize("n_pad", [200, 300, 700])  # under one 256-key block, and past it
 def test_a_minus_inf_bias_gives_the_materialised_numbers_on_the_chunked_path(n_pad, dtype):
     t = 1024

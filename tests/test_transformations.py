@@ -47,6 +47,7 @@ def test_vmap_with_shared_key_value(rng):
     assert_close(out, expected)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("score_mode", ["dot", "concat"])
 def test_check_grads_query_key_value_and_params(score_mode, rng):
     q, k, v, qm, vm = _inputs(rng, batch=(2,), tq=3, tv=4, d=3, dv=2)
