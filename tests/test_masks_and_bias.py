@@ -162,8 +162,14 @@ SCORE_CASES = (
 @pytest.mark.parametrize("implementation", [pytest.param("xla", marks=pytest.mark.slow), "chunked"])
 @pytest.mark.parametrize(
     "name,score_mode",
-    [  # the concat cases run in the full suite only (not in -m "not slow")
-        pytest.param(n, m, id=f"{n}-{m}", marks=[pytest.mark.slow] if m == "concat" else [])
+    [  # the quick tier (-m "not slow") runs the dot-mode combinations, which cover the
+        # single features; the single features and the concat cases run in the full suite
+        pytest.param(
+            n,
+            m,
+            id=f"{n}-{m}",
+            marks=[pytest.mark.slow] if m == "concat" or "_" not in n.replace("_mask", "") else [],
+        )  # fmt: skip
         for n, m in SCORE_CASES
     ],
 )
@@ -259,6 +265,7 @@ def test_modules_pass_the_new_arguments(rng):
 # -- properties ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @settings(deadline=None)
 @given(
     cuts=st.sets(st.integers(1, 11), max_size=4),

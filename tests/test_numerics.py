@@ -60,7 +60,9 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("implementation", IMPLS)
+@pytest.mark.parametrize(  # the xla half runs in the full suite only
+    "implementation", [pytest.param("xla", marks=pytest.mark.slow), "chunked"]
+)
 @pytest.mark.parametrize("dtype", GRID_DTYPES, ids=lambda d: jnp.dtype(d).name)
 @pytest.mark.parametrize("case", CASES)
 def test_values_and_gradients_are_finite(case, dtype, implementation):
