@@ -72,13 +72,19 @@ def check_choice(choices: tuple[Any, ...]) -> Callable[[str, Any], Any]:
     return check
 
 
-def check_finite_float(name: str, value: Any) -> float:
-    """A finite real number, as a Python float (NumPy scalars by their shortest repr)."""
+def _real_number(name: str, value: Any, wanted: str) -> float:
+    """A real (not bool) number as a Python float, or a ValueError saying ``wanted``.
+    str() of a NumPy scalar is its shortest round-trip repr: np.float32(0.1) -> 0.1."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(
         value, (int, float, np.integer, np.floating)
     ):
-        fail(f"{name} must be a finite Python float; {_received(name, value)}")
-    number = float(str(value)) if isinstance(value, np.floating) else float(value)
+        fail(f"{name} must be {wanted}; {_received(name, value)}")
+    return float(str(value)) if isinstance(value, np.floating) else float(value)
+
+
+def check_finite_float(name: str, value: Any) -> float:
+    """A finite real number, as a Python float."""
+    number = _real_number(name, value, "a finite Python float")
     if not np.isfinite(number):
         fail(f"{name} must be finite; received {name}={number!r}.")
     return number
@@ -86,12 +92,7 @@ def check_finite_float(name: str, value: Any) -> float:
 
 def check_dropout_rate(name: str, value: Any) -> float:
     """A real number in ``[0, 1)``, as a Python float."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(
-        value, (int, float, np.integer, np.floating)
-    ):
-        fail(f"{name} must be a Python float in [0, 1); {_received(name, value)}")
-    # str() of a NumPy scalar is its shortest round-trip repr: np.float32(0.1) -> 0.1.
-    rate = float(str(value)) if isinstance(value, np.floating) else float(value)
+    rate = _real_number(name, value, "a Python float in [0, 1)")
     if not 0.0 <= rate < 1.0:
         fail(f"{name} must be in [0, 1); received {name}={rate!r}.")
     return rate
