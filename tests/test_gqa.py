@@ -317,3 +317,20 @@ def test_property_chunked_gqa_equals_repeated_reference(
     fn = functools.partial(_gqa, causal=causal, window=window, implementation="chunked",
                            block_size=(bq, bk))  # fmt: skip
     assert_close(jax.jit(fn)(q, k, v), jax.jit(_reference)(q, k, v, ref_keep))
+
+
+@pytest.mark.slow
+def test_modules_pass_grouped_key_value_through(rng):
+    """The Linen and NNX ``DotAttention`` take GQA inputs as the function does."""
+    from flax import nnx
+
+    from flax_dotattn import DotAttention
+    from flax_dotattn import nnx as fdnnx
+
+    q, k, v = _normal(rng, 2, 2, 3, 5, 4), _normal(rng, 2, 2, 1, 6, 4), _normal(rng, 2, 2, 1, 6, 4)
+    want = _reference(q, k, v, _keep(5, 6, causal=True))
+    layer = DotAttention(causal=True)
+    variables = layer.init(jax.random.key(0), q, v, k)
+    assert_close(jax.jit(layer.apply)(variables, q, v, k), want)
+    module = fdnnx.DotAttention(causal=True, rngs=nnx.Rngs(0))
+    assert_close(nnx.jit(lambda m, q, v, k: m(q, v, k))(module, q, v, k), want)

@@ -142,8 +142,15 @@ def dot_attention(
         ``use_scale`` weight) and ``"concat_score_weight"`` (required when
         ``score_mode="concat"``). Any other key raises ``ValueError``.
       query: ``[..., Tq, D]``, a real floating array.
-      value: ``[..., Tv, Dv]``, same leading dims as ``query``.
-      key: ``[..., Tv, D]`` or None, in which case ``value`` is used (as in Keras).
+      value: ``[..., Tv, Dv]``, same rank as ``query``; its batch dims broadcast against
+        the query's by NumPy's rules (each equal, or 1 on one side) and the output's batch
+        ``...`` is the broadcast shape. Query ``[B, Hkv, G, Tq, D]`` with key/value
+        ``[B, Hkv, 1, Tv, D]`` is grouped-query attention, ``[B, H, Tq, D]`` with
+        ``[B, 1, Tv, D]`` multi-query attention: as with key/value repeated to the
+        query's batch, without the copies; their gradients keep their shapes (summed
+        over the groups). ``ring_attention`` takes equal batch dims only.
+      key: ``[..., Tv, D]`` with the batch dims of ``value``, or None, in which case
+        ``value`` is used (as in Keras).
       masks: None or a pair ``(query_mask, value_mask)``; each is None or an array
         that broadcasts (NumPy rules) to ``[..., Tq]`` / ``[..., Tv]`` (e.g. ``[Tv]`` for
         the whole batch, ``[B, 1, Tv]`` for inputs ``[B, H, T, D]``), bool or numeric
@@ -243,6 +250,13 @@ def dot_attention(
       >>> print(dot_attention(params, query, value, key, masks, causal=True))
       [[1. 2.]
        [1. 2.]]
+
+      Grouped-query attention: 2 query heads share each of 2 key/value heads.
+
+      >>> q = jnp.ones((1, 2, 2, 3, 4))   # [B, Hkv, G, Tq, D]
+      >>> kv = jnp.ones((1, 2, 1, 5, 4))  # [B, Hkv, 1, Tv, D]
+      >>> dot_attention(None, q, kv, causal=True).shape
+      (1, 2, 2, 3, 4)
     """
     return attend(validation.check_call(locals()))
 

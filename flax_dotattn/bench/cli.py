@@ -28,6 +28,10 @@ without them, at T = 16384, forward+backward: a causal sliding window ``(256, 0)
 full causal attention (and its peak memory at T = 4096, 8192 and 16384), and 8 sequences
 of 2048 packed into one row with ``segment_ids`` against the same row with a hand-built
 block-diagonal ``attention_mask`` on the xla path and against a batch of 8 x 2048.
+``--scenarios gqa`` times grouped-query attention at B = 4, 32 query heads, 4 key/value
+heads, T = 2048, causal, forward+backward: key/value ``[B, 4, 1, T, D]`` shared by 8 query
+groups against the same call with key/value repeated (``jnp.repeat``), with the peak
+memory of each.
 
 ``--plot PATH`` draws the results (time and peak memory against T, forward and
 forward+backward, one line per implementation) with matplotlib, which is imported only
@@ -42,6 +46,7 @@ Examples:
   python -m flax_dotattn.bench --from-json bench.json --plot bench.png
   python -m flax_dotattn.bench --impls default,torch_sdpa --causal --shapes 1x4096
   python -m flax_dotattn.bench --scenarios window,packing
+  python -m flax_dotattn.bench --scenarios gqa --repeats 1
 """
 
 from __future__ import annotations
@@ -51,7 +56,13 @@ import json
 from collections.abc import Callable, Sequence
 
 from flax_dotattn.bench import baselines, report, runs
-from flax_dotattn.bench.entries import IMPLS, MODES, SCENARIO_LENGTH, SCENARIOS
+from flax_dotattn.bench.entries import (
+    IMPLS,
+    MODES,
+    SCENARIO_LENGTH,
+    SCENARIO_LENGTHS,
+    SCENARIOS,
+)
 from flax_dotattn.bench.measure import load_average, machine, measure_memory_here
 from flax_dotattn.bench.plot import plot, plot_title, require_matplotlib
 
@@ -197,7 +208,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run_scenarios(args: argparse.Namespace) -> int:
     """``--scenarios``: times them, prints the machine and its load, writes ``--json``."""
-    header = f"Machine: {machine()}; D = 64, float32, T = {SCENARIO_LENGTH}, forward+backward."
+    header = (
+        f"Machine: {machine()}; D = 64, float32, T = {SCENARIO_LENGTH} (gqa: "
+        f"{SCENARIO_LENGTHS['gqa']}), forward+backward."
+    )
     print(header, f"Load average (1 min) at start: {load_average()[0]:.2f}.", flush=True)
     rows = runs.scenario_rows(args.scenarios, args.repeats or 5, not args.no_memory)
     print(f"Load average (1 min) at end: {load_average()[0]:.2f}.")

@@ -18,7 +18,7 @@ from flax_dotattn import dot_attention
 from flax_dotattn.bench import baselines
 
 IMPLS = ("naive", "default", "xla", "chunked", "jax_nn", "keras", "torch_sdpa")
-SCENARIOS = ("window", "packing")
+SCENARIOS = ("window", "packing", "gqa")
 MODES = ("fwd", "fwd_bwd")
 #: The sequence length at which the scenarios are timed.
 SCENARIO_LENGTH = 16384
@@ -26,7 +26,12 @@ SCENARIO_LENGTH = 16384
 SCENARIO_ENTRIES = {
     "window": ("causal_full", "causal_window_256"),
     "packing": ("packed_segment_ids", "packed_full_mask_xla", "packed_as_batch"),
+    "gqa": ("gqa_repeated_kv", "gqa_shared_kv"),
 }
+#: Scenarios timed at another length than :data:`SCENARIO_LENGTH`.
+SCENARIO_LENGTHS = {"gqa": 2048}
+#: Grouped-query attention: batch, query heads and key/value heads (8 groups of 4).
+GQA_BATCH, GQA_HEADS, GQA_KV_HEADS = 4, 32, 4
 #: Lengths at which the window's peak memory is measured (it should grow linearly).
 WINDOW_MEMORY_LENGTHS = (4096, 8192, 16384)
 
@@ -91,8 +96,15 @@ def build_scenario(name: str, t: int = SCENARIO_LENGTH, d: int = 64) -> tuple[Ca
     * ``packed_segment_ids``: 8 sequences packed into one row with ``segment_ids``;
     * ``packed_full_mask_xla``: the same row with a block-diagonal ``attention_mask``
       ``[T, T]`` on the xla path (what a user would build by hand);
-    * ``packed_as_batch``: the 8 sequences as a batch of 8.
+    * ``packed_as_batch``: the 8 sequences as a batch of 8;
+    * ``gqa_shared_kv``: grouped-query attention, query ``[B, Hkv, G, T, D]`` with
+      key/value ``[B, Hkv, 1, T, D]`` (:data:`GQA_BATCH`, ...: 32 query heads, 4
+      key/value heads), automatic dispatch;
+    * ``gqa_repeated_kv``: the same with key/value repeated to ``[B, Hkv, G, T, D]`` inside
+      the function (``jnp.repeat``, as without broadcasting).
     """
+    if name.startswith("gqa_"):
+        return _gqa_scenario(name, t, d)
     q, k, v = _inputs(1, t, d)
     segments = jnp.repeat(jnp.arange(8), t // 8)  # [T]
     table: dict[str, dict[str, Any]] = {
@@ -108,6 +120,22 @@ def build_scenario(name: str, t: int = SCENARIO_LENGTH, d: int = 64) -> tuple[Ca
     if name == "packed_as_batch":
         q, k, v = (x.reshape(8, t // 8, d) for x in (q, k, v))
     return _jitted(lambda q, k, v: dot_attention(None, q, v, k, **options), "fwd_bwd"), (q, k, v)
+
+
+def _gqa_scenario(name: str, t: int, d: int) -> tuple[Callable, tuple]:
+    groups = GQA_HEADS // GQA_KV_HEADS
+    q, k, v = _inputs(GQA_BATCH * GQA_HEADS, t, d)
+    q = q.reshape(GQA_BATCH, GQA_KV_HEADS, groups, t, d)  # [B, Hkv, G, T, D]
+    k, v = (x[: GQA_BATCH * GQA_KV_HEADS].reshape(GQA_BATCH, GQA_KV_HEADS, 1, t, d)
+            for x in (k, v))  # fmt: skip
+    repeat = name == "gqa_repeated_kv"
+
+    def attend(q, k, v):
+        if repeat:
+            k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
+        return dot_attention(None, q, v, k, causal=True)
+
+    return _jitted(attend, "fwd_bwd"), (q, k, v)
 
 
 def build_entry(spec: dict[str, Any]) -> tuple[Callable, tuple]:

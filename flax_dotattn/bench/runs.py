@@ -12,6 +12,7 @@ from flax_dotattn.bench import report
 from flax_dotattn.bench.entries import (
     SCENARIO_ENTRIES,
     SCENARIO_LENGTH,
+    SCENARIO_LENGTHS,
     WINDOW_MEMORY_LENGTHS,
     flops,
 )
@@ -86,19 +87,33 @@ def scenario_rows(names: Sequence[str], repeats: int, memory: bool) -> list[dict
         rows += _scenario_timings(scenario, repeats)
         if scenario == "window" and memory:
             rows += _window_memory()
+        if scenario == "gqa" and memory:
+            rows += _entry_memory(scenario)
     return rows
 
 
 def _scenario_timings(scenario: str, repeats: int) -> list[dict[str, Any]]:
     entries = SCENARIO_ENTRIES[scenario]
-    specs = {e: {"scenario": e, "t": SCENARIO_LENGTH} for e in entries}
+    length = SCENARIO_LENGTHS.get(scenario, SCENARIO_LENGTH)
+    specs = {e: {"scenario": e, "t": length} for e in entries}
     seconds = time_entries(specs, repeats)
     rows = []
     for e in entries:
-        row = dict(scenario=scenario, entry=e, length=SCENARIO_LENGTH, seconds=seconds[e])
+        row = dict(scenario=scenario, entry=e, length=length, seconds=seconds[e])
         row["speedup_vs_first"] = seconds[entries[0]] / seconds[e]
         rows.append(row)
         print(report.scenario_line(row, entries[0]), flush=True)
+    return rows
+
+
+def _entry_memory(scenario: str) -> list[dict[str, Any]]:
+    """Each entry's peak memory at the scenario's length (a fresh process each)."""
+    rows = []
+    length = SCENARIO_LENGTHS.get(scenario, SCENARIO_LENGTH)
+    for e in SCENARIO_ENTRIES[scenario]:
+        peak = measure_memory({"scenario": e, "t": length}, PROBE_TIMEOUT)
+        rows.append(dict(scenario=scenario, entry=e, length=length, peak_mib=peak))
+        print(f"{scenario:8} {e:22} T={length:<6} peak {peak} MiB", flush=True)
     return rows
 
 
