@@ -44,10 +44,13 @@ def _cudnn(call: CheckedCall) -> Array:
     # are broadcast to the query's batch here, a copy: this route does not yet map them
     # onto the fused kernel's own grouped heads.
     batch = inputs.query.shape[:-2]
-    key, value, value_mask = (
-        None if x is None else jnp.broadcast_to(x, batch + x.shape[len(batch) :])
-        for x in (inputs.key, inputs.value, inputs.masking.value_mask)
-    )
+
+    def full(x: Array) -> Array:
+        return jnp.broadcast_to(x, batch + x.shape[len(batch) :])
+
+    value_mask = inputs.masking.value_mask
+    key, value = full(inputs.key), full(inputs.value)
+    value_mask = None if value_mask is None else full(value_mask)
     return cudnn.fused_attention(
         inputs.query,
         key,

@@ -163,8 +163,8 @@ def group(call: CheckedCall) -> tuple[CheckedCall, Grouping]:
             ),
         )
         axes = ()
-    elif _varies(masking.value_mask, axes):  # per query group: a key-padding full mask
-        value_mask = masking.value_mask[..., None, :]  # [..., 1, Tv]
+    elif masking.value_mask is not None and _varies(masking.value_mask, axes):
+        value_mask = masking.value_mask[..., None, :]  # per query group: a full [..., 1, Tv]
         full = masking.attention_mask
         masking = masking._replace(
             value_mask=None,
@@ -243,13 +243,15 @@ def prepare_grouped(
         """Batch dims of an array at the batch's rank in ``perm``'s order."""
         return None if x is None else jnp.transpose(x, perm + tuple(range(nb, x.ndim)))
 
-    def kv_rows(x: Array | None) -> Array | None:
+    def kv_rows(x: Array) -> Array:
         """A key/value-side array ``[..., T, ...]`` (size 1 along the groups) as
         ``[B, T, ...]``: no data moves."""
-        if x is None:
-            return None
         x = jnp.broadcast_to(x, tuple(value.shape[:-2]) + x.shape[nb:])
-        return permuted(x).reshape((b,) + x.shape[nb:])
+        x = jnp.transpose(x, perm + tuple(range(nb, x.ndim)))
+        return x.reshape((b,) + x.shape[nb:])
+
+    def maybe_kv_rows(x: Array | None) -> Array | None:
+        return None if x is None else kv_rows(x)
 
     def cast(x: Array | None) -> Array | None:
         return None if x is None else x.astype(cdt)
@@ -261,10 +263,10 @@ def prepare_grouped(
         k=kv_rows(inputs.key.astype(cdt)),
         v=kv_rows(value.astype(cdt)),
         masking=Masking(
-            value_mask=kv_rows(masking.value_mask),
+            value_mask=maybe_kv_rows(masking.value_mask),
             attention_mask=permuted(masking.attention_mask),
             query_segment_ids=None if q_seg is None else to_rows(q_seg, perm, b, g),
-            kv_segment_ids=kv_rows(masking.kv_segment_ids),
+            kv_segment_ids=maybe_kv_rows(masking.kv_segment_ids),
         ),
         bias=permuted(cast(inputs.bias)),
         key_offset=_key_offset(key_offset, inputs.query_offset, kv_rows),
