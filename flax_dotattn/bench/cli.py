@@ -30,8 +30,8 @@ of 2048 packed into one row with ``segment_ids`` against the same row with a han
 block-diagonal ``attention_mask`` on the xla path and against a batch of 8 x 2048.
 ``--scenarios gqa`` times grouped-query attention at B = 4, 32 query heads, 4 key/value
 heads, T = 2048, causal, forward+backward: key/value ``[B, 4, 1, T, D]`` shared by 8 query
-groups against the same call with key/value repeated (``jnp.repeat``), with the peak
-memory of each.
+groups against the same call with key/value repeated (``jnp.repeat``), and multi-query
+attention (one key/value head), with the peak memory of each.
 
 ``--plot PATH`` draws the results (time and peak memory against T, forward and
 forward+backward, one line per implementation) with matplotlib, which is imported only

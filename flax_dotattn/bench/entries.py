@@ -26,7 +26,7 @@ SCENARIO_LENGTH = 16384
 SCENARIO_ENTRIES = {
     "window": ("causal_full", "causal_window_256"),
     "packing": ("packed_segment_ids", "packed_full_mask_xla", "packed_as_batch"),
-    "gqa": ("gqa_repeated_kv", "gqa_shared_kv"),
+    "gqa": ("gqa_repeated_kv", "gqa_shared_kv", "mqa_shared_kv"),
 }
 #: Scenarios timed at another length than :data:`SCENARIO_LENGTH`.
 SCENARIO_LENGTHS = {"gqa": 2048}
@@ -101,9 +101,10 @@ def build_scenario(name: str, t: int = SCENARIO_LENGTH, d: int = 64) -> tuple[Ca
       key/value ``[B, Hkv, 1, T, D]`` (:data:`GQA_BATCH`, ...: 32 query heads, 4
       key/value heads), automatic dispatch;
     * ``gqa_repeated_kv``: the same with key/value repeated to ``[B, Hkv, G, T, D]`` inside
-      the function (``jnp.repeat``, as without broadcasting).
+      the function (``jnp.repeat``, as without broadcasting);
+    * ``mqa_shared_kv``: multi-query attention, one key/value head for the 32 query heads.
     """
-    if name.startswith("gqa_"):
+    if name.startswith(("gqa_", "mqa_")):
         return _gqa_scenario(name, t, d)
     q, k, v = _inputs(1, t, d)
     segments = jnp.repeat(jnp.arange(8), t // 8)  # [T]
@@ -123,10 +124,11 @@ def build_scenario(name: str, t: int = SCENARIO_LENGTH, d: int = 64) -> tuple[Ca
 
 
 def _gqa_scenario(name: str, t: int, d: int) -> tuple[Callable, tuple]:
-    groups = GQA_HEADS // GQA_KV_HEADS
+    kv_heads = 1 if name.startswith("mqa_") else GQA_KV_HEADS
+    groups = GQA_HEADS // kv_heads
     q, k, v = _inputs(GQA_BATCH * GQA_HEADS, t, d)
-    q = q.reshape(GQA_BATCH, GQA_KV_HEADS, groups, t, d)  # [B, Hkv, G, T, D]
-    k, v = (x[: GQA_BATCH * GQA_KV_HEADS].reshape(GQA_BATCH, GQA_KV_HEADS, 1, t, d)
+    q = q.reshape(GQA_BATCH, kv_heads, groups, t, d)  # [B, Hkv, G, T, D]
+    k, v = (x[: GQA_BATCH * kv_heads].reshape(GQA_BATCH, kv_heads, 1, t, d)
             for x in (k, v))  # fmt: skip
     repeat = name == "gqa_repeated_kv"
 
