@@ -1,0 +1,403 @@
+"""``implementation="pallas_tpu"``: JAX's splash attention (a Pallas TPU kernel) with
+Keras's rules.
+
+Mapping a call onto ``jax.experimental.pallas.ops.tpu.splash_attention``:
+
+* Logits are ``scale * (q @ k^T)`` with no ``1/sqrt(D)``: splash multiplies nothing, so
+  the learned scale is folded into query and key without overflow
+  (:func:`~flax_dotattn._src.cudnn.fold_scale`). float16 runs the kernel in float32
+  (TPUs have no float16 matmul); float32 and bfloat16 run as given.
+* ``causal`` and ``window`` become one static splash mask (``CausalMask`` or a
+  ``LocalMask``, causal folded into its right side), with a concrete scalar
+  ``query_offset`` as its offset: the kernel skips the blocks outside the band.
+* The value mask (key padding, ``kv_length`` included) and ``segment_ids`` become splash
+  segment ids: a hidden key gets an id that no query has.
+* Lengths are padded up to a multiple of 128 (the kernel's lanes); padded keys get the
+  hidden id, padded query rows are dropped. The padding costs at most 127 rows or keys.
+* Every leading batch dim is flattened into one axis that ``jax.vmap`` maps the kernel
+  over (Pallas adds it to the kernel's grid); each sequence is one splash "head", so the
+  masks may differ per head.
+* A row that sees no key: Keras subtracts 1e9 and still averages over every key; the
+  kernel would not. When any row sees no key (checked on the masks, an O(Tq · Tv)
+  comparison with no matmul, skipped when no row can), or the scale cannot be folded,
+  the whole call runs the chunked path instead (a ``lax.cond``).
+* The query mask zeroes output rows afterwards, as on every path.
+
+Derivatives: a ``jax.custom_jvp`` whose tangent is a
+:func:`~flax_dotattn._src.linear_map.linear_map` with the chunked kernel's forward-mode
+tangent as the map and splash's own backward kernel as its transpose. So ``jax.grad`` runs
+splash's backward, and ``jax.jvp``, ``jax.hessian`` and vmapped derivatives work through
+the chunked kernel (slower, never failing).
+
+On a backend other than TPU the kernel runs in Pallas interpret mode: the same kernel,
+simulated with XLA operations. It is a testing mode and slow (a 2 x 512 x 128 call takes
+seconds on a CPU).
+
+Shape glossary: ``...`` batch dims, ``N`` their product, ``Tq``/``Tv`` query/key lengths,
+``D`` query/key depth, ``Dv`` value depth.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+from flax_dotattn._src import chunked
+from flax_dotattn._src.cudnn import fold_scale
+from flax_dotattn._src.linear_map import linear_map
+from flax_dotattn._src.masks import Masking, keep_mask
+from flax_dotattn._src.options import AttentionOptions
+from flax_dotattn._src.types import Array
+from flax_dotattn._src.validation import AttentionInputs, CheckedCall
+
+#: The kernel's lane width: lengths are padded to a multiple of it.
+LANES = 128
+#: Below this many queries or keys the automatic choice on TPU keeps the materialised
+#: path (the kernel would pad a short sequence up to one 128-long block).
+MIN_AUTOMATIC_LENGTH = LANES
+
+
+def _static_offset(query_offset: Array | None) -> int | str:
+    """The query offset as a Python int (0 when absent), or a reason it is not one."""
+    if query_offset is None:
+        return 0
+    if isinstance(query_offset, jax.core.Tracer):
+        return "query_offset is traced (the kernel's masks take a static offset)"
+    if query_offset.ndim:
+        return "query_offset differs per sequence (the kernel's masks take one offset)"
+    with jax.transfer_guard("allow"):  # a scalar the caller gave as a Python int
+        return int(query_offset)
+
+
+def ineligibility(inputs: AttentionInputs, options: AttentionOptions) -> str | None:
+    """Why splash cannot run these inputs with Keras's numbers, or None when it can."""
+    query, key, value = inputs.query, inputs.key, inputs.value
+    features = {
+        "bias": inputs.bias,
+        "attention_mask": inputs.masking.attention_mask,
+    }
+    given = [name for name, x in features.items() if x is not None]
+    offset = _static_offset(inputs.query_offset)
+    reasons = [
+        (options.score_mode != "dot", "score_mode is not 'dot'"),
+        (options.dropout, "dropout is active"),
+        (options.return_attention_scores, "the weights are requested"),
+        (bool(given), f"{', '.join(given)} given (the kernel takes no dense mask or bias)"),
+        (isinstance(offset, str), str(offset)),
+        (
+            key.shape[:-2] != query.shape[:-2] or value.shape[:-2] != query.shape[:-2],
+            "key/value batch dims differ from the query's",
+        ),
+        (inputs.dtype == jnp.float64, "dtype float64 (no float64 kernel on TPU)"),
+        (
+            inputs.masking.kv_segment_ids is not None
+            and jnp.dtype(inputs.masking.kv_segment_ids.dtype).itemsize > 4,
+            "segment ids wider than int32",
+        ),
+        (0 in query.shape or 0 in key.shape or 0 in value.shape, "an empty dimension"),
+    ]
+    for failed, reason in reasons:
+        if failed:
+            return reason
+    if isinstance(offset, int):
+        tq, tv, band = query.shape[-2], key.shape[-2], _band(options)
+        if _empty_band(tq, tv, band, offset):
+            return "causal/window leave a query row without keys (Keras's rule then differs)"
+        if _empty_band(_pad_to(tq), _pad_to(tv), band, offset):
+            return "a padded query row would see no key (the window lies beyond the keys)"
+    return None
+
+
+def _pad_to(n: int) -> int:
+    return -(-n // LANES) * LANES
+
+
+def _block(n: int) -> int:
+    """The largest of 512, 256, 128 that divides ``n`` (a multiple of 128)."""
+    return next(b for b in (512, 256, LANES) if n % b == 0)
+
+
+def _band(options: AttentionOptions) -> tuple[int | None, int | None]:
+    """``(left, right)`` of the static mask; causal folds into ``right <= 0``."""
+    left, right = options.window if options.window is not None else (None, None)
+    if options.causal:
+        right = 0 if right is None else min(right, 0)
+    return left, right
+
+
+def _empty_band(tq: int, tv: int, band: tuple[int | None, int | None], offset: int) -> bool:
+    """Whether some row of ``Tq`` queries sees no key of ``Tv`` under the static band
+    (query ``i`` at position ``i + offset``)."""
+    left, right = band
+    rows = np.arange(tq) + offset
+    lo = np.zeros_like(rows) if left is None else np.maximum(rows - left, 0)
+    hi = np.full_like(rows, tv - 1) if right is None else np.minimum(rows + right, tv - 1)
+    return bool(np.any(lo > hi))
+
+
+@dataclasses.dataclass(frozen=True)
+class Static:
+    """The kernel's static settings (hashable: a static argument of the derivatives)."""
+
+    tq: int  # unpadded lengths
+    tv: int
+    left: int | None  # static band
+    right: int | None
+    offset: int
+    segmented: bool  # whether segment ids are passed
+    interpret: bool
+    options: AttentionOptions  # for the chunked reference (causal, window, precision)
+    dtype: Any  # the inputs' dtype
+    compute_dtype: Any
+
+    def kernel(self) -> Any:
+        """The splash kernel for one sequence (one head). Built in each trace: its mask
+        tables become arrays of that trace (splash caches the numpy work)."""
+        tq, tv = _pad_to(self.tq), _pad_to(self.tv)
+        if self.left is None and self.right is None:
+            mask: Any = splash.FullMask((tq, tv))
+        elif self.left is None and self.right == 0:
+            mask = splash.CausalMask((tq, tv), offset=self.offset)
+        else:
+            mask = splash.LocalMask((tq, tv), (self.left, self.right), offset=self.offset)
+        bq, bkv = _block(tq), _block(tv)
+        blocks = splash.BlockSizes(
+            block_q=bq,
+            block_kv=bkv,
+            block_kv_compute=bkv,
+            block_q_dkv=bq,
+            block_kv_dkv=bkv,
+            block_kv_dkv_compute=bkv,
+            block_q_dq=bq,
+            block_kv_dq=bkv,
+        )
+        return splash.make_splash_mha(
+            splash.MultiHeadMask([mask]),
+            block_sizes=blocks,
+            head_shards=1,
+            q_seq_shards=1,
+            interpret=self.interpret,
+        )
+
+
+def _splash(static: Static, q: Array, k: Array, v: Array, q_ids: Array, kv_ids: Array) -> Array:
+    """The kernel over ``N`` sequences: ``q [N, Tq, D]``, ``k [N, Tv, D]``, ``v [N, Tv,
+    Dv]``, ids ``[N, Tq]`` / ``[N, Tv]`` (hidden keys carry an id no query has) ->
+    ``[N, Tq, Dv]`` in the kernel's dtype."""
+    pq, pv = _pad_to(static.tq) - static.tq, _pad_to(static.tv) - static.tv
+    q = jnp.pad(q, ((0, 0), (0, pq), (0, 0)))
+    k = jnp.pad(k, ((0, 0), (0, pv), (0, 0)))
+    v = jnp.pad(v, ((0, 0), (0, pv), (0, 0)))
+    kernel = static.kernel()
+
+    def one(q, k, v, q_ids, kv_ids):  # [1, Tq', D] ...: one sequence as one head
+        ids = None
+        if static.segmented:
+            hidden = jnp.min(q_ids) - 1  # no query of this sequence has it (see _ids)
+            ids = splash.SegmentIds(
+                jnp.pad(q_ids, (0, pq), constant_values=hidden),
+                jnp.pad(kv_ids, (0, pv), constant_values=hidden),
+            )
+        return kernel(q[None], k[None], v[None], segment_ids=ids)[0]
+
+    out = jax.vmap(one)(q, k, v, q_ids, kv_ids)  # [N, Tq', Dv]
+    return out[:, : static.tq]
+
+
+def _reference(static: Static, q: Array, k: Array, v: Array, q_ids: Array, kv_ids: Array) -> Array:
+    """The same attention on the chunked path (Keras's numbers; equal to the kernel's on
+    every row that sees a key): the forward-mode derivatives are taken through it."""
+    segmented = static.segmented
+    inputs = AttentionInputs(
+        query=q,
+        key=k,
+        value=v,
+        query_mask=None,
+        masking=Masking(None, None, q_ids if segmented else None, kv_ids if segmented else None),
+        bias=None,
+        scale=None,
+        concat_score_weight=None,
+        query_offset=jnp.int32(static.offset) if static.offset else None,
+        dtype=jnp.dtype(q.dtype),
+        compute_dtype=jnp.dtype(jnp.float32) if q.dtype != jnp.float64 else q.dtype,
+    )
+    out = chunked.attention(CheckedCall(static.options, inputs, None))
+    return out.astype(q.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tangent:
+    """The tangent map: the chunked path's JVP in ``(dq, dk, dv)``."""
+
+    static: Static
+
+    def __call__(self, residuals: tuple, linear: tuple) -> Array:
+        q, k, v, q_ids, kv_ids = residuals
+        ref = functools.partial(_reference, self.static, q_ids=q_ids, kv_ids=kv_ids)
+        return jax.jvp(lambda q, k, v: ref(q, k, v), (q, k, v), linear)[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Transpose:
+    """Its transpose: splash's own backward kernel (the cotangent of the output ->
+    ``(dq, dk, dv)``)."""
+
+    static: Static
+
+    def __call__(self, residuals: tuple, ct: Array) -> tuple:
+        return _backward(self.static, *residuals, ct)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _backward(static: Static, q, k, v, q_ids, kv_ids, ct) -> tuple:
+    """Splash's backward pass; its own derivatives go through the chunked path."""
+    _, pullback = jax.vjp(lambda q, k, v: _splash(static, q, k, v, q_ids, kv_ids), q, k, v)
+    return pullback(ct.astype(q.dtype))
+
+
+@_backward.defjvp
+def _backward_jvp(static: Static, primals, tangents):
+    q, k, v, q_ids, kv_ids, ct = primals
+    dq, dk, dv, _, _, dct = tangents
+
+    def via_reference(q, k, v, ct):
+        _, pullback = jax.vjp(lambda q, k, v: _reference(static, q, k, v, q_ids, kv_ids), q, k, v)
+        return pullback(ct.astype(q.dtype))
+
+    out = _backward(static, *primals)
+    _, d_out = jax.jvp(via_reference, (q, k, v, ct), (dq, dk, dv, dct))
+    return out, d_out
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _attend(static: Static, q, k, v, q_ids, kv_ids) -> Array:
+    return _splash(static, q, k, v, q_ids, kv_ids)
+
+
+@_attend.defjvp
+def _attend_jvp(static: Static, primals, tangents):
+    q, k, v = primals[:3]
+    dq, dk, dv = (
+        jnp.zeros_like(x) if isinstance(t, jax.custom_derivatives.SymbolicZero) else t
+        for x, t in zip((q, k, v), tangents[:3], strict=True)
+    )
+    out = _attend(static, *primals)
+    d_out = linear_map(_Tangent(static), _Transpose(static), primals, (dq, dk, dv))
+    return out, d_out
+
+
+def _ids(inputs: AttentionInputs) -> tuple[Array, Array, bool]:
+    """Splash segment ids ``[N, Tq]`` / ``[N, Tv]`` (int32) and whether any are needed: the
+    call's segment ids (or 0) with every key the value mask hides given ``min(q ids) - 1``,
+    an id no query of its sequence has (int32 ids wrap there only for the smallest int32,
+    which no packing uses)."""
+    tq, tv = inputs.query.shape[-2], inputs.key.shape[-2]
+    masking = inputs.masking
+    n = math.prod(inputs.query.shape[:-2])
+    segmented = (
+        masking.query_segment_ids is not None or masking.value_mask is not None or _pad_to(tv) != tv
+    )
+    if masking.query_segment_ids is None:
+        q_ids = jnp.zeros((n, tq), jnp.int32)
+        kv_ids = jnp.zeros((n, tv), jnp.int32)
+    else:
+        q_ids = jnp.broadcast_to(masking.query_segment_ids, inputs.query.shape[:-1])
+        kv_ids = jnp.broadcast_to(masking.kv_segment_ids, inputs.key.shape[:-1])
+        q_ids = q_ids.reshape(n, tq).astype(jnp.int32)
+        kv_ids = kv_ids.reshape(n, tv).astype(jnp.int32)
+    if masking.value_mask is not None:
+        shown = jnp.broadcast_to(masking.value_mask, inputs.key.shape[:-1]).reshape(n, tv)
+        hidden = jnp.min(q_ids, axis=-1, keepdims=True) - 1
+        kv_ids = jnp.where(shown, kv_ids, hidden)
+    return q_ids, kv_ids, segmented
+
+
+def _some_row_sees_no_key(static: Static, inputs: AttentionInputs) -> Array | bool:
+    """Whether some query row sees no key (then Keras's numbers differ from the kernel's):
+    False when only causal/window mask, else a traced bool."""
+    masking = inputs.masking
+    tq, tv = static.tq, static.tv
+    if masking.value_mask is None and masking.query_segment_ids is None:
+        return False  # causal/window alone: ineligibility() checked the band statically
+    n = math.prod(inputs.query.shape[:-2])
+    keep = keep_mask(
+        jnp.arange(tq) + static.offset,
+        jnp.arange(tv),
+        Masking(
+            None if masking.value_mask is None else _flat(masking.value_mask, inputs.key, n),
+            None,
+            None
+            if masking.query_segment_ids is None
+            else _flat(masking.query_segment_ids, inputs.query, n),
+            None
+            if masking.kv_segment_ids is None
+            else _flat(masking.kv_segment_ids, inputs.key, n),
+        ),
+        causal=static.options.causal,
+        window=static.options.window,
+        batch_ndim=1,
+    )  # [N, Tq, Tv]; XLA fuses the comparison into the reduction
+    assert keep is not None
+    return ~jnp.all(jnp.any(keep, axis=-1))
+
+
+def _flat(x: Array, like: Array, n: int) -> Array:
+    """``x [..., T]`` broadcast to ``like``'s batch and flattened to ``[N, T]``."""
+    return jnp.broadcast_to(x, like.shape[:-1]).reshape(n, like.shape[-2])
+
+
+def splash_attention(call: CheckedCall, *, interpret: bool) -> Array:
+    """Keras attention through splash attention, before the query mask.
+
+    Args:
+      call: a checked call :func:`ineligibility` accepts: ``query [..., Tq, D]``, ``key
+        [..., Tv, D]``, ``value [..., Tv, Dv]`` and their masks.
+      interpret: run the kernel in Pallas interpret mode (any backend; slow).
+
+    Returns:
+      ``[..., Tq, Dv]`` in the compute dtype (float32 for 16-bit inputs).
+    """
+    inputs, options = call.inputs, call.options
+    batch, tq, tv = inputs.query.shape[:-2], inputs.query.shape[-2], inputs.key.shape[-2]
+    n, d, dv = math.prod(batch), inputs.query.shape[-1], inputs.value.shape[-1]
+    offset = _static_offset(inputs.query_offset)
+    assert isinstance(offset, int)
+    left, right = _band(options)
+    q_ids, kv_ids, segmented = _ids(inputs)
+    kernel_dtype = jnp.float32 if inputs.dtype == jnp.float16 else inputs.dtype
+    query = inputs.query.astype(kernel_dtype).reshape(n, tq, d)
+    key = inputs.key.astype(kernel_dtype).reshape(n, tv, d)
+    value = inputs.value.astype(kernel_dtype).reshape(n, tv, dv)
+    query, key, overflow = fold_scale(query, key, inputs.scale)
+    static = Static(
+        tq=tq,
+        tv=tv,
+        left=left,
+        right=right,
+        offset=offset,
+        segmented=segmented,
+        interpret=interpret,
+        options=dataclasses.replace(options, implementation="chunked"),
+        dtype=inputs.dtype,
+        compute_dtype=inputs.compute_dtype,
+    )
+
+    def kernel(query, key, value):
+        out = _attend(static, query, key, value, q_ids, kv_ids)  # [N, Tq, Dv]
+        return out.astype(inputs.compute_dtype).reshape(*batch, tq, dv)
+
+    def keras(query, key, value):
+        return chunked.attention(call).astype(inputs.compute_dtype)
+
+    no_key = _some_row_sees_no_key(static, inputs)
+    if no_key is False and inputs.scale is None:
+        return kernel(query, key, value)
+    return lax.cond(no_key | overflow, keras, kernel, query, key, value)
