@@ -66,15 +66,16 @@ MIN_AUTOMATIC_LENGTH = LANES
 
 
 def _static_offset(query_offset: Array | None) -> int | str:
-    """The query offset as a Python int (0 when absent), or a reason it is not one."""
+    """The query offset as a Python int (0 when absent), or why it is not one: the
+    kernel's masks take a static offset, so only one given on the host as one number
+    (validation keeps it a NumPy array) maps onto them."""
     if query_offset is None:
         return 0
-    if isinstance(query_offset, jax.core.Tracer):
-        return "query_offset is traced (the kernel's masks take a static offset)"
+    if not isinstance(query_offset, np.ndarray):
+        return "query_offset is a JAX array (the kernel's masks take a static offset)"
     if query_offset.ndim:
         return "query_offset differs per sequence (the kernel's masks take one offset)"
-    with jax.transfer_guard("allow"):  # a scalar the caller gave as a Python int
-        return int(query_offset)
+    return int(query_offset)
 
 
 def ineligibility(inputs: AttentionInputs, options: AttentionOptions) -> str | None:

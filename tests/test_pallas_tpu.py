@@ -1,0 +1,156 @@
+"""``implementation="pallas_tpu"`` (splash attention) in Pallas interpret mode on CPU:
+values and gradients equal ``implementation="xla"``, and which calls it takes.
+
+Interpret mode is slow, so the features are combined: each case is one jitted
+value-and-gradient per path, called on several inputs of the same shapes.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import assert_close
+
+from flax_dotattn import dot_attention, which_implementation
+
+
+def _normal(rng, shape, dtype):
+    return jnp.asarray(rng.standard_normal(shape), dtype)
+
+
+def _value_and_grads(implementation, **static):
+    """Jitted ``(output, d(output . cotangent)/d(query, key, value, scale))``."""
+
+    def loss(query, key, value, scale, cotangent, masks, segment_ids):
+        out = dot_attention(
+            {"scale": scale},
+            query,
+            value,
+            key,
+            masks,
+            implementation=implementation,
+            segment_ids=segment_ids,
+            **static,
+        )
+        return jnp.sum(out.astype(jnp.float32) * cotangent), out
+
+    grad = jax.grad(loss, argnums=(0, 1, 2, 3), has_aux=True)
+    return jax.jit(lambda *args: grad(*args)[::-1])
+
+
+def _check(static, dtype, args, factor=1.0):
+    kernel, reference = _value_and_grads("pallas_tpu", **static), _value_and_grads("xla", **static)
+    for case in args:
+        (out, grads), (want, want_grads) = kernel(*case), reference(*case)
+        assert out.dtype == want.dtype == dtype
+        assert_close(out, want, dtype, factor)
+        for got, expected in zip(grads, want_grads, strict=True):
+            scale = max(1.0, float(jnp.max(jnp.abs(expected.astype(jnp.float32)))))
+            assert_close(got, expected, dtype, factor * scale)
+
+
+def _inputs(rng, dtype, b, tq, tv, d):
+    q, k, v = (_normal(rng, s, dtype) for s in ((b, tq, d), (b, tv, d), (b, tv, d)))
+    cotangent = jnp.asarray(rng.standard_normal((b, tq, d)), jnp.float32)
+    return q, k, v, jnp.float32(0.7), cotangent
+
+
+@pytest.mark.slow
+def test_causal_key_padding_and_rows_without_keys_float32(rng):
+    """Scale, causal, key padding (a value mask); then a value mask that leaves row 0
+    without keys, where Keras's subtract-1e9 rule runs on the fallback."""
+    q, k, v, scale, ct = _inputs(rng, jnp.float32, 2, 128, 128, 32)
+    padded = jnp.arange(128)[None, :] < jnp.array([[128], [77]])  # [B, Tv]
+    first_hidden = jnp.broadcast_to(jnp.arange(128) > 0, (2, 128))  # row 0 sees no key
+    _check(
+        {"causal": True},
+        jnp.float32,
+        [(q, k, v, scale, ct, (None, m), None) for m in (padded, first_hidden)],
+    )
+
+
+@pytest.mark.slow
+def test_window_segments_query_mask_and_padding_bfloat16(rng):
+    """A window, packed segments, a query mask and lengths the kernel's 128-blocks do not
+    divide (padded), in bfloat16."""
+    q, k, v, _, ct = _inputs(rng, jnp.bfloat16, 2, 200, 200, 64)
+    ids = jnp.asarray(np.repeat([[0] * 90 + [1] * 110], 2, 0), jnp.int32)
+    query_mask = jnp.arange(200)[None, :] % 7 != 3
+    # A power-of-two scale folds exactly into bfloat16 (see test_cudnn for the rounding).
+    args = (q, k, v, jnp.float32(0.5), ct, (query_mask, None), (ids, ids))
+    _check({"window": (24, 5)}, jnp.bfloat16, [args])
+
+
+@pytest.mark.slow
+def test_causal_window_offset_rectangular_float16(rng):
+    """A causal sliding window with Tq != Tv and a query offset (decoding a prefill
+    chunk), in float16, with a learned scale large enough to matter."""
+    q, k, v, _, ct = _inputs(rng, jnp.float16, 1, 130, 260, 16)
+    args = (q, k, v, jnp.float32(3.0), ct, None, None)
+    _check({"causal": True, "window": (40, 0), "query_offset": 130}, jnp.float16, [args], 2.0)
+
+
+@pytest.mark.slow
+def test_vmap_takes_the_kernel_and_forward_mode_works(rng):
+    q, k, v, scale, _ = _inputs(rng, jnp.float32, 3, 128, 128, 16)
+
+    def one(implementation):
+        def call(q, k, v):  # one example: [Tq, D]
+            params = {"scale": scale}
+            return dot_attention(params, q, v, k, causal=True, implementation=implementation)
+
+        return jax.vmap(call)
+
+    jaxpr = str(jax.make_jaxpr(one("pallas_tpu"))(q, k, v))
+    assert "pallas_call" in jaxpr
+    assert_close(jax.jit(one("pallas_tpu"))(q, k, v), one("xla")(q, k, v))
+    # Forward mode goes through the chunked kernel's derivatives (splash has none).
+    tangents = (v, q, k)
+    got = jax.jit(lambda *a: jax.jvp(one("pallas_tpu"), (q, k, v), a)[1])(*tangents)
+    assert_close(got, jax.jvp(one("xla"), (q, k, v), tangents)[1])
+
+
+@pytest.mark.slow
+def test_second_order_derivatives_fall_back_without_failing(rng):
+    q, k, v, _, _ = _inputs(rng, jnp.float32, 1, 128, 128, 8)
+
+    def f(implementation):
+        def loss(scale):
+            out = dot_attention({"scale": scale}, q, v, k, implementation=implementation)
+            return jnp.sum(out**2)
+
+        return jax.hessian(loss)
+
+    assert_close(jax.jit(f("pallas_tpu"))(jnp.float32(0.5)), f("xla")(jnp.float32(0.5)), factor=10)
+
+
+def test_which_implementation_per_platform():
+    q = jnp.ones((2, 4, 256, 64), jnp.bfloat16)
+    seg = jnp.zeros((2, 1, 256), jnp.int32)
+    tpu = which_implementation(None, q, q, causal=True, segment_ids=(seg, seg), platform="tpu")
+    assert tpu.implementation == "pallas_tpu"
+    assert "splash" in tpu.reason
+    cpu = which_implementation(None, q, q, causal=True, segment_ids=(seg, seg), platform="cpu")
+    assert cpu.implementation == "xla"
+    assert which_implementation(None, q, q, causal=True) == cpu  # the current backend
+    ineligible = {
+        "bias": {"bias": jnp.zeros((256, 256))},
+        "dropout": {"dropout_rate": 0.1, "deterministic": False, "dropout_rng": jax.random.key(0)},
+        "score_mode": {"score_mode": "concat", "params": {"concat_score_weight": 1.0}},
+        "weights are requested": {"return_attention_scores": True},
+        "attention_mask": {"attention_mask": jnp.ones((256, 256), bool)},
+        "shorter than one kernel block": {"query": q[..., :64, :]},
+    }
+    for reason, change in ineligible.items():
+        arguments = {"params": None, "query": q, "value": q, **change}
+        plan = which_implementation(**arguments, platform="tpu")
+        assert plan.implementation in ("xla", "chunked") and reason in plan.reason, plan
+        assert plan.reason.startswith("pallas_tpu: ")
+    gpu = which_implementation(None, q, q, causal=True, platform="gpu")
+    assert gpu.implementation == "xla" and gpu.reason.startswith("cudnn: ")
+    with pytest.raises(ValueError, match=r"platform must be None or one of .*platform='npu'"):
+        which_implementation(None, q, q, platform="npu")
+    with pytest.raises(ValueError, match="'pallas_tpu' cannot run these inputs: bias"):
+        dot_attention(None, q, q, bias=jnp.zeros((256, 256)), implementation="pallas_tpu")
+    with pytest.raises(ValueError, match="implementation='pallas_gpu' is not available yet"):
+        dot_attention(None, q, q, implementation="pallas_gpu")
