@@ -179,6 +179,25 @@ def _cuda_plan(inputs: AttentionInputs, options: AttentionOptions) -> Plan:
     return fallback._replace(reason=f"cudnn: {reason}; {fallback.reason}")
 
 
+def sequence_parallel_plans(
+    inputs: AttentionInputs, options: AttentionOptions, shard_length: int
+) -> dict[str, Plan]:
+    """The kernel each key shard of :func:`sequence_parallel_attention` runs, per
+    platform: ``"pallas_tpu"`` on TPU where splash takes a shard, else ``"chunked"`` (the
+    merge needs each shard's softmax statistics, which only these two return)."""
+    reason = pallas_tpu.shard_ineligibility(inputs, options)
+    tq = inputs.query.shape[-2]
+    if reason is None and min(tq, shard_length) < pallas_tpu.MIN_AUTOMATIC_LENGTH:
+        reason = f"Tq={tq}, shard Tv={shard_length}: shorter than one kernel block"
+    chunked = Plan("chunked", reason="the shards' merge needs softmax statistics")
+    result = {platform: chunked for platform in PLATFORMS}
+    if reason is None:
+        result["tpu"] = Plan("pallas_tpu", reason="on TPU the splash kernel takes each shard")
+    else:
+        result["tpu"] = chunked._replace(reason=f"pallas_tpu: {reason}")
+    return result
+
+
 def _unsupported_by_fused(inputs: AttentionInputs, options: AttentionOptions) -> str | None:
     """Features this library does not (yet) map onto the fused kernel: they fall back, so
     the numbers never differ from Keras's rule."""

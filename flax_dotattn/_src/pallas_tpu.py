@@ -42,7 +42,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -155,6 +155,7 @@ class Static:
     offset: int
     segmented: bool  # whether segment ids are passed
     interpret: bool
+    stats: bool  # also return each row's log-sum-exp (splash's saved residual)
     options: AttentionOptions  # for the chunked reference (causal, window, precision)
     dtype: Any  # the inputs' dtype
     compute_dtype: Any
@@ -185,6 +186,7 @@ class Static:
             block_sizes=blocks,
             head_shards=1,
             q_seq_shards=1,
+            save_residuals=self.stats,
             interpret=self.interpret,
         )
 
@@ -207,8 +209,14 @@ def _splash(static: Static, q: Array, k: Array, v: Array, q_ids: Array, kv_ids: 
                 jnp.pad(q_ids, (0, pq), constant_values=hidden),
                 jnp.pad(kv_ids, (0, pv), constant_values=hidden),
             )
+        if static.stats:
+            out, (lse,) = kernel(q[None], k[None], v[None], segment_ids=ids)
+            return out[0], lse[0]
         return kernel(q[None], k[None], v[None], segment_ids=ids)[0]
 
+    if static.stats:
+        out, lse = jax.vmap(one)(q, k, v, q_ids, kv_ids)  # [N, Tq', Dv], [N, Tq']
+        return out[:, : static.tq], lse[:, : static.tq]
     out = jax.vmap(one)(q, k, v, q_ids, kv_ids)  # [N, Tq', Dv]
     return out[:, : static.tq]
 
@@ -230,8 +238,11 @@ def _reference(static: Static, q: Array, k: Array, v: Array, q_ids: Array, kv_id
         dtype=jnp.dtype(q.dtype),
         compute_dtype=jnp.dtype(jnp.float32) if q.dtype != jnp.float64 else q.dtype,
     )
-    out = chunked.attention(CheckedCall(static.options, inputs, None))
-    return out.astype(q.dtype)
+    call = CheckedCall(static.options, inputs, None)
+    if not static.stats:
+        return chunked.attention(call).astype(q.dtype)
+    out, (m, log_l) = chunked.attention(call, with_stats=True)
+    return out.astype(q.dtype), m + log_l  # the log-sum-exp's tangent is log_l's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,17 +260,29 @@ class _Tangent:
 @dataclasses.dataclass(frozen=True)
 class _Transpose:
     """Its transpose: splash's own backward kernel (the cotangent of the output ->
-    ``(dq, dk, dv)``)."""
+    ``(dq, dk, dv)``). With the log-sum-exp ``lse`` as a second output, its cotangent
+    ``g`` adds ``g * (P @ k)`` to ``dq`` (splash with the keys as values) and
+    ``P^T @ (g * q)`` to ``dk`` (the value slot of splash's backward, keys as values)."""
 
     static: Static
 
-    def __call__(self, residuals: tuple, ct: Array) -> tuple:
-        return _backward(self.static, *residuals, ct)
+    def __call__(self, residuals: tuple, ct: Any) -> tuple:
+        q, k, _, q_ids, kv_ids = residuals
+        if not self.static.stats:
+            return _backward(self.static, *residuals, ct)
+        plain = dataclasses.replace(self.static, stats=False)
+        ct_out, ct_lse = ct
+        dq, dk, dv = _backward(plain, *residuals, ct_out)
+        g = ct_lse[..., None]  # [N, Tq, 1]
+        dq_lse = g * _attend(plain, q, k, k, q_ids, kv_ids).astype(g.dtype)
+        dk_lse = _backward(plain, q, k, k, q_ids, kv_ids, g * q.astype(g.dtype))[2]
+        return (dq + dq_lse).astype(q.dtype), (dk + dk_lse).astype(k.dtype), dv
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _backward(static: Static, q, k, v, q_ids, kv_ids, ct) -> tuple:
-    """Splash's backward pass; its own derivatives go through the chunked path."""
+    """Splash's backward pass (``static.stats`` False); its own derivatives go through
+    the chunked path."""
     _, pullback = jax.vjp(lambda q, k, v: _splash(static, q, k, v, q_ids, kv_ids), q, k, v)
     return pullback(ct.astype(q.dtype))
 
@@ -279,7 +302,9 @@ def _backward_jvp(static: Static, primals, tangents):
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
-def _attend(static: Static, q, k, v, q_ids, kv_ids) -> Array:
+def _attend(static: Static, q, k, v, q_ids, kv_ids) -> Any:
+    """Splash's output ``[N, Tq, Dv]`` (and the log-sum-exp ``[N, Tq]`` with
+    ``static.stats``), differentiable in both modes."""
     return _splash(static, q, k, v, q_ids, kv_ids)
 
 
@@ -321,31 +346,36 @@ def _ids(inputs: AttentionInputs) -> tuple[Array, Array, bool]:
     return q_ids, kv_ids, segmented
 
 
-def _some_row_sees_no_key(static: Static, inputs: AttentionInputs) -> Array | bool:
-    """Whether some query row sees no key (then Keras's numbers differ from the kernel's):
-    False when only causal/window mask, else a traced bool."""
+def some_row_sees_no_key(inputs: AttentionInputs, options: AttentionOptions) -> Array | bool:
+    """Whether some query row sees no key (then Keras's numbers differ from the
+    kernel's), for a call :func:`ineligibility` accepts: False when only causal/window
+    mask (the band was checked statically), else a traced bool, from one comparison per
+    (query, key) pair that XLA fuses into the reduction (no ``[Tq, Tv]`` array, no
+    matmul)."""
     masking = inputs.masking
-    tq, tv = static.tq, static.tv
     if masking.value_mask is None and masking.query_segment_ids is None:
-        return False  # causal/window alone: ineligibility() checked the band statically
+        return False
+    offset = _static_offset(inputs.query_offset)
+    assert isinstance(offset, int)
+    tq, tv = inputs.query.shape[-2], inputs.key.shape[-2]
     n = math.prod(inputs.query.shape[:-2])
+
+    def flat(x: Array | None, like: Array) -> Array | None:
+        return None if x is None else _flat(x, like, n)
+
     keep = keep_mask(
-        jnp.arange(tq) + static.offset,
+        jnp.arange(tq) + offset,
         jnp.arange(tv),
         Masking(
-            None if masking.value_mask is None else _flat(masking.value_mask, inputs.key, n),
+            flat(masking.value_mask, inputs.key),
             None,
-            None
-            if masking.query_segment_ids is None
-            else _flat(masking.query_segment_ids, inputs.query, n),
-            None
-            if masking.kv_segment_ids is None
-            else _flat(masking.kv_segment_ids, inputs.key, n),
+            flat(masking.query_segment_ids, inputs.query),
+            flat(masking.kv_segment_ids, inputs.key),
         ),
-        causal=static.options.causal,
-        window=static.options.window,
+        causal=options.causal,
+        window=options.window,
         batch_ndim=1,
-    )  # [N, Tq, Tv]; XLA fuses the comparison into the reduction
+    )  # [N, Tq, Tv]
     assert keep is not None
     return ~jnp.all(jnp.any(keep, axis=-1))
 
@@ -355,17 +385,17 @@ def _flat(x: Array, like: Array, n: int) -> Array:
     return jnp.broadcast_to(x, like.shape[:-1]).reshape(n, like.shape[-2])
 
 
-def splash_attention(call: CheckedCall, *, interpret: bool) -> Array:
-    """Keras attention through splash attention, before the query mask.
+class _Prepared(NamedTuple):
+    """A call laid out for the kernel: ``N`` sequences, scale folded, ids merged."""
 
-    Args:
-      call: a checked call :func:`ineligibility` accepts: ``query [..., Tq, D]``, ``key
-        [..., Tv, D]``, ``value [..., Tv, Dv]`` and their masks.
-      interpret: run the kernel in Pallas interpret mode (any backend; slow).
+    static: Static
+    operands: tuple[Array, Array, Array]  # q [N, Tq, D], k [N, Tv, D], v [N, Tv, Dv]
+    q_ids: Array  # int32 [N, Tq]
+    kv_ids: Array  # int32 [N, Tv]
+    overflow: Array  # bool []: the scale could not be folded
 
-    Returns:
-      ``[..., Tq, Dv]`` in the compute dtype (float32 for 16-bit inputs).
-    """
+
+def _prepare(call: CheckedCall, *, interpret: bool, stats: bool) -> _Prepared:
     inputs, options = call.inputs, call.options
     batch, tq, tv = inputs.query.shape[:-2], inputs.query.shape[-2], inputs.key.shape[-2]
     n, d, dv = math.prod(batch), inputs.query.shape[-1], inputs.value.shape[-1]
@@ -386,19 +416,67 @@ def splash_attention(call: CheckedCall, *, interpret: bool) -> Array:
         offset=offset,
         segmented=segmented,
         interpret=interpret,
+        stats=stats,
         options=dataclasses.replace(options, implementation="chunked"),
         dtype=inputs.dtype,
         compute_dtype=inputs.compute_dtype,
     )
+    return _Prepared(static, (query, key, value), q_ids, kv_ids, overflow)
+
+
+def splash_attention(call: CheckedCall, *, interpret: bool) -> Array:
+    """Keras attention through splash attention, before the query mask.
+
+    Args:
+      call: a checked call :func:`ineligibility` accepts: ``query [..., Tq, D]``, ``key
+        [..., Tv, D]``, ``value [..., Tv, Dv]`` and their masks.
+      interpret: run the kernel in Pallas interpret mode (any backend; slow).
+
+    Returns:
+      ``[..., Tq, Dv]`` in the compute dtype (float32 for 16-bit inputs).
+    """
+    inputs = call.inputs
+    shape = inputs.query.shape[:-1] + inputs.value.shape[-1:]  # [..., Tq, Dv]
+    prepared = _prepare(call, interpret=interpret, stats=False)
 
     def kernel(query, key, value):
-        out = _attend(static, query, key, value, q_ids, kv_ids)  # [N, Tq, Dv]
-        return out.astype(inputs.compute_dtype).reshape(*batch, tq, dv)
+        ids = prepared.q_ids, prepared.kv_ids
+        out = _attend(prepared.static, query, key, value, *ids)  # [N, Tq, Dv]
+        return out.astype(inputs.compute_dtype).reshape(shape)
 
     def keras(query, key, value):
         return chunked.attention(call).astype(inputs.compute_dtype)
 
-    no_key = _some_row_sees_no_key(static, inputs)
+    no_key = some_row_sees_no_key(inputs, call.options)
     if no_key is False and inputs.scale is None:
-        return kernel(query, key, value)
-    return lax.cond(no_key | overflow, keras, kernel, query, key, value)
+        return kernel(*prepared.operands)
+    return lax.cond(no_key | prepared.overflow, keras, kernel, *prepared.operands)
+
+
+def shard_ineligibility(inputs: AttentionInputs, options: AttentionOptions) -> str | None:
+    """Why one key shard of :func:`sequence_parallel_attention` cannot run on splash."""
+    if options.causal or options.window is not None:
+        return (
+            "causal/window on a key shard: rows may see none of the shard's keys, which "
+            "the kernel's backward pass cannot take"
+        )
+    return ineligibility(inputs, options)
+
+
+def splash_shard(call: CheckedCall, *, interpret: bool) -> tuple[Array, Array, Array]:
+    """One key shard of sequence-parallel attention on splash (a call
+    :func:`shard_ineligibility` accepts; the caller checks that every row sees a key
+    somewhere, with :func:`some_row_sees_no_key` on the whole call).
+
+    Returns:
+      ``(output [..., Tq, Dv], lse [..., Tq], overflow [])``: the output in the compute
+      dtype, each row's log-sum-exp over this shard's keys (about ``-2.4e38`` for a row
+      that sees none of them), and whether the scale could not be folded (then the
+      caller must run the chunked path).
+    """
+    inputs = call.inputs
+    prepared = _prepare(call, interpret=interpret, stats=True)
+    ids = prepared.q_ids, prepared.kv_ids
+    out, lse = _attend(prepared.static, *prepared.operands, *ids)  # [N, Tq, Dv], [N, Tq]
+    out = out.astype(inputs.compute_dtype).reshape(inputs.query.shape[:-1] + out.shape[-1:])
+    return out, lse.reshape(inputs.query.shape[:-1]), prepared.overflow
