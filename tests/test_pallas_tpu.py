@@ -154,3 +154,49 @@ def test_which_implementation_per_platform():
         dot_attention(None, q, q, bias=jnp.zeros((256, 256)), implementation="pallas_tpu")
     with pytest.raises(ValueError, match="implementation='pallas_gpu' is not available yet"):
         dot_attention(None, q, q, implementation="pallas_gpu")
+
+
+@pytest.mark.slow
+def test_sequence_parallel_shards_on_the_kernel(rng, monkeypatch):
+    """Key shards on splash (forced on CPU, interpret mode): values and gradients equal
+    one device's xla path, with packed segments and key padding that leave rows without
+    keys in one shard, whose log-sum-exp then carries no weight in the merge."""
+    from jax.sharding import Mesh
+
+    from flax_dotattn import sequence_parallel_attention
+    from flax_dotattn._src import dispatch, pallas_tpu
+
+    planned, shard, traced = dispatch.sequence_parallel_plans, pallas_tpu.splash_shard, []
+
+    def tpu_everywhere(*args):
+        return dict.fromkeys(dispatch.PLATFORMS, planned(*args)["tpu"])
+
+    def splash_shard(*args, **kwargs):
+        traced.append(kwargs)
+        return shard(*args, **kwargs)
+
+    monkeypatch.setattr(dispatch, "sequence_parallel_plans", tpu_everywhere)
+    monkeypatch.setattr(pallas_tpu, "splash_shard", splash_shard)
+    mesh = Mesh(np.array(jax.devices()[:2]), ("seq",))
+    q, k, v, scale, ct = _inputs(rng, jnp.float32, 2, 128, 256, 16)
+    q_ids = jnp.asarray(np.repeat([[0] * 60 + [1] * 68], 2, 0), jnp.int32)
+    kv_ids = jnp.asarray(np.repeat([[0] * 100 + [1] * 156], 2, 0), jnp.int32)
+    masks = (None, jnp.arange(256)[None, :] < jnp.array([[256], [150]]))
+
+    def loss(attention):
+        def f(q, k, v, scale):
+            out = attention({"scale": scale}, q, v, k, masks, segment_ids=(q_ids, kv_ids))
+            return jnp.sum(out * ct)
+
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3)))
+
+    def sharded(*args, **kwargs):
+        return sequence_parallel_attention(*args, mesh=mesh, axis_name="seq", **kwargs)
+
+    def xla(*args, **kwargs):
+        return dot_attention(*args, implementation="xla", **kwargs)
+
+    got, want = loss(sharded)(q, k, v, scale), loss(xla)(q, k, v, scale)
+    assert traced and all(call["interpret"] for call in traced)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert_close(a, b, factor=max(1.0, float(jnp.max(jnp.abs(b)))))

@@ -31,8 +31,10 @@ def run_per_platform(call: CheckedCall) -> tuple[Array, Array | None]:
     plans = dispatch.plans(call.inputs, call.options)
     here = dispatch.current_platform()
     # What is traced: the implementation, and for "pallas_tpu" whether it is interpreted.
-    keys = {p: (plan.implementation, p == "tpu") for p, plan in plans.items()}
-    keys = {p: key if key[0] == "pallas_tpu" else key[:1] for p, key in keys.items()}
+    keys = {
+        p: (plan.implementation, plan.implementation == "pallas_tpu" and p == "tpu")
+        for p, plan in plans.items()
+    }
     if len(set(keys.values())) == 1:
         return run(plans[here], call, platform=here)
 

@@ -191,7 +191,7 @@ class Static:
         )
 
 
-def _splash(static: Static, q: Array, k: Array, v: Array, q_ids: Array, kv_ids: Array) -> Array:
+def _splash(static: Static, q: Array, k: Array, v: Array, q_ids: Array, kv_ids: Array) -> Any:
     """The kernel over ``N`` sequences: ``q [N, Tq, D]``, ``k [N, Tv, D]``, ``v [N, Tv,
     Dv]``, ids ``[N, Tq]`` / ``[N, Tv]`` (hidden keys carry an id no query has) ->
     ``[N, Tq, Dv]`` in the kernel's dtype."""
@@ -221,7 +221,7 @@ def _splash(static: Static, q: Array, k: Array, v: Array, q_ids: Array, kv_ids: 
     return out[:, : static.tq]
 
 
-def _reference(static: Static, q: Array, k: Array, v: Array, q_ids: Array, kv_ids: Array) -> Array:
+def _reference(static: Static, q: Array, k: Array, v: Array, q_ids: Array, kv_ids: Array) -> Any:
     """The same attention on the chunked path (Keras's numbers; equal to the kernel's on
     every row that sees a key): the forward-mode derivatives are taken through it."""
     segmented = static.segmented
@@ -336,6 +336,7 @@ def _ids(inputs: AttentionInputs) -> tuple[Array, Array, bool]:
         kv_ids = jnp.zeros((n, tv), jnp.int32)
     else:
         q_ids = jnp.broadcast_to(masking.query_segment_ids, inputs.query.shape[:-1])
+        assert masking.kv_segment_ids is not None  # given together
         kv_ids = jnp.broadcast_to(masking.kv_segment_ids, inputs.key.shape[:-1])
         q_ids = q_ids.reshape(n, tq).astype(jnp.int32)
         kv_ids = kv_ids.reshape(n, tv).astype(jnp.int32)
