@@ -60,8 +60,8 @@ from flax_dotattn._src.validation import AttentionInputs, CheckedCall
 
 #: The kernel's lane width: lengths are padded to a multiple of it.
 LANES = 128
-#: Below this many queries or keys the automatic choice on TPU keeps the materialised
-#: path (the kernel would pad a short sequence up to one 128-long block).
+#: Below this many queries or keys the automatic choice on TPU keeps the CPU rule (the
+#: kernel would pad a short sequence up to one 128-long block).
 MIN_AUTOMATIC_LENGTH = LANES
 
 
@@ -157,8 +157,6 @@ class Static:
     interpret: bool
     stats: bool  # also return each row's log-sum-exp (splash's saved residual)
     options: AttentionOptions  # for the chunked reference (causal, window, precision)
-    dtype: Any  # the inputs' dtype
-    compute_dtype: Any
 
     def kernel(self) -> Any:
         """The splash kernel for one sequence (one head). Built in each trace: its mask
@@ -419,8 +417,6 @@ def _prepare(call: CheckedCall, *, interpret: bool, stats: bool) -> _Prepared:
         interpret=interpret,
         stats=stats,
         options=dataclasses.replace(options, implementation="chunked"),
-        dtype=inputs.dtype,
-        compute_dtype=inputs.compute_dtype,
     )
     return _Prepared(static, (query, key, value), q_ids, kv_ids, overflow)
 
