@@ -158,9 +158,14 @@ class Static:
     stats: bool  # also return each row's log-sum-exp (splash's saved residual)
     options: AttentionOptions  # for the chunked reference (causal, window, precision)
 
-    def kernel(self) -> Any:
+    def kernel(self, save_residuals: bool) -> Any:
         """The splash kernel for one sequence (one head). Built in each trace: its mask
-        tables become arrays of that trace (splash caches the numpy work)."""
+        tables become arrays of that trace (splash caches the numpy work).
+
+        The forward pass is called with ``save_residuals=True`` (returning the
+        log-sum-exp): that is the very call splash's backward makes to save its
+        residuals, so a training step holds it twice and XLA's CSE can keep one.
+        Splash's ``jax.vjp`` needs ``save_residuals=False``."""
         tq, tv = _pad_to(self.tq), _pad_to(self.tv)
         if self.left is None and self.right is None:
             mask: Any = splash.FullMask((tq, tv))
@@ -184,20 +189,31 @@ class Static:
             block_sizes=blocks,
             head_shards=1,
             q_seq_shards=1,
-            save_residuals=self.stats,
+            save_residuals=save_residuals,
             interpret=self.interpret,
         )
 
 
-def _splash(static: Static, q: Array, k: Array, v: Array, q_ids: Array, kv_ids: Array) -> Any:
+def _splash(
+    static: Static,
+    q: Array,
+    k: Array,
+    v: Array,
+    q_ids: Array,
+    kv_ids: Array,
+    *,
+    differentiable: bool = False,
+) -> Any:
     """The kernel over ``N`` sequences: ``q [N, Tq, D]``, ``k [N, Tv, D]``, ``v [N, Tv,
     Dv]``, ids ``[N, Tq]`` / ``[N, Tv]`` (hidden keys carry an id no query has) ->
-    ``[N, Tq, Dv]`` in the kernel's dtype."""
+    ``[N, Tq, Dv]`` in the kernel's dtype (and the log-sum-exp ``[N, Tq]`` with
+    ``static.stats``). ``differentiable``: the call ``jax.vjp`` may differentiate (splash's
+    own custom VJP; output only)."""
     pq, pv = _pad_to(static.tq) - static.tq, _pad_to(static.tv) - static.tv
     q = jnp.pad(q, ((0, 0), (0, pq), (0, 0)))
     k = jnp.pad(k, ((0, 0), (0, pv), (0, 0)))
     v = jnp.pad(v, ((0, 0), (0, pv), (0, 0)))
-    kernel = static.kernel()
+    kernel = static.kernel(save_residuals=not differentiable)
 
     def one(q, k, v, q_ids, kv_ids):  # [1, Tq', D] ...: one sequence as one head
         ids = None
@@ -207,15 +223,14 @@ def _splash(static: Static, q: Array, k: Array, v: Array, q_ids: Array, kv_ids: 
                 jnp.pad(q_ids, (0, pq), constant_values=hidden),
                 jnp.pad(kv_ids, (0, pv), constant_values=hidden),
             )
-        if static.stats:
-            out, (lse,) = kernel(q[None], k[None], v[None], segment_ids=ids)
-            return out[0], lse[0]
-        return kernel(q[None], k[None], v[None], segment_ids=ids)[0]
+        if differentiable:
+            return kernel(q[None], k[None], v[None], segment_ids=ids)[0], None
+        out, (lse,) = kernel(q[None], k[None], v[None], segment_ids=ids)
+        return out[0], lse[0]
 
-    if static.stats:
-        out, lse = jax.vmap(one)(q, k, v, q_ids, kv_ids)  # [N, Tq', Dv], [N, Tq']
+    out, lse = jax.vmap(one)(q, k, v, q_ids, kv_ids)  # [N, Tq', Dv], [N, Tq']
+    if static.stats and not differentiable:
         return out[:, : static.tq], lse[:, : static.tq]
-    out = jax.vmap(one)(q, k, v, q_ids, kv_ids)  # [N, Tq', Dv]
     return out[:, : static.tq]
 
 
@@ -281,7 +296,11 @@ class _Transpose:
 def _backward(static: Static, q, k, v, q_ids, kv_ids, ct) -> tuple:
     """Splash's backward pass (``static.stats`` False); its own derivatives go through
     the chunked path."""
-    _, pullback = jax.vjp(lambda q, k, v: _splash(static, q, k, v, q_ids, kv_ids), q, k, v)
+
+    def forward(q: Array, k: Array, v: Array) -> Array:
+        return _splash(static, q, k, v, q_ids, kv_ids, differentiable=True)
+
+    _, pullback = jax.vjp(forward, q, k, v)
     return pullback(ct.astype(q.dtype))
 
 
