@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import jax.numpy as jnp
 from jax import lax
 
 from flax_dotattn._src import cudnn, dispatch, pallas_tpu
@@ -77,11 +78,19 @@ def _cudnn(call: CheckedCall) -> Array:
         )
         return blockwise_attention(call._replace(inputs=fallback))
 
+    # Key/value with size-1 batch dims the query does not have (grouped-query attention)
+    # are broadcast to the query's batch here, a copy: this route does not yet map them
+    # onto the fused kernel's own grouped heads.
+    batch = inputs.query.shape[:-2]
+    key, value, value_mask = (
+        None if x is None else jnp.broadcast_to(x, batch + x.shape[len(batch) :])
+        for x in (inputs.key, inputs.value, inputs.masking.value_mask)
+    )
     return cudnn.fused_attention(
         inputs.query,
-        inputs.key,
-        inputs.value,
-        inputs.masking.value_mask,
+        key,
+        value,
+        value_mask,
         inputs.scale,
         causal=call.options.causal,
         fallback=keras,
