@@ -91,37 +91,54 @@ def test_causal_window_offset_rectangular_float16(rng):
 
 
 @pytest.mark.slow
-def test_vmap_takes_the_kernel_and_forward_mode_works(rng):
-    q, k, v, scale, _ = _inputs(rng, jnp.float32, 3, 128, 128, 16)
+def test_vmap_of_grouped_query_calls_takes_the_kernel(rng):
+    """``jax.vmap`` of per-example calls takes the kernel, here in splash's MQA form (two
+    query heads share one key/value head, with key padding), forward and backward."""
+    q = _normal(rng, (3, 2, 128, 16), jnp.float32)  # [B, H, Tq, D]
+    k, v = (_normal(rng, (3, 1, 128, 16), jnp.float32) for _ in range(2))  # [B, 1, Tv, D]
+    value_mask = jnp.arange(128)[None, None, :] < jnp.array([128, 100, 60])[:, None, None]
 
     def one(implementation):
-        def call(q, k, v):  # one example: [Tq, D]
-            params = {"scale": scale}
-            return dot_attention(params, q, v, k, causal=True, implementation=implementation)
+        def call(q, k, v, value_mask):  # one example: [H, Tq, D], [1, Tv, D], [1, Tv]
+            params = {"scale": jnp.float32(0.5)}
+            masks = (None, value_mask)
+            return dot_attention(params, q, v, k, masks, causal=True, implementation=implementation)
 
         return jax.vmap(call)
 
-    jaxpr = str(jax.make_jaxpr(one("pallas_tpu"))(q, k, v))
-    assert "pallas_call" in jaxpr
-    assert_close(jax.jit(one("pallas_tpu"))(q, k, v), one("xla")(q, k, v))
-    # Forward mode goes through the chunked kernel's derivatives (splash has none).
-    tangents = (v, q, k)
-    got = jax.jit(lambda *a: jax.jvp(one("pallas_tpu"), (q, k, v), a)[1])(*tangents)
-    assert_close(got, jax.jvp(one("xla"), (q, k, v), tangents)[1])
+    jaxpr = str(jax.make_jaxpr(one("pallas_tpu"))(q, k, v, value_mask))
+    assert "pallas_call" in jaxpr and "splash_mqa" in jaxpr
+    assert_close(jax.jit(one("pallas_tpu"))(q, k, v, value_mask), one("xla")(q, k, v, value_mask))
+
+    # Reverse mode runs splash's own (MQA) backward kernels.
+    def grad(implementation):
+        f = one(implementation)
+        return jax.jit(jax.grad(lambda q, k, v: jnp.sum(f(q, k, v, value_mask) * q), (0, 1, 2)))
+
+    for got, want in zip(grad("pallas_tpu")(q, k, v), grad("xla")(q, k, v), strict=True):
+        assert_close(got, want)
 
 
 @pytest.mark.slow
-def test_second_order_derivatives_fall_back_without_failing(rng):
+def test_forward_and_second_order_derivatives_fall_back_without_failing(rng):
+    """Splash has no forward mode: ``jax.jvp`` and ``jax.hessian`` take the chunked
+    kernel's derivatives and equal the xla path's."""
     q, k, v, _, _ = _inputs(rng, jnp.float32, 1, 128, 128, 8)
 
     def f(implementation):
-        def loss(scale):
-            out = dot_attention({"scale": scale}, q, v, k, implementation=implementation)
-            return jnp.sum(out**2)
+        def attention(scale, query):
+            return dot_attention({"scale": scale}, query, v, k, implementation=implementation)
 
-        return jax.hessian(loss)
+        def both(scale):
+            hessian = jax.hessian(lambda s: jnp.sum(attention(s, q) ** 2))(scale)
+            tangent = jax.jvp(lambda x: attention(scale, x), (q,), (v,))[1]
+            return hessian, tangent
 
-    assert_close(jax.jit(f("pallas_tpu"))(jnp.float32(0.5)), f("xla")(jnp.float32(0.5)), factor=10)
+        return both
+
+    got, want = jax.jit(f("pallas_tpu"))(jnp.float32(0.5)), f("xla")(jnp.float32(0.5))
+    assert_close(got[0], want[0], factor=10)
+    assert_close(got[1], want[1])
 
 
 def test_which_implementation_per_platform():
@@ -140,6 +157,7 @@ def test_which_implementation_per_platform():
         "weights are requested": {"return_attention_scores": True},
         "attention_mask": {"attention_mask": jnp.ones((256, 256), bool)},
         "shorter than one kernel block": {"query": q[..., :64, :]},
+        "segment ids with grouped key/value": {"value": q[:, :1], "segment_ids": (seg, seg)},
     }
     for reason, change in ineligible.items():
         arguments = {"params": None, "query": q, "value": q, **change}

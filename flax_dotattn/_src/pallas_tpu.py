@@ -93,10 +93,7 @@ def ineligibility(inputs: AttentionInputs, options: AttentionOptions) -> str | N
         (options.return_attention_scores, "the weights are requested"),
         (bool(given), f"{', '.join(given)} given (the kernel takes no dense mask or bias)"),
         (isinstance(offset, str), str(offset)),
-        (
-            key.shape[:-2] != query.shape[:-2] or value.shape[:-2] != query.shape[:-2],
-            "key/value batch dims differ from the query's",
-        ),
+        (_grouped_reason(inputs) is not None, str(_grouped_reason(inputs))),
         (inputs.dtype == jnp.float64, "dtype float64 (no float64 kernel on TPU)"),
         (
             inputs.masking.kv_segment_ids is not None
@@ -114,6 +111,26 @@ def ineligibility(inputs: AttentionInputs, options: AttentionOptions) -> str | N
             return "causal/window leave a query row without keys (Keras's rule then differs)"
         if _empty_band(_pad_to(tq), _pad_to(tv), band, offset):
             return "a padded query row would see no key (the window lies beyond the keys)"
+    return None
+
+
+def _group_dims(inputs: AttentionInputs) -> tuple[int, ...]:
+    """The batch dims where the query has several entries and key/value one (grouped-
+    query attention: those queries share a key/value entry)."""
+    batch, kv_batch = inputs.query.shape[:-2], inputs.key.shape[:-2]
+    return tuple(a for a, (n, m) in enumerate(zip(batch, kv_batch, strict=True)) if n != m)
+
+
+def _grouped_reason(inputs: AttentionInputs) -> str | None:
+    """Why grouped key/value cannot take splash's MQA form (None when they can, or when
+    nothing is grouped): its heads share one key/value and one set of segment ids."""
+    if not _group_dims(inputs):
+        return None
+    masking, kv_batch = inputs.masking, inputs.key.shape[:-2]
+    if masking.query_segment_ids is not None:
+        return "segment ids with grouped key/value (splash's MQA heads share their ids)"
+    if masking.value_mask is not None and masking.value_mask.shape[:-1] != kv_batch:
+        return "a value mask that differs between queries sharing a key/value entry"
     return None
 
 
@@ -156,6 +173,7 @@ class Static:
     segmented: bool  # whether segment ids are passed
     interpret: bool
     stats: bool  # also return each row's log-sum-exp (splash's saved residual)
+    group: int  # query heads per key/value entry (splash's MQA form when > 1)
     options: AttentionOptions  # for the chunked reference (causal, window, precision)
 
     def kernel(self, save_residuals: bool) -> Any:
@@ -184,8 +202,9 @@ class Static:
             block_q_dq=bq,
             block_kv_dq=bkv,
         )
-        return splash.make_splash_mha(
-            splash.MultiHeadMask([mask]),
+        make = splash.make_splash_mqa if self.group > 1 else splash.make_splash_mha
+        return make(
+            splash.MultiHeadMask([mask] * self.group),
             block_sizes=blocks,
             head_shards=1,
             q_seq_shards=1,
@@ -204,18 +223,20 @@ def _splash(
     *,
     differentiable: bool = False,
 ) -> Any:
-    """The kernel over ``N`` sequences: ``q [N, Tq, D]``, ``k [N, Tv, D]``, ``v [N, Tv,
-    Dv]``, ids ``[N, Tq]`` / ``[N, Tv]`` (hidden keys carry an id no query has) ->
-    ``[N, Tq, Dv]`` in the kernel's dtype (and the log-sum-exp ``[N, Tq]`` with
-    ``static.stats``). ``differentiable``: the call ``jax.vjp`` may differentiate (splash's
-    own custom VJP; output only)."""
+    """The kernel over ``N`` key/value entries: ``q [N, Tq, D]`` (``[N, G, Tq, D]`` when
+    ``G = static.group > 1`` queries share each entry), ``k [N, Tv, D]``, ``v [N, Tv,
+    Dv]``, ids ``[N, Tq]`` / ``[N, Tv]`` (hidden keys carry an id no query has) -> the
+    output ``[N, (G,) Tq, Dv]`` in the kernel's dtype (and the log-sum-exp ``[N, (G,)
+    Tq]`` with ``static.stats``). ``differentiable``: the call ``jax.vjp`` may
+    differentiate (splash's own custom VJP; output only)."""
     pq, pv = _pad_to(static.tq) - static.tq, _pad_to(static.tv) - static.tv
-    q = jnp.pad(q, ((0, 0), (0, pq), (0, 0)))
+    q = jnp.pad(q, ((0, 0),) * (q.ndim - 2) + ((0, pq), (0, 0)))
     k = jnp.pad(k, ((0, 0), (0, pv), (0, 0)))
     v = jnp.pad(v, ((0, 0), (0, pv), (0, 0)))
     kernel = static.kernel(save_residuals=not differentiable)
+    grouped = static.group > 1
 
-    def one(q, k, v, q_ids, kv_ids):  # [1, Tq', D] ...: one sequence as one head
+    def one(q, k, v, q_ids, kv_ids):  # one entry: its sequence(s) as the kernel's heads
         ids = None
         if static.segmented:
             hidden = jnp.min(q_ids) - 1  # no query of this sequence has it (see _ids)
@@ -223,21 +244,27 @@ def _splash(
                 jnp.pad(q_ids, (0, pq), constant_values=hidden),
                 jnp.pad(kv_ids, (0, pv), constant_values=hidden),
             )
+        heads = q if grouped else q[None]  # [G or 1, Tq', D]
+        kv = (k, v) if grouped else (k[None], v[None])  # MQA: [Tv', D]; MHA: [1, Tv', D]
         if differentiable:
-            return kernel(q[None], k[None], v[None], segment_ids=ids)[0], None
-        out, (lse,) = kernel(q[None], k[None], v[None], segment_ids=ids)
-        return out[0], lse[0]
+            out = kernel(heads, *kv, segment_ids=ids)
+            return (out if grouped else out[0]), None
+        out, (lse,) = kernel(heads, *kv, segment_ids=ids)
+        return (out, lse) if grouped else (out[0], lse[0])
 
-    out, lse = jax.vmap(one)(q, k, v, q_ids, kv_ids)  # [N, Tq', Dv], [N, Tq']
+    out, lse = jax.vmap(one)(q, k, v, q_ids, kv_ids)  # [N, (G,) Tq', Dv], [N, (G,) Tq']
     if static.stats and not differentiable:
-        return out[:, : static.tq], lse[:, : static.tq]
-    return out[:, : static.tq]
+        return out[..., : static.tq, :], lse[..., : static.tq]
+    return out[..., : static.tq, :]
 
 
 def _reference(static: Static, q: Array, k: Array, v: Array, q_ids: Array, kv_ids: Array) -> Any:
     """The same attention on the chunked path (Keras's numbers; equal to the kernel's on
     every row that sees a key): the forward-mode derivatives are taken through it."""
     segmented = static.segmented
+    if static.group > 1:  # q [N, G, Tq, D] against k, v [N, 1, Tv, D]; ids per entry
+        k, v, q_ids, kv_ids = k[:, None], v[:, None], q_ids[:, None], kv_ids[:, None]
+        q_ids = jnp.broadcast_to(q_ids, q.shape[:-1])
     inputs = AttentionInputs(
         query=q,
         key=k,
@@ -338,20 +365,20 @@ def _attend_jvp(static: Static, primals, tangents):
 
 
 def _ids(inputs: AttentionInputs) -> tuple[Array, Array, bool]:
-    """Splash segment ids ``[N, Tq]`` / ``[N, Tv]`` (int32) and whether any are needed: the
-    call's segment ids (or 0) with every key the value mask hides given ``min(q ids) - 1``,
-    an id no query of its sequence has (int32 ids wrap there only for the smallest int32,
-    which no packing uses)."""
+    """Splash segment ids ``[N, Tq]`` / ``[N, Tv]`` (int32, ``N`` key/value entries) and
+    whether any are needed: the call's segment ids (or 0) with every key the value mask
+    hides given ``min(q ids) - 1``, an id no query of its sequence has (int32 ids wrap
+    there only for the smallest int32, which no packing uses)."""
     tq, tv = inputs.query.shape[-2], inputs.key.shape[-2]
-    masking = inputs.masking
-    n = math.prod(inputs.query.shape[:-2])
+    masking, kv_batch = inputs.masking, inputs.key.shape[:-2]
+    n = math.prod(kv_batch)
     segmented = (
         masking.query_segment_ids is not None or masking.value_mask is not None or _pad_to(tv) != tv
     )
     if masking.query_segment_ids is None:
         q_ids = jnp.zeros((n, tq), jnp.int32)
         kv_ids = jnp.zeros((n, tv), jnp.int32)
-    else:
+    else:  # not grouped (see _grouped_reason): one query sequence per key/value entry
         q_ids = jnp.broadcast_to(masking.query_segment_ids, inputs.query.shape[:-1])
         assert masking.kv_segment_ids is not None  # given together
         kv_ids = jnp.broadcast_to(masking.kv_segment_ids, inputs.key.shape[:-1])
@@ -375,20 +402,20 @@ def some_row_sees_no_key(inputs: AttentionInputs, options: AttentionOptions) -> 
         return False
     offset = _static_offset(inputs.query_offset)
     assert isinstance(offset, int)
-    tq, tv = inputs.query.shape[-2], inputs.key.shape[-2]
-    n = math.prod(inputs.query.shape[:-2])
+    batch, tq, tv = inputs.query.shape[:-2], inputs.query.shape[-2], inputs.key.shape[-2]
+    n = math.prod(batch)
 
-    def flat(x: Array | None, like: Array) -> Array | None:
-        return None if x is None else _flat(x, like, n)
+    def flat(x: Array | None, length: int) -> Array | None:  # [..., T] -> [N, T]
+        return None if x is None else jnp.broadcast_to(x, batch + (length,)).reshape(n, length)
 
     keep = keep_mask(
         jnp.arange(tq) + offset,
         jnp.arange(tv),
         Masking(
-            flat(masking.value_mask, inputs.key),
+            flat(masking.value_mask, tv),
             None,
-            flat(masking.query_segment_ids, inputs.query),
-            flat(masking.kv_segment_ids, inputs.key),
+            flat(masking.query_segment_ids, tq),
+            flat(masking.kv_segment_ids, tv),
         ),
         causal=options.causal,
         window=options.window,
@@ -398,16 +425,32 @@ def some_row_sees_no_key(inputs: AttentionInputs, options: AttentionOptions) -> 
     return ~jnp.all(jnp.any(keep, axis=-1))
 
 
-def _flat(x: Array, like: Array, n: int) -> Array:
-    """``x [..., T]`` broadcast to ``like``'s batch and flattened to ``[N, T]``."""
-    return jnp.broadcast_to(x, like.shape[:-1]).reshape(n, like.shape[-2])
+def _grouped(x: Array, groups: tuple[int, ...], n: int) -> Array:
+    """``x [..., T, C]`` with the group dims moved last among the batch dims and the rest
+    flattened: ``[N, T, C]``, or ``[N, G, T, C]`` when there are groups."""
+    if not groups:
+        return x.reshape(n, *x.shape[-2:])
+    lead = x.ndim - 2
+    order = [a for a in range(lead) if a not in groups] + list(groups)
+    x = x.transpose(*order, lead, lead + 1)
+    return x.reshape(n, -1, *x.shape[-2:])
+
+
+def _ungrouped(x: Array, groups: tuple[int, ...], batch: tuple[int, ...]) -> Array:
+    """The inverse of :func:`_grouped`: ``[N, (G,) T, C]`` -> ``[*batch, T, C]``."""
+    if not groups:
+        return x.reshape(*batch, *x.shape[-2:])
+    lead = len(batch)
+    order = [a for a in range(lead) if a not in groups] + list(groups)
+    x = x.reshape(*(batch[a] for a in order), *x.shape[-2:])
+    return x.transpose(*(order.index(a) for a in range(lead)), lead, lead + 1)
 
 
 class _Prepared(NamedTuple):
     """A call laid out for the kernel: ``N`` sequences, scale folded, ids merged."""
 
     static: Static
-    operands: tuple[Array, Array, Array]  # q [N, Tq, D], k [N, Tv, D], v [N, Tv, Dv]
+    operands: tuple[Array, Array, Array]  # q [N, (G,) Tq, D], k [N, Tv, D], v [N, Tv, Dv]
     q_ids: Array  # int32 [N, Tq]
     kv_ids: Array  # int32 [N, Tv]
     overflow: Array  # bool []: the scale could not be folded
@@ -415,14 +458,14 @@ class _Prepared(NamedTuple):
 
 def _prepare(call: CheckedCall, *, interpret: bool, stats: bool) -> _Prepared:
     inputs, options = call.inputs, call.options
-    batch, tq, tv = inputs.query.shape[:-2], inputs.query.shape[-2], inputs.key.shape[-2]
-    n, d, dv = math.prod(batch), inputs.query.shape[-1], inputs.value.shape[-1]
+    tq, tv = inputs.query.shape[-2], inputs.key.shape[-2]
+    n, d, dv = math.prod(inputs.key.shape[:-2]), inputs.query.shape[-1], inputs.value.shape[-1]
     offset = _static_offset(inputs.query_offset)
     assert isinstance(offset, int)
     left, right = _band(options)
     q_ids, kv_ids, segmented = _ids(inputs)
     kernel_dtype = jnp.float32 if inputs.dtype == jnp.float16 else inputs.dtype
-    query = inputs.query.astype(kernel_dtype).reshape(n, tq, d)
+    query = _grouped(inputs.query.astype(kernel_dtype), _group_dims(inputs), n)
     key = inputs.key.astype(kernel_dtype).reshape(n, tv, d)
     value = inputs.value.astype(kernel_dtype).reshape(n, tv, dv)
     query, key, overflow = fold_scale(query, key, inputs.scale)
@@ -435,6 +478,7 @@ def _prepare(call: CheckedCall, *, interpret: bool, stats: bool) -> _Prepared:
         segmented=segmented,
         interpret=interpret,
         stats=stats,
+        group=math.prod(inputs.query.shape[:-2]) // max(n, 1),
         options=dataclasses.replace(options, implementation="chunked"),
     )
     return _Prepared(static, (query, key, value), q_ids, kv_ids, overflow)
@@ -452,13 +496,13 @@ def splash_attention(call: CheckedCall, *, interpret: bool) -> Array:
       ``[..., Tq, Dv]`` in the compute dtype (float32 for 16-bit inputs).
     """
     inputs = call.inputs
-    shape = inputs.query.shape[:-1] + inputs.value.shape[-1:]  # [..., Tq, Dv]
+    groups, batch = _group_dims(inputs), inputs.query.shape[:-2]
     prepared = _prepare(call, interpret=interpret, stats=False)
 
     def kernel(query, key, value):
         ids = prepared.q_ids, prepared.kv_ids
-        out = _attend(prepared.static, query, key, value, *ids)  # [N, Tq, Dv]
-        return out.astype(inputs.compute_dtype).reshape(shape)
+        out = _attend(prepared.static, query, key, value, *ids)  # [N, (G,) Tq, Dv]
+        return _ungrouped(out.astype(inputs.compute_dtype), groups, batch)
 
     def keras(query, key, value):
         return chunked.attention(call).astype(inputs.compute_dtype)
@@ -491,8 +535,9 @@ def splash_shard(call: CheckedCall, *, interpret: bool) -> tuple[Array, Array, A
       caller must run the chunked path).
     """
     inputs = call.inputs
+    groups, batch = _group_dims(inputs), inputs.query.shape[:-2]
     prepared = _prepare(call, interpret=interpret, stats=True)
     ids = prepared.q_ids, prepared.kv_ids
-    out, lse = _attend(prepared.static, *prepared.operands, *ids)  # [N, Tq, Dv], [N, Tq]
-    out = out.astype(inputs.compute_dtype).reshape(inputs.query.shape[:-1] + out.shape[-1:])
-    return out, lse.reshape(inputs.query.shape[:-1]), prepared.overflow
+    out, lse = _attend(prepared.static, *prepared.operands, *ids)  # [N, (G,) Tq, (Dv)]
+    out = _ungrouped(out.astype(inputs.compute_dtype), groups, batch)
+    return out, _ungrouped(lse[..., None], groups, batch)[..., 0], prepared.overflow
