@@ -189,12 +189,12 @@ def sequence_parallel_plans(
     tq = inputs.query.shape[-2]
     if reason is None and min(tq, shard_length) < pallas_tpu.MIN_AUTOMATIC_LENGTH:
         reason = f"Tq={tq}, shard Tv={shard_length}: shorter than one kernel block"
-    chunked = Plan("chunked", reason="the shards' merge needs softmax statistics")
-    result = {platform: chunked for platform in PLATFORMS}
+    blockwise = Plan("chunked", reason="the shards' merge needs softmax statistics")
+    result = {platform: blockwise for platform in PLATFORMS}
     if reason is None:
         result["tpu"] = Plan("pallas_tpu", reason="on TPU the splash kernel takes each shard")
     else:
-        result["tpu"] = chunked._replace(reason=f"pallas_tpu: {reason}")
+        result["tpu"] = blockwise._replace(reason=f"pallas_tpu: {reason}")
     return result
 
 
