@@ -14,8 +14,9 @@ head; the output projection sums the heads back to ``[..., Tq, Dout]``.
 
 Decoding keeps the projected keys and values in a :class:`KVCache` in the layout the call
 reads (``[..., Hkv, Tmax, D]``): each step writes its ``Tn`` new positions at
-``cache.index`` and attends with ``query_offset=index`` and ``kv_length=index + Tn``,
-both traced, so one compiled step serves every position and chunked prefill.
+``cache_index`` and attends with ``query_offset=cache_index`` and
+``kv_length=cache_index + Tn``, both traced, so one compiled step serves every position
+and chunked prefill.
 
 The Linen and NNX modules own the parameters and the cache and call
 :func:`multi_head_attention`; this module imports neither flax nor keras.
@@ -45,12 +46,12 @@ class KVCache(NamedTuple):
     Attributes:
       key: ``[..., Hkv, Tmax, Dk]``, the projected (and transformed) keys so far.
       value: ``[..., Hkv, Tmax, Dv]``, the projected values so far.
-      index: ``int32[]``, the number of filled positions (where the next step writes).
+      cache_index: ``int32[]``, the number of filled positions (where the next step writes).
     """
 
     key: Array
     value: Array
-    index: Array
+    cache_index: Array
 
 
 def param_shapes(
@@ -107,7 +108,14 @@ def _project(name: str, params: Mapping[str, Array], x: Array, precision: Any) -
             f"{tuple(x.shape)}."
         )
     y = jnp.einsum("...tf,fhd->...thd", x, kernel, precision=precision)  # [..., T, heads, D]
-    return y + params["bias"] if "bias" in params else y
+    return _add_bias(y, params.get("bias"))
+
+
+def _add_bias(y: Array, bias: Array | None) -> Array:
+    """``y + bias`` with the bias's missing leading dims made explicit."""
+    if bias is None:
+        return y
+    return y + bias.reshape((1,) * (y.ndim - bias.ndim) + bias.shape)
 
 
 def _head_axes(x: Any, n: int, at: int) -> Any:
@@ -195,7 +203,7 @@ def multi_head_attention(
     k = _project("key", weights["key"], key, precision)  # [..., Tv, Hkv, Dk]
     v = _project("value", weights["value"], value, precision)  # [..., Tv, Hkv, Dv]
     tq, tv = q.shape[-3], k.shape[-3]
-    start = jnp.zeros((), jnp.int32) if cache is None else cache.index
+    start = jnp.zeros((), jnp.int32) if cache is None else cache.cache_index
     if transform is not None:
         positions = arguments.get("positions")
         if positions is None:
@@ -216,7 +224,7 @@ def multi_head_attention(
         for name in ("query_offset", "kv_length"):
             if call[name] is not None:
                 fail(f"{name} is set by the cache in decode mode; received {name}={call[name]!r}.")
-        index = jnp.asarray(cache.index, jnp.int32)
+        index = jnp.asarray(cache.cache_index, jnp.int32)
         at = (0,) * (k.ndim - 2)
         k = jax.lax.dynamic_update_slice(cache.key, k.astype(cache.key.dtype), (*at, index, 0))
         v = jax.lax.dynamic_update_slice(cache.value, v.astype(cache.value.dtype), (*at, index, 0))
@@ -257,8 +265,7 @@ def multi_head_attention(
     out = jnp.einsum(
         "...hqv,hvo->...qo", heads, weights["out"]["kernel"], precision=precision
     )  # [..., Tq, Dout]
-    if "bias" in weights["out"]:
-        out = out + weights["out"]["bias"]
+    out = _add_bias(out, weights["out"].get("bias"))
     if attention_weights is None:
         return out, new_cache
     attention_weights = attention_weights.reshape(

@@ -93,8 +93,8 @@ class MultiHeadDotAttentionConfig:
     Examples:
       >>> from flax_dotattn import MultiHeadDotAttentionConfig
       >>> cfg = MultiHeadDotAttentionConfig(num_heads=4, key_dim=8, num_kv_heads=2)
-      >>> cfg.value_depth, cfg.groups, cfg.initial_scale
-      (8, 2, 0.3535533905932738)
+      >>> cfg.value_depth, cfg.groups, round(cfg.initial_scale, 4)
+      (8, 2, 0.3536)
       >>> MultiHeadDotAttentionConfig.from_dict(cfg.to_dict()) == cfg
       True
     """

@@ -90,8 +90,7 @@ class MultiHeadDotAttention(nnx.Module):
       >>> import jax.numpy as jnp
       >>> from flax import nnx
       >>> from flax_dotattn import nnx as fdnnx
-      >>> layer = fdnnx.MultiHeadDotAttention(4, 16, key_dim=8, num_kv_heads=2,
-      ...                                     causal=True, rngs=nnx.Rngs(0))
+      >>> layer = fdnnx.MultiHeadDotAttention(4, 16, key_dim=8, causal=True, rngs=nnx.Rngs(0))
       >>> x = jnp.ones((2, 5, 16))                               # [B, T, Din]
       >>> layer(x, x).shape
       (2, 5, 16)
@@ -279,7 +278,7 @@ class MultiHeadDotAttention(nnx.Module):
             assert self.cache_index is not None
             self.cached_key[...] = new_cache.key
             self.cached_value[...] = new_cache.value
-            self.cache_index[...] = new_cache.index
+            self.cache_index[...] = new_cache.cache_index
         return result
 
     def _dropout_key(self, rngs: nnx.Rngs | Array | None) -> Array:
