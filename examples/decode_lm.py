@@ -38,6 +38,7 @@ def rope(x: jax.Array, positions: jax.Array) -> jax.Array:
     ``x [..., T, heads, D]`` by ``positions [..., T] * 10000**(-2i/D)``."""
     half = x.shape[-1] // 2
     freq = 10000.0 ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [D/2]
+    freq = freq.reshape((1,) * positions.ndim + (half,))
     angle = positions[..., None].astype(jnp.float32) * freq  # [..., T, D/2]
     angle = angle[..., None, :]  # [..., T, 1, D/2]: every head alike
     angle = angle.reshape((1,) * (x.ndim - angle.ndim) + angle.shape)

@@ -190,7 +190,7 @@ def _decode_linen(layer, params, x, chunks):
 @pytest.mark.parametrize(
     "options",
     [
-        pytest.param(dict(implementation="xla"), id="xla"),
+        pytest.param(dict(implementation="xla"), id="xla", marks=pytest.mark.slow),
         pytest.param(
             dict(implementation="chunked", block_size=(2, 4), window=(3, 0)),
             id="chunked-window",
@@ -247,6 +247,7 @@ def test_nnx_decode_equals_the_full_forward_and_linen(rng, kv_heads):
 # -- config ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_config_round_trips_through_dict_files_modules_and_keras(tmp_path):
     cfg = MultiHeadDotAttentionConfig(
         num_heads=4,
