@@ -20,7 +20,6 @@ from flax import nnx
 from flax_dotattn import (
     MultiHeadDotAttention,
     MultiHeadDotAttentionConfig,
-    dot_attention,
     load_config,
     multi_head_params_from_keras,
     multi_head_params_to_keras,
@@ -29,21 +28,6 @@ from flax_dotattn import (
 from flax_dotattn import nnx as fdnnx
 
 keras = pytest.importorskip("keras")
-
-
-def _broadcasts_batch_dims() -> bool:
-    try:
-        dot_attention(None, jnp.ones((1, 2, 2, 1, 1)), jnp.ones((1, 2, 1, 1, 1)))
-    except ValueError:
-        return False
-    return True
-
-
-#: Grouped-query heads call dot_attention with key/value batch dims that broadcast.
-needs_broadcast = pytest.mark.skipif(
-    not _broadcasts_batch_dims(),
-    reason="dot_attention does not broadcast key/value batch dims against the query's yet",
-)
 
 
 def _normal(r, *shape):
@@ -141,7 +125,7 @@ def _numpy_projections(params, x, kv):
     return proj(x, params["query"]), proj(kv, params["key"]), proj(kv, params["value"])
 
 
-@needs_broadcast
+@pytest.mark.slow
 @pytest.mark.parametrize("kv_heads", [2, 1], ids=["gqa", "mqa"])
 def test_grouped_heads_equal_jax_nn(rng, kv_heads):
     b, t, f, h, dk = 2, 6, 8, 4, 4
@@ -218,9 +202,10 @@ def _rope(x, positions):
     return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "kv_heads",
-    [pytest.param(None, id="mha"), pytest.param(2, id="gqa", marks=[needs_broadcast])],
+    [pytest.param(None, id="mha"), pytest.param(2, id="gqa")],
 )
 def test_nnx_decode_equals_the_full_forward_and_linen(rng, kv_heads):
     x = _normal(rng, 2, 7, 8)

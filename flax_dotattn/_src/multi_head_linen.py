@@ -114,11 +114,11 @@ class MultiHeadDotAttention(nn.Module):
     Examples:
       >>> import jax, jax.numpy as jnp
       >>> from flax_dotattn import MultiHeadDotAttention
-      >>> layer = MultiHeadDotAttention(num_heads=4, key_dim=8, causal=True)
+      >>> layer = MultiHeadDotAttention(num_heads=4, key_dim=8, num_kv_heads=2, causal=True)
       >>> x = jnp.ones((2, 5, 16))                               # [B, T, Din]
       >>> variables = layer.init(jax.random.key(0), x, x)
-      >>> jax.tree.map(jnp.shape, variables["params"]["key"])
-      {'bias': (4, 8), 'kernel': (16, 4, 8)}
+      >>> jax.tree.map(jnp.shape, variables["params"]["key"])     # 2 key/value heads
+      {'bias': (2, 8), 'kernel': (16, 2, 8)}
       >>> layer.apply(variables, x, x).shape
       (2, 5, 16)
     """

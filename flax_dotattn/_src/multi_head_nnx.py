@@ -90,7 +90,8 @@ class MultiHeadDotAttention(nnx.Module):
       >>> import jax.numpy as jnp
       >>> from flax import nnx
       >>> from flax_dotattn import nnx as fdnnx
-      >>> layer = fdnnx.MultiHeadDotAttention(4, 16, key_dim=8, causal=True, rngs=nnx.Rngs(0))
+      >>> layer = fdnnx.MultiHeadDotAttention(
+      ...     4, 16, key_dim=8, num_kv_heads=2, causal=True, rngs=nnx.Rngs(0))
       >>> x = jnp.ones((2, 5, 16))                               # [B, T, Din]
       >>> layer(x, x).shape
       (2, 5, 16)
