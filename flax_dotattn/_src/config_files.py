@@ -77,8 +77,8 @@ def load_config(path: str | Path) -> AnyConfig:
       path: a ``.json``, ``.yaml`` or ``.yml`` file holding a mapping of field names.
 
     Returns:
-      The validated config: a ``MultiHeadDotAttentionConfig`` when the file has a
-      ``num_heads`` key, else a ``DotAttentionConfig``.
+      The validated config, a ``MultiHeadDotAttentionConfig`` when the file has a
+      ``num_heads`` key and a ``DotAttentionConfig`` otherwise.
 
     Raises:
       ValueError: for an unknown suffix, malformed content, a non-mapping document,

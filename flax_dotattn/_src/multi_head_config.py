@@ -85,10 +85,11 @@ class MultiHeadDotAttentionConfig:
         ``1 / sqrt(key_dim)``, exactly as Keras's ``MultiHeadAttention`` does.
       scale_init: the learned ``scale``'s initial value; None (the default) is
         ``1 / sqrt(key_dim)``, so that both settings start from Keras's logits.
-      score_mode, dropout_rate, causal, deterministic, dtype, param_dtype, precision,
-        window, implementation, block_size: as in :class:`DotAttentionConfig`
-        (``dtype``/``precision`` also apply to the projections; ``param_dtype`` is the
-        kernels' and biases' dtype too).
+
+    The other fields (``score_mode``, ``dropout_rate``, ``causal``, ``deterministic``,
+    ``dtype``, ``param_dtype``, ``precision``, ``window``, ``implementation``,
+    ``block_size``) are :class:`DotAttentionConfig`'s; ``dtype`` and ``precision`` also
+    apply to the projections, and ``param_dtype`` is the kernels' and biases' dtype too.
 
     Examples:
       >>> from flax_dotattn import MultiHeadDotAttentionConfig
@@ -157,7 +158,7 @@ class MultiHeadDotAttentionConfig:
 
     @property
     def initial_scale(self) -> float:
-        """The learned scale's initial value: ``scale_init`` or ``1 / sqrt(key_dim)``."""
+        """The learned scale's initial value, ``scale_init`` or else ``1 / sqrt(key_dim)``."""
         return 1.0 / math.sqrt(self.key_dim) if self.scale_init is None else self.scale_init
 
     @property

@@ -98,11 +98,11 @@ class MultiHeadDotAttention(nn.Module):
     chunked prefill). With ``causal=True`` the logits equal the full sequence's. Writing
     past ``Tmax`` is not detected (as in Flax).
 
+    The fields ``num_heads`` to ``block_size`` are those of
+    :class:`MultiHeadDotAttentionConfig` (same names, defaults and checks); four more are
+    not part of the config:
+
     Attributes:
-      num_heads, key_dim, value_dim, output_shape, use_bias, num_kv_heads, use_scale,
-        scale_init, score_mode, dropout_rate, causal, deterministic, dtype, param_dtype,
-        precision, window, implementation, block_size: the fields of
-        :class:`MultiHeadDotAttentionConfig`.
       kernel_init: initializer of the four kernels (None: Keras's ``glorot_uniform``
         with each kernel's fans).
       bias_init: initializer of the biases (Keras's zeros).
