@@ -7,6 +7,7 @@ forward for the decoding cache.
 """
 
 import dataclasses
+import inspect
 import json
 
 import jax
@@ -345,3 +346,13 @@ def test_no_dropout_stream_is_forked_without_dropout():
 def test_bad_inputs_raise_value_errors_naming_them(build, pattern):
     with pytest.raises(ValueError, match=pattern):
         build()
+
+
+def test_both_modules_declare_the_config_fields_with_its_defaults():
+    fields = {f.name: f for f in dataclasses.fields(MultiHeadDotAttentionConfig)}
+    linen = {f.name: f for f in dataclasses.fields(MultiHeadDotAttention)}
+    nnx_parameters = inspect.signature(fdnnx.MultiHeadDotAttention.__init__).parameters
+    for name, field in fields.items():
+        assert linen[name].default == field.default, name
+        if name not in ("num_heads", "key_dim"):  # NNX: key_dim=None is in_features // H
+            assert nnx_parameters[name].default == field.default, name
