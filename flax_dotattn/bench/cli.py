@@ -32,6 +32,9 @@ block-diagonal ``attention_mask`` on the xla path and against a batch of 8 x 204
 heads, T = 2048, causal, forward+backward: key/value ``[B, 4, 1, T, D]`` shared by 8 query
 groups against the same call with key/value repeated (``jnp.repeat``), and multi-query
 attention (one key/value head), with the peak memory of each.
+``--scenarios decode`` times one decoding step (4 heads, forward) at cache lengths 1024 to
+16384: the new query against the cache (``query_offset``/``kv_length``) against causal
+attention over the whole prefix.
 
 ``--plot PATH`` draws the results (time and peak memory against T, forward and
 forward+backward, one line per implementation) with matplotlib, which is imported only
@@ -47,6 +50,7 @@ Examples:
   python -m flax_dotattn.bench --impls default,torch_sdpa --causal --shapes 1x4096
   python -m flax_dotattn.bench --scenarios window,packing
   python -m flax_dotattn.bench --scenarios gqa --repeats 1
+  python -m flax_dotattn.bench --scenarios decode --no-memory
 """
 
 from __future__ import annotations
@@ -209,8 +213,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run_scenarios(args: argparse.Namespace) -> int:
     """``--scenarios``: times them, prints the machine and its load, writes ``--json``."""
     header = (
-        f"Machine: {machine()}; D = 64, float32, T = {SCENARIO_LENGTH} (gqa: "
-        f"{SCENARIO_LENGTHS['gqa']}), forward+backward."
+        f"Machine: {machine()}; D = 64, float32, T = {SCENARIO_LENGTH}, forward+backward "
+        f"(gqa: T = {SCENARIO_LENGTHS['gqa']}; decode: forward, T = the cache length)."
     )
     print(header, f"Load average (1 min) at start: {load_average()[0]:.2f}.", flush=True)
     rows = runs.scenario_rows(args.scenarios, args.repeats or 5, not args.no_memory)
