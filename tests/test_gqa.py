@@ -247,30 +247,30 @@ def _shapes(jaxpr) -> set:
 
 
 def test_chunked_never_repeats_key_value(rng):
-    """No value in the chunked path's forward+backward jaxpr is key or value repeated
-    over the groups (a key/value-sized array times G). A positive control: the same
-    detector finds the repeat in a function that repeats key/value."""
+    """No value in the forward+backward jaxpr of the chunked or the xla path is key or
+    value repeated over the groups: no array with their last dim is as large as G times
+    key/value (the query side is smaller: Tq < Tv). Positive controls: the detector finds
+    the repeat of ``jnp.repeat``, and the chunked kernel's own broadcast of key/value
+    when ``kv_segment_ids`` differ within a group."""
     b, hkv, g, tq, tv, d, dv = 2, 3, 8, 5, 11, 7, 6
     q, k, v = _normal(rng, b, hkv, g, tq, d), _normal(rng, b, hkv, 1, tv, d), _normal(
         rng, b, hkv, 1, tv, dv)  # fmt: skip
 
-    def repeated(shape):
+    def repeated(fn):
+        grad = jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v) ** 2), (0, 1, 2))
+        shapes = _shapes(jax.make_jaxpr(grad)(q, k, v))
         return any(
-            len(s) >= 2 and s[-1] in (d, dv) and tv in s and np.prod(s) >= g * b * hkv * tv * s[-1]
-            for s in shape
+            len(s) >= 2 and s[-1] in (d, dv) and np.prod(s) >= g * b * hkv * tv * s[-1]
+            for s in shapes
         )
 
-    def loss(fn):
-        return jax.make_jaxpr(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v) ** 2), (0, 1, 2)))(
-            q, k, v
-        )
-
-    chunked = functools.partial(_gqa, causal=True, implementation="chunked", block_size=(4, 4))
-    assert not repeated(_shapes(loss(chunked)))
-    copy = functools.partial(_gqa, causal=True, implementation="chunked", block_size=(4, 4))
-    assert repeated(
-        _shapes(loss(lambda q, k, v: copy(q, jnp.repeat(k, g, 2), jnp.repeat(v, g, 2))))
-    )
+    for implementation in ("chunked", "xla"):
+        fn = functools.partial(_gqa, causal=True, implementation=implementation, block_size=4)
+        assert not repeated(fn), implementation
+    assert repeated(lambda q, k, v: fn(q, jnp.repeat(k, g, 2), jnp.repeat(v, g, 2)))
+    per_group = jnp.zeros((1, 1, g, tv), jnp.int32).at[:, :, 1, 0].set(1)
+    ids = (jnp.zeros((tq,), jnp.int32), per_group)
+    assert repeated(functools.partial(_gqa, implementation="chunked", segment_ids=ids))
 
 
 def test_non_broadcastable_batch_dims_raise():
