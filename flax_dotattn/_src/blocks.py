@@ -26,7 +26,9 @@ class BlockSizes:
     the backward pass that JAX derives from it by transposition) walks
     ``[block_q_backward, block_k_backward]`` blocks, which default to the forward ones.
     With dropout the derivative pass always uses the forward blocks, since the dropout
-    pattern is drawn per block.
+    pattern is drawn per block. ``block_q`` counts query positions: with key/value
+    shared by ``G`` query batch entries (grouped-query attention), a block holds the
+    ``block_q * G`` query rows that read the same key block.
 
     Attributes:
       block_q: query rows per forward block ``Bq``.

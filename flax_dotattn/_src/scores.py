@@ -86,7 +86,8 @@ def attention_scores(
 
     Args:
       query: ``[..., Tq, D]``, a real floating array.
-      key: ``[..., Tv, D]``, same batch dims ``...`` and depth ``D`` as ``query``.
+      key: ``[..., Tv, D]``, depth ``D`` as ``query``; batch dims broadcast against the
+        query's (size-1 dims for shared keys, as in :func:`dot_attention`).
       score_mode: ``"dot"`` or ``"concat"``.
       scale: a scalar (array of shape ``()`` or Python number) or None.
       concat_score_weight: a scalar; required for ``"concat"``, rejected for ``"dot"``.

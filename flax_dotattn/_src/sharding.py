@@ -82,7 +82,9 @@ def sequence_parallel_attention(
     Args:
       params: see :func:`dot_attention`.
       query: ``[..., Tq, D]``.
-      value: ``[..., Tv, Dv]``; ``Tv`` must be divisible by ``n``.
+      value: ``[..., Tv, Dv]``; ``Tv`` must be divisible by ``n``. Batch dims broadcast
+        against the query's as in :func:`dot_attention` (grouped-query attention: each
+        shard reads its shared key/value blocks once per group of query rows).
       key: ``[..., Tv, D]`` or None.
       masks: None or ``(query_mask [..., Tq], value_mask [..., Tv])``.
       causal: Python bool; the mask compares global positions.
