@@ -81,6 +81,7 @@ class BlockSizes:
         score_mode: str,
         window: tuple[int | None, int | None] | None = None,
         causal: bool = False,
+        base: BlockSizes | None = None,
     ) -> BlockSizes:
         """The default blocks for ``score_mode``, given the ``window`` and ``causal``.
 
@@ -91,10 +92,12 @@ class BlockSizes:
         sides bounded, the right one by ``causal`` too) takes square blocks of half the
         largest power of two up to ``w``, between 64 and 256, so that most of the band's
         blocks are visible. The benchmark page gives the timings behind these choices.
+        ``base`` replaces the blocks without a window (a tuned table's); a window narrows
+        it the same way.
         """
-        if score_mode == "concat":
+        if base is None and score_mode == "concat":
             base = cls(block_q=256, block_k=128)
-        else:  # causal: shorter query blocks compute less of the hidden triangle
+        elif base is None:  # causal: shorter query blocks compute less of the hidden triangle
             base = cls(block_q=1024 if causal else 2048, block_k=256)
         left, right = window or (None, None)
         if causal and right is not None:

@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 
-from flax_dotattn._src.blocks import BlockSizes
+from flax_dotattn._src import tuning
 from flax_dotattn._src.masks import Masking
 from flax_dotattn._src.types import Array
 from flax_dotattn._src.validation import CheckedCall
@@ -106,9 +106,7 @@ def prepare(call: CheckedCall, key_offset: int | Array = 0) -> tuple[Static, Ope
     tq, d = query.shape[-2:]
     tv, dv = value.shape[-2:]
     b = math.prod(batch)
-    blocks = options.block_size or BlockSizes.default(
-        options.score_mode, options.window, options.causal
-    )
+    blocks = options.block_size or tuning.default_blocks(inputs, options)
     static = Static(
         score_mode=options.score_mode,
         causal=options.causal,
