@@ -222,7 +222,10 @@ def default_blocks(inputs: AttentionInputs, options: AttentionOptions) -> BlockS
     for a sliding window as :meth:`BlockSizes.default` narrows its own), else the default."""
     tuned = for_call(inputs, options)
     base = None if tuned is None else tuned.blocks
-    return BlockSizes.default(options.score_mode, options.window, options.causal, base=base)
+    length = inputs.query.shape[-2]
+    return BlockSizes.default(
+        options.score_mode, options.window, options.causal, base=base, length=length
+    )
 
 
 def _read(path: pathlib.Path, key: Mapping[str, str]) -> dict[str, Any] | None:
