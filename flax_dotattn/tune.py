@@ -105,7 +105,8 @@ def _show() -> int:
         print(f"No applicable table at {path}; the shipped defaults apply.")
     else:
         print(f"{path}:")
-        print(json.dumps({k: table[k] for k in ("key", "machine", "created", "cases")}, indent=1))
+        shown = ("key", "machine", "created", "load_average", "cases")
+        print(json.dumps({k: table[k] for k in shown if k in table}, indent=1))
     return 0
 
 

@@ -183,3 +183,15 @@ def test_smoke_tuning_writes_a_table_the_automatic_choice_reads(cache, capsys):
     assert bench_main([*flags.split(), str(out)]) == 0
     assert f"Tuning: tuned table {path}" in capsys.readouterr().out
     assert json.loads(out.read_text())["tuning"] == tune.status()
+
+
+def test_the_command_line_shows_the_table_and_rejects_bad_flags(cache, capsys):
+    assert tune.main(["--show"]) == 0
+    assert "No applicable table" in capsys.readouterr().out
+    _table(crossover=SMALL)
+    assert tune.main(["--show"]) == 0
+    assert str(tuning.table_path()) in capsys.readouterr().out
+    for flags, named in [(["--dtypes", "int8"], "--dtypes"), (["--quick", "--smoke"], "--smoke")]:
+        with pytest.raises(SystemExit):
+            tune.main(flags)
+        assert named in capsys.readouterr().err
