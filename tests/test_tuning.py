@@ -15,7 +15,7 @@ import pytest
 from conftest import assert_close
 
 from flax_dotattn import BlockSizes, dot_attention, tune, which_implementation
-from flax_dotattn._src import tuning
+from flax_dotattn._src import tuner, tuning
 from flax_dotattn.bench.cli import main as bench_main
 
 B, T, D = 2, 64, 8
@@ -161,8 +161,18 @@ def test_outputs_do_not_depend_on_the_table(cache):
 
 
 @pytest.mark.slow
-def test_smoke_tuning_writes_a_table_the_automatic_choice_reads(cache, capsys):
+def test_smoke_tuning_writes_a_table_the_automatic_choice_reads(cache, capsys, monkeypatch):
+    calls = []
+
+    def pallas_stand_in(grid, *, interpret, time):  # what an accelerator kernel registers
+        seconds = time({"32x32": jax.jit(jnp.sin)}, (Q,), grid.repeats, grid.sample_seconds)
+        calls.append(interpret)
+        return {"blocks": min(seconds, key=seconds.get)}
+
+    monkeypatch.setitem(tuner.ACCELERATOR_KERNELS, "stand_in", pallas_stand_in)
     assert tune.main(["--smoke", "--no-progress"]) == 0
+    assert calls == [jax.default_backend() not in ("gpu", "tpu")]  # interpreted on a CPU
+    assert tuning.kernel_entry("stand_in") == {"blocks": "32x32"}
     path = tuning.table_path()
     table = json.loads(path.read_text())
     assert table["key"] == tuning.device_key() and table["version"] == tuning.TABLE_VERSION

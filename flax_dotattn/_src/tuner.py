@@ -40,7 +40,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -56,10 +56,6 @@ _IMPLEMENTATIONS: tuple[Implementation, ...] = ("xla", "chunked")
 #: A measured choice replaces the shipped one only when it is this much faster (the
 #: noise of a shared machine is not a reason to move away from the defaults).
 MARGIN = 1.03
-
-#: Block grids of the accelerator (Pallas) kernels, by name: each takes the case and
-#: returns its measured entries for the table. Empty until those kernels exist.
-ACCELERATOR_KERNELS: dict[str, Callable[..., dict[str, Any]]] = {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +85,9 @@ class Grid:
     concat_lengths: tuple[int, ...] = (64, 128, 256, 512)
     repeats: int = 5
     sample_seconds: float = 0.03
+    #: On a host without an accelerator, run the accelerator kernels' tuners in Pallas's
+    #: interpret mode (``--smoke``); otherwise they are skipped there.
+    interpret_accelerator_kernels: bool = False
 
     def batch(self, length: int) -> int:
         return max(1, self.tokens // length)
@@ -114,8 +113,26 @@ GRIDS = {
         backward_candidates=(),
         repeats=1,
         sample_seconds=0.0,
+        interpret_accelerator_kernels=True,
     ),
 }
+
+
+class KernelTuner(Protocol):
+    """Tunes one accelerator (Pallas) kernel: measures its block grid for ``grid`` and
+    returns a JSON-serialisable entry, stored in the table under ``kernels[name]`` and
+    read back with :func:`flax_dotattn._src.tuning.kernel_entry`. ``interpret`` is True
+    on a host without the accelerator (``--smoke`` only: the code path runs, the timings
+    mean nothing); ``time`` is :func:`time_interleaved`."""
+
+    def __call__(
+        self, grid: Grid, *, interpret: bool, time: Callable[..., dict[str, float]]
+    ) -> dict[str, Any]: ...
+
+
+#: The accelerator (Pallas) kernels' tuners, by kernel name. None is registered yet: the
+#: GPU/TPU kernels add theirs (``ACCELERATOR_KERNELS["name"] = tuner``) when they exist.
+ACCELERATOR_KERNELS: dict[str, KernelTuner] = {}
 
 
 def _inputs(b: int, t: int, d: int, dtype: str) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -340,10 +357,13 @@ def tune_case(
     return {"crossover_bytes": crossover, "blocks": entries}, records
 
 
-def tune(grid: Grid, *, progress: bool = True) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Measures every case of ``grid``; returns the table's cases and the measurements."""
+def tune(
+    grid: Grid, *, progress: bool = True
+) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
+    """Measures every case of ``grid`` and runs the accelerator kernels' tuners; returns
+    the table's cases, the kernels' entries and the measurements."""
     bar = _Progress(_steps(grid), progress)
-    cases, records = {}, []
+    cases, kernels, records = {}, {}, []
     with bar.running():
         for score_mode in grid.score_modes:
             for dtype in grid.dtypes:
@@ -351,9 +371,16 @@ def tune(grid: Grid, *, progress: bool = True) -> tuple[dict[str, Any], list[dic
                     case, measured = tune_case(grid, score_mode, causal, dtype, bar)
                     cases[tuning.case_name(score_mode, causal, dtype)] = case
                     records += measured
-        for kernel, run in ACCELERATOR_KERNELS.items():
-            bar.log(f"{kernel}: {run(grid)}")
-    return cases, records
+        interpret = jax.default_backend() not in ("gpu", "tpu")
+        for kernel, tuner in ACCELERATOR_KERNELS.items():
+            if interpret and not grid.interpret_accelerator_kernels:
+                bar.log(f"{kernel}: skipped (no accelerator; --smoke runs it interpreted)")
+                continue
+            kernels[kernel] = tuner(grid, interpret=interpret, time=time_interleaved)
+            bar.log(f"{kernel}{' (interpreted)' if interpret else ''}: {kernels[kernel]}")
+        if not ACCELERATOR_KERNELS:
+            bar.log("accelerator (Pallas) kernels: none registered yet")
+    return cases, kernels, records
 
 
 def machine() -> str:
@@ -373,8 +400,9 @@ def run(grid: Grid, *, progress: bool = True, write: bool = True) -> dict[str, A
     """Tunes and (unless ``write`` is False) writes the table; returns what it wrote."""
     load = load_average()
     started = time.perf_counter()
-    cases, records = tune(grid, progress=progress)
+    cases, kernels, records = tune(grid, progress=progress)
     extra = {
+        "kernels": kernels,
         "machine": machine(),
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "load_average": {"start": load, "end": load_average()},

@@ -28,6 +28,7 @@ Table layout (``"version": 1``)::
          "crossover_bytes": 1048576,
          "blocks": [{"max_length": 2048, "block_q": 512, "block_k": 256, ...},
                     {"max_length": null, "block_q": 2048, "block_k": 256, ...}]}},
+     "kernels": {"<pallas kernel>": {...}},   # its tuner's entry (kernel_entry)
      ...}   # plus free-form "machine", "created", "load_average" and "measurements"
 
 A case is ``<score_mode>/<full|causal>/<input dtype>``; ``blocks`` is read in order, the
@@ -209,6 +210,13 @@ def lookup(score_mode: str, causal: bool, dtype: Any, length: int) -> Tuned | No
     return Tuned(table["key"]["device_kind"], case.get("crossover_bytes"), blocks)
 
 
+def kernel_entry(name: str) -> dict[str, Any] | None:
+    """What the tuner recorded for the accelerator kernel ``name`` (its tuner's entry), or
+    None without an applicable table or entry."""
+    table = current_table()
+    return None if table is None else table.get("kernels", {}).get(name)
+
+
 def for_call(inputs: AttentionInputs, options: AttentionOptions) -> Tuned | None:
     """:func:`lookup` for a checked call; None under dropout, whose random pattern
     depends on the path and the blocks (so the table never changes it)."""
@@ -265,6 +273,9 @@ def _problem(table: Any, key: Mapping[str, str]) -> str | None:
     cases = table.get("cases")
     if not isinstance(cases, dict):
         return "it has no cases"
+    kernels = table.get("kernels", {})
+    if not isinstance(kernels, dict) or not all(isinstance(k, dict) for k in kernels.values()):
+        return "its kernels are not a mapping of mappings"
     for name, case in cases.items():
         problem = _case_problem(case)
         if problem:
