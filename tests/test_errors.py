@@ -38,7 +38,7 @@ BAD_INPUTS = [
     (
         "batch_mismatch",
         dict(value=jnp.ones((3, 5, 4))),
-        r"value batch dims must equal query's \(2,\).*\(3, 5, 4\)",
+        r"value batch dims \(3,\) must broadcast against query's \(2,\).*\(3, 5, 4\)",
     ),
     ("key_batch_mismatch", dict(key=jnp.ones((1, 5, 4))), r"key batch dims"),
     (

@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import jax.numpy as jnp
+
 from flax_dotattn._src import cudnn
 from flax_dotattn._src.chunked import attention as blockwise_attention
 from flax_dotattn._src.dispatch import Plan
@@ -38,11 +40,19 @@ def _cudnn(call: CheckedCall) -> Array:
         )
         return blockwise_attention(call._replace(inputs=fallback))
 
+    # Key/value with size-1 batch dims the query does not have (grouped-query attention)
+    # are broadcast to the query's batch here, a copy: this route does not yet map them
+    # onto the fused kernel's own grouped heads.
+    batch = inputs.query.shape[:-2]
+    key, value, value_mask = (
+        None if x is None else jnp.broadcast_to(x, batch + x.shape[len(batch) :])
+        for x in (inputs.key, inputs.value, inputs.masking.value_mask)
+    )
     return cudnn.fused_attention(
         inputs.query,
-        inputs.key,
-        inputs.value,
-        inputs.masking.value_mask,
+        key,
+        value,
+        value_mask,
         inputs.scale,
         causal=call.options.causal,
         fallback=keras,

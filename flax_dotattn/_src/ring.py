@@ -443,6 +443,13 @@ def _plan(call: validation.CheckedCall, mesh: Any, axis_name: Any, layout: Any) 
     n = check_mesh_axis(mesh, axis_name)
     layout = _check_layout(layout, options.causal)
     parts = 2 * n if layout == "zigzag" else n
+    if inputs.key.shape[:-2] != inputs.query.shape[:-2]:
+        raise ValueError(
+            "ring_attention needs key/value batch dims equal to the query's (it does not "
+            "broadcast them: grouped-query attention runs in dot_attention and "
+            "sequence_parallel_attention); received query shape "
+            f"{tuple(inputs.query.shape)} and key shape {tuple(inputs.key.shape)}."
+        )
     for name, x in (("query", inputs.query), ("value", inputs.value)):
         length = x.shape[-2]
         if length % parts:

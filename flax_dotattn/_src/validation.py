@@ -225,7 +225,7 @@ def check_pair_masks(
 
     Returns ``(attention_mask, bias, query_segment_ids, kv_segment_ids)``: the mask (bool)
     and bias at the scores' rank with their own broadcastable batch dims, the segment ids
-    broadcast to ``[..., Tq]`` / ``[..., Tv]``.
+    broadcast to ``[..., Tq]`` / at the rank of ``[..., Tv]`` (size-1 dims kept).
     """
     batch, tq, tv = tuple(query_shape[:-2]), query_shape[-2], value_shape[-2]
     pair = batch + (tq, tv)
@@ -251,14 +251,16 @@ def check_pair_masks(
         received = tuple(getattr(x, "dtype", type(x).__name__) for x in segment_ids)
         q_seg, kv_seg = _common_id_dtype(q_seg, kv_seg, received)
         q_seg = jnp.broadcast_to(q_seg, batch + (tq,))
-        kv_seg = jnp.broadcast_to(kv_seg, batch + (tv,))
+        kv_seg = _full_rank(kv_seg, len(batch) + 1)
     return attention_mask, bias, q_seg, kv_seg
 
 
 def check_masks(
     masks: Any, query_shape: tuple[int, ...], value_shape: tuple[int, ...]
 ) -> tuple[Array | None, Array | None]:
-    """Validates ``masks = (query_mask, value_mask)`` and returns them as bool arrays."""
+    """Validates ``masks = (query_mask, value_mask)`` and returns them as bool arrays:
+    the query mask broadcast to ``query_shape[:-1]``, the value mask at the rank of
+    ``value_shape`` (``[..., Tv]``, the output's batch dims) with its own size-1 dims."""
     if masks is None:
         return None, None
     if not _is_pair(masks):
@@ -270,7 +272,9 @@ def check_masks(
     if query_mask is not None:
         query_mask = _check_mask("query_mask", query_mask, query_shape[:-1], "[..., Tq]")
     if value_mask is not None:
-        value_mask = _check_mask("value_mask", value_mask, value_shape[:-1], "[..., Tv]")
+        value_mask = _check_array("value_mask", value_mask, value_shape, "[..., Tv]", "mask")
+        value_mask = value_mask if value_mask.dtype == jnp.bool_ else value_mask != 0
+        value_mask = _full_rank(value_mask, len(value_shape))
     return query_mask, value_mask
 
 
@@ -325,6 +329,66 @@ def check_params(params: Any, score_mode: str) -> tuple[Array | None, Array | No
     return leaves["scale"], leaves["concat_score_weight"]
 
 
+def check_batch_dims(
+    query: Array, key: Array, value: Array, value_name: str = "value"
+) -> tuple[Array, Array, Array, tuple[int, ...]]:
+    """Checks the batch dims ``...`` of query against key/value; returns
+    ``(query, key, value, batch)``.
+
+    Key and value must have equal batch dims; against the query they broadcast by
+    NumPy's rules at equal rank (each dim equal, or 1 on one side). ``batch`` is the
+    broadcast shape, the output's. Key and value keep their own (possibly size-1) dims:
+    they are never repeated (query ``[B, Hkv, G, Tq, D]`` with key/value
+    ``[B, Hkv, 1, Tv, D]`` is grouped-query attention). The query is broadcast to
+    ``batch`` when key/value have more entries along a dim (one query for many).
+    """
+    if key is not value and tuple(key.shape[:-2]) != tuple(value.shape[:-2]):
+        fail(
+            f"key batch dims must equal {value_name}'s {tuple(value.shape[:-2])} (key and "
+            f"{value_name} are not broadcast against each other); received key shape "
+            f"{tuple(key.shape)} and {value_name} shape {tuple(value.shape)}."
+        )
+    q_batch = tuple(query.shape[:-2])
+    for name, x in ((value_name, value), ("key", key)):
+        if x.ndim != query.ndim:
+            fail(
+                f"{name} must have the same rank as query ({query.ndim}: batch dims "
+                f"{q_batch}); received {name} shape {tuple(x.shape)} and query shape "
+                f"{tuple(query.shape)}."
+            )
+    kv_batch = tuple(value.shape[:-2])
+    if not all(a == b or 1 in (a, b) for a, b in zip(q_batch, kv_batch, strict=True)):
+        fail(
+            f"{value_name} batch dims {kv_batch} must broadcast against query's {q_batch} "
+            f"(NumPy rules at equal rank: each dim equal, or 1 on one side, e.g. query "
+            f"[B, H, Tq, D] with [B, 1, Tv, D]); received {value_name} shape "
+            f"{tuple(value.shape)} and query shape {tuple(query.shape)}."
+        )
+    batch = tuple(
+        max(a, b) if 0 not in (a, b) else 0 for a, b in zip(q_batch, kv_batch, strict=True)
+    )
+    if batch != q_batch:  # key/value have more entries: the query is shared, broadcast it
+        query = jnp.broadcast_to(query, batch + tuple(query.shape[-2:]))
+    return query, key, value, batch
+
+
+def kv_side(x: Array, kv_batch: tuple[int, ...], length: int) -> Array:
+    """A ``[..., T]`` array (batch rank as the inputs') broadcast to ``[..., length]``
+    with its own batch dims broadcast with the key/value batch ``kv_batch``: per
+    key/value entry where it does not vary between the queries that share an entry, per
+    query batch entry where it does."""
+    lead = np.broadcast_shapes(tuple(x.shape[:-1]), kv_batch)
+    return jnp.broadcast_to(x, lead + (length,))
+
+
+def to_kv_batch(x: Array, kv_batch: tuple[int, ...]) -> Array:
+    """``x [..., T]`` reduced with ``any`` over the batch dims where the key/value batch
+    ``kv_batch`` has size 1 (shared by query groups) and ``x`` does not: ``[kv..., T]``."""
+    dims = tuple(a for a, n in enumerate(kv_batch) if n == 1 and x.shape[a] != 1)
+    x = jnp.any(x, axis=dims, keepdims=True) if dims else x
+    return jnp.broadcast_to(x, kv_batch + x.shape[-1:])
+
+
 def check_inputs(
     params: Any,
     query: Any,
@@ -350,25 +414,7 @@ def check_inputs(
     value = check_float_array(value_name, value, "[..., Tv, Dv]")
     key = value if key is None else check_float_array("key", key, "[..., Tv, D]")
 
-    batch = tuple(query.shape[:-2])
-    for name, x in ((value_name, value), ("key", key)):
-        if x.ndim != query.ndim:
-            fail(
-                f"{name} must have the same rank as query ({query.ndim}: batch dims "
-                f"{batch}); received {name} shape {tuple(x.shape)} and query shape "
-                f"{tuple(query.shape)}."
-            )
-        _require(
-            tuple(x.shape[:-2]) == batch,
-            chex.assert_equal_shape_prefix,
-            [query, x],
-            query.ndim - 2,
-            message=(
-                f"{name} batch dims must equal query's {batch} (no broadcasting); "
-                f"received {name} shape {tuple(x.shape)} and query shape "
-                f"{tuple(query.shape)}"
-            ),
-        )
+    query, key, value, batch = check_batch_dims(query, key, value, value_name)
     _require(
         key.shape[-2] == value.shape[-2],
         chex.assert_axis_dimension,
@@ -392,24 +438,30 @@ def check_inputs(
         ),
     )
 
-    query_mask, value_mask = check_masks(masks, query.shape, value.shape)
+    kv_batch = tuple(value.shape[:-2])
+    tv = value.shape[-2]
+    query_mask, value_mask = check_masks(masks, query.shape, batch + (tv,))
     attention_mask, bias, q_seg, kv_seg = check_pair_masks(
         attention_mask, bias, segment_ids, query.shape, value.shape
     )
+    # Key-side arrays stay per key/value entry unless they differ between the queries
+    # that share one (then per query batch entry): see kv_side.
+    value_mask = None if value_mask is None else kv_side(value_mask, kv_batch, tv)
+    kv_seg = None if kv_seg is None else kv_side(kv_seg, kv_batch, tv)
     scale, concat_score_weight = check_params(params, score_mode)
     query_offset = check_position("query_offset", query_offset, batch)
     kv_length = check_position("kv_length", kv_length, batch)
     if kv_length is not None:  # cache slots at or beyond the filled length are masked
         slots = jnp.arange(value.shape[-2])
         filled = slots.reshape((1,) * kv_length.ndim + slots.shape) < kv_length[..., None]
-        filled = jnp.broadcast_to(filled, value.shape[:-1])
+        filled = kv_side(filled, kv_batch, tv)
         value_mask = filled if value_mask is None else value_mask & filled
     shown = value_mask  # keys some query may see: the value mask and any key-padding mask
     if attention_mask is not None and attention_mask.shape[-2] == 1:  # [..., 1, Tv]
-        keys = jnp.broadcast_to(attention_mask[..., 0, :], value.shape[:-1])
+        keys = attention_mask[..., 0, :]
         shown = keys if shown is None else shown & keys
-    if shown is not None:
-        key, value = hide_non_finite(key, value, shown)
+    if shown is not None:  # a key is hidden when every query sharing it hides it
+        key, value = hide_non_finite(key, value, to_kv_batch(shown, kv_batch))
 
     dtype = jnp.dtype(jnp.result_type(query, key, value))
     compute_dtype = jnp.dtype(jnp.float32) if jnp.finfo(dtype).bits < 32 else dtype

@@ -18,7 +18,13 @@ import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
 from flax_dotattn._src.chunked.batching import TangentMap, TransposeMap, batching_forward
-from flax_dotattn._src.chunked.operands import Operands, Static, Tangents, prepare
+from flax_dotattn._src.chunked.operands import (
+    Operands,
+    Static,
+    Tangents,
+    from_rows,
+    prepare_grouped,
+)
 from flax_dotattn._src.chunked.tangent import Residuals
 from flax_dotattn._src.linear_map import linear_map
 from flax_dotattn._src.types import Array
@@ -94,16 +100,16 @@ def attention(call: CheckedCall, *, key_offset: int | Array = 0, with_stats: boo
         out = jnp.zeros(batch + (tq, dv), inputs.compute_dtype)
         stats = (jnp.full(batch + (tq,), -jnp.inf, inputs.compute_dtype),) * 2
         return (out, stats) if with_stats else out
-    static, ops = prepare(call, key_offset)
+    static, ops, (perm, _, g) = prepare_grouped(call, key_offset)
     # Eager calls go through the jitted kernel (compiled once per shape); traced calls
     # inline the kernel into the caller's trace.
     traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(ops))
     out, m, norm = (attend if traced else attend_jit)(static, ops)
     if not with_stats:
         out = jnp.where(norm[..., None] > 0, out, jnp.full((), jnp.nan, out.dtype))
-        return out.reshape(batch + (tq, dv))  # [..., Tq, Dv]
+        return from_rows(out, perm, batch, g)  # [..., Tq, Dv]
     # log(0) = -inf for rows that saw only -inf logits, with a zero (not NaN) derivative.
     seen = norm > 0
     log_l = jnp.where(seen, jnp.log(jnp.where(seen, norm, 1)), -jnp.inf)
-    out = out.reshape(batch + (tq, dv))
-    return out, (m.reshape(batch + (tq,)), log_l.reshape(batch + (tq,)))
+    out = from_rows(out, perm, batch, g)
+    return out, (from_rows(m, perm, batch, g), from_rows(log_l, perm, batch, g))

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from flax_dotattn._src.chunked.bounds import logit_bounds
-from flax_dotattn._src.chunked.operands import Operands, Static
+from flax_dotattn._src.chunked.operands import Operands, Static, pair_blocks
 from flax_dotattn._src.types import Array
 
 Blocks = tuple[int, int]  # (Bq, Bk)
@@ -85,11 +85,32 @@ def pair_add(x: Array, blocks: Blocks, i: Any, j: Any, y: Array) -> Array:
 
 
 def pair_block(static: Static, x: Array | None, blocks: Blocks, i: Any, j: Any) -> Array | None:
-    """Block (i, j) of a padded ``[..., Tq, Tv]`` array as ``[B, Bq, Bk]``, or None."""
+    """Block (i, j) of a padded ``[..., Tq, Tv]`` array as ``[B, Bq, Bk]`` (``blocks`` in
+    rows, query groups interleaved as the rows are), or None."""
     if x is None:
         return None
-    x = pair_slice(x, blocks, i, j)  # [..., Bq|1, Bk|1]
-    return jnp.broadcast_to(x, static.batch + blocks).reshape((-1,) + blocks)
+    positions = pair_blocks(static, blocks)
+    x = pair_slice(x, positions, i, j)  # [..., Bq|1, Bk|1]
+    x = jnp.broadcast_to(x, static.batch + positions)
+    return grouped_rows(static, x.reshape((-1,) + positions))
+
+
+def grouped_rows(static: Static, x: Array) -> Array:
+    """``[B * G, Bq, ...]`` (groups last in the batch) -> rows ``[B, Bq * G, ...]``."""
+    g = static.groups
+    if g == 1:
+        return x
+    x = x.reshape((x.shape[0] // g, g) + x.shape[1:])
+    return jnp.swapaxes(x, 1, 2).reshape((x.shape[0], x.shape[2] * g) + x.shape[3:])
+
+
+def ungrouped_rows(static: Static, x: Array) -> Array:
+    """The inverse of :func:`grouped_rows`: ``[B, Bq * G, ...]`` -> ``[B * G, Bq, ...]``."""
+    g = static.groups
+    if g == 1:
+        return x
+    x = x.reshape((x.shape[0], x.shape[1] // g, g) + x.shape[2:])
+    return jnp.swapaxes(x, 1, 2).reshape((x.shape[0] * g, x.shape[1]) + x.shape[3:])
 
 
 def unbroadcast(x: Array, shape: tuple[int, ...]) -> Array:
@@ -107,8 +128,8 @@ class Blocked(NamedTuple):
     k: Array  # [nK, B, Bk, D]
     v: Array  # [nK, B, Bk, Dv]
     value_mask: Array | None  # [nK, B, Bk]
-    attention_mask: Array | None  # [..., nQ*Bq, nK*Bk]
-    bias: Array | None  # [..., nQ*Bq, nK*Bk]
+    attention_mask: Array | None  # [..., nQ*Bq/G, nK*Bk] (positions, not rows)
+    bias: Array | None  # [..., nQ*Bq/G, nK*Bk]
     q_segments: Array | None  # [nQ, B, Bq]
     kv_segments: Array | None  # [nK, B, Bk]
     q_segment_range: Array | None  # [nQ, 2, B]: min and max segment id of the block
@@ -151,8 +172,10 @@ def cut(static: Static, ops: Operands, blocks: Blocks) -> Blocked:
         k=to_blocks(ops.k, block_k),
         v=to_blocks(ops.v, block_k),
         value_mask=None if value_mask is None else to_blocks(value_mask, block_k, fill=False),
-        attention_mask=pad_pairs(ops.masking.attention_mask, blocks, fill=False),
-        bias=pad_pairs(ops.bias, blocks),
+        attention_mask=pad_pairs(
+            ops.masking.attention_mask, pair_blocks(static, blocks), fill=False
+        ),
+        bias=pad_pairs(ops.bias, pair_blocks(static, blocks)),
         q_segments=q_seg,
         kv_segments=kv_seg,
         q_segment_range=q_range,

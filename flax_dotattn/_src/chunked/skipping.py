@@ -21,7 +21,7 @@ from jax import lax
 
 from flax_dotattn._src.chunked.bounds import negligible
 from flax_dotattn._src.chunked.layout import Blocked, Blocks, pair_slice
-from flax_dotattn._src.chunked.operands import Static
+from flax_dotattn._src.chunked.operands import Static, pair_blocks
 from flax_dotattn._src.masks import MASK_PENALTY
 from flax_dotattn._src.types import Array
 
@@ -36,7 +36,7 @@ def band(static: Static, blocks: Blocks, key_offset: Any, i: Any, n_k: int):
     Returns ``(j_lo, j_hi, n_steps)``: blocks ``j_lo <= j <= j_hi`` (traced ints), of which
     at most ``n_steps`` (static) exist.
     """
-    block_q, block_k = blocks
+    block_q, block_k = pair_blocks(static, blocks)  # positions: rows interleave groups
     left, right = static.window or (None, None)
     if static.causal:
         right = 0 if right is None else min(right, 0)
@@ -54,7 +54,7 @@ def band(static: Static, blocks: Blocks, key_offset: Any, i: Any, n_k: int):
     return j_lo, j_hi, n_steps
 
 
-def may_see(cut: Blocked, i: Any, j: Any) -> Any:
+def may_see(static: Static, cut: Blocked, i: Any, j: Any) -> Any:
     """False only when some mask hides every pair of block (i, j) (data-dependent tests;
     positions are handled by :func:`band`). Python True when nothing is tested."""
     tests = []
@@ -64,7 +64,8 @@ def may_see(cut: Blocked, i: Any, j: Any) -> Any:
         (q_lo, q_hi), (k_lo, k_hi) = cut.q_segment_range[i], cut.kv_segment_range[j]
         tests.append(jnp.any(jnp.maximum(q_lo, k_lo) <= jnp.minimum(q_hi, k_hi)))
     if cut.attention_mask is not None:
-        tests.append(jnp.any(pair_slice(cut.attention_mask, cut.blocks, i, j)))
+        blocks = pair_blocks(static, cut.blocks)
+        tests.append(jnp.any(pair_slice(cut.attention_mask, blocks, i, j)))
     return functools.reduce(jnp.logical_and, tests) if tests else True
 
 
@@ -130,12 +131,12 @@ def sweep(
     def first(t, carry):
         j = jnp.minimum(j_lo + t, n_k - 1)
         run = (j_lo + t < n_k) & (j_hi >= j_lo + t)
-        see = may_see(cut, i, j)
+        see = may_see(static, cut, i, j)
         return compute(j, run if see is True else run & see, carry)
 
     def second(j, carry):
         in_band = (j >= j_lo) & (j < j_lo + n_steps) & (j <= j_hi)
-        see = may_see(cut, i, j)
+        see = may_see(static, cut, i, j)
         in_first = in_band if see is True else in_band & see
         bound = cut.k_bound[j][:, None]  # [B, 1]
         run = ~in_first & ~masked_is_negligible(static, cut, i, bound, row_max(carry))

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from flax_dotattn._src.chunked.layout import Blocked, pair_block
-from flax_dotattn._src.chunked.operands import Static
+from flax_dotattn._src.chunked.operands import Static, query_positions
 from flax_dotattn._src.masks import Masking, keep_mask
 from flax_dotattn._src.scores import masked_logits
 from flax_dotattn._src.types import Array
@@ -26,7 +26,7 @@ def block_logits(
     """
     blocks = cut.blocks
     block_q, block_k = blocks
-    q_pos = i * block_q + jnp.arange(block_q)  # [Bq]
+    q_pos = query_positions(static, i * block_q, block_q)  # [Bq]
     k_pos = j * block_k + jnp.arange(block_k)  # [Bk], local to this call's keys
     masking = Masking(
         value_mask=None if cut.value_mask is None else cut.value_mask[j],

@@ -19,7 +19,7 @@ from jax import lax
 
 from flax_dotattn._src.chunked.layout import cut as cut_blocks
 from flax_dotattn._src.chunked.layout import from_blocks, pad_pairs, pair_block, to_blocks
-from flax_dotattn._src.chunked.operands import Operands, Static, Tangents
+from flax_dotattn._src.chunked.operands import Operands, Static, Tangents, pair_blocks
 from flax_dotattn._src.chunked.skipping import gated, sweep
 from flax_dotattn._src.chunked.softmax import block_logits, dropout_scale, dropped, probabilities
 from flax_dotattn._src.types import Array
@@ -53,7 +53,7 @@ def tangent(static: Static, res: Residuals, tangents: Tangents) -> tuple[Array, 
     t = tangents
     dkb = None if t.key is None else to_blocks(t.key, block_k)  # [nK, B, Bk, D]
     dvb = None if t.value is None else to_blocks(t.value, block_k)  # [nK, B, Bk, Dv]
-    dbias = pad_pairs(t.bias, blocks)  # [..., nQ*Bq, nK*Bk]
+    dbias = pad_pairs(t.bias, pair_blocks(static, blocks))  # [..., nQ*Bq/G, nK*Bk]
 
     def query_block(args):
         i, q_blk, m_blk, n_blk, o_blk, dq_blk = args

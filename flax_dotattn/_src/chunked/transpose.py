@@ -26,9 +26,10 @@ from flax_dotattn._src.chunked.layout import (
     pair_extent,
     to_blocks,
     unbroadcast,
+    ungrouped_rows,
 )
 from flax_dotattn._src.chunked.layout import cut as cut_blocks
-from flax_dotattn._src.chunked.operands import Static, Tangents
+from flax_dotattn._src.chunked.operands import Static, Tangents, pair_blocks
 from flax_dotattn._src.chunked.skipping import needs_second_pass, sweep
 from flax_dotattn._src.chunked.softmax import block_logits, dropout_scale, dropped, probabilities
 from flax_dotattn._src.chunked.tangent import Residuals, row_blocks
@@ -79,8 +80,10 @@ def _block_cotangents(
             value=jnp.einsum("bqk,bqd->bkd", dropped(p, drop), row.g, precision=static.precision)
         )
     if cts.bias is not None and cut.bias is not None:  # summed over the broadcast dims
-        extent = cut.bias.shape[:-2] + pair_extent(cut.bias, cut.blocks)
-        cts = cts._replace(bias=unbroadcast(cts.bias.reshape(static.batch + cut.blocks), extent))
+        positions = pair_blocks(static, cut.blocks)
+        extent = cut.bias.shape[:-2] + pair_extent(cut.bias, positions)
+        bias = ungrouped_rows(static, cts.bias).reshape(static.batch + positions)
+        cts = cts._replace(bias=unbroadcast(bias, extent))
     return cts
 
 
@@ -116,7 +119,7 @@ def _query_block(static, cut, res, present, second_pass: bool, keyside: Tangents
         else:
             zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(step, j))
             new = lax.cond(run, step, lambda _: zeros, j)
-        return _accumulate(acc, cut.blocks, row.i, j, new)
+        return _accumulate(acc, pair_blocks(static, cut.blocks), row.i, j, new)
 
     init = keyside._replace(query=None if present.query is None else jnp.zeros_like(row.q))
     acc = sweep(
