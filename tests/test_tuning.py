@@ -205,3 +205,21 @@ def test_the_command_line_shows_the_table_and_rejects_bad_flags(cache, capsys):
         with pytest.raises(SystemExit):
             tune.main(flags)
         assert named in capsys.readouterr().err
+
+
+def test_blocks_apply_within_their_lengths_and_the_shipped_ones_elsewhere(cache):
+    entries = [
+        {"min_length": 45, "max_length": 90, "block_q": 32, "block_k": 16},
+        {
+            "min_length": 91,
+            "max_length": None,
+            "block_q": 64,
+            "block_k": 32,
+            "block_q_backward": 128,
+        },
+    ]
+    tuning.write_table({"dot/causal/float32": {"crossover_bytes": SMALL, "blocks": entries}})
+    blocks = {t: tuning.lookup("dot", True, jnp.float32, t).blocks for t in (32, 64, 128)}
+    assert blocks[32] is None  # shorter than measured: BlockSizes.default applies
+    assert blocks[64] == BlockSizes(block_q=32, block_k=16)
+    assert blocks[128].backward == (128, 32)

@@ -285,7 +285,7 @@ def tune_case(
         progress.step(f"{name} {what} {b}x{t}")
         return seconds
 
-    entries = []
+    entries: list[dict[str, Any]] = []
     for t, max_length in zip(block_lengths, _boundaries(block_lengths), strict=True):
         shipped = BlockSizes.default(score_mode, causal=causal, length=t)
         fwd = {
@@ -308,14 +308,18 @@ def tune_case(
         }
         seconds = measure(t, bwd, "backward blocks")
         best = both(_pair(_pick(seconds, "{}x{}".format(*_clip(shipped.backward, t)))))
-        entries.append({"max_length": max_length, **best.to_dict()})
+        # From halfway to the previous length (to half the first: no extrapolation below).
+        low = entries[-1]["max_length"] + 1 if entries else round(t / math.sqrt(2))
+        entries.append({"min_length": low, "max_length": max_length, **best.to_dict()})
         progress.log(f"{name}: T={t} blocks forward {best.forward}, backward {best.backward}")
 
-    def blocks_for(t: int) -> BlockSizes:
+    def blocks_for(t: int) -> BlockSizes:  # as tuning.lookup reads the entries
         for entry in entries:
-            if entry["max_length"] is None or t <= entry["max_length"]:
-                return BlockSizes.coerce({k: v for k, v in entry.items() if k != "max_length"})  # type: ignore[return-value]
-        raise AssertionError("the last entry has no max_length")
+            if entry.get("min_length", 0) <= t and (
+                entry["max_length"] is None or t <= entry["max_length"]
+            ):
+                return BlockSizes(**{k: v for k, v in entry.items() if not k.endswith("length")})
+        return BlockSizes.default(score_mode, causal=causal, length=t)
 
     per_score = grid.depth if score_mode == "concat" else 1
     itemsize = jnp.dtype(jnp.float32 if jnp.finfo(dtype).bits < 32 else dtype).itemsize

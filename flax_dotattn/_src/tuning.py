@@ -26,13 +26,16 @@ Table layout (``"version": 1``)::
      "key": {"backend": "cpu", "device_kind": "cpu", "jax": "0.10.2", "flax_dotattn": "0.2.0"},
      "cases": {"dot/full/float32": {
          "crossover_bytes": 1048576,
-         "blocks": [{"max_length": 2048, "block_q": 512, "block_k": 256, ...},
-                    {"max_length": null, "block_q": 2048, "block_k": 256, ...}]}},
+         "blocks": [{"min_length": 724, "max_length": 2048, "block_q": 512, ...},
+                    {"min_length": 2049, "max_length": null, "block_q": 2048, ...}]}},
      "kernels": {"<pallas kernel>": {...}},   # its tuner's entry (kernel_entry)
      ...}   # plus free-form "machine", "created", "load_average" and "measurements"
 
 A case is ``<score_mode>/<full|causal>/<input dtype>``; ``blocks`` is read in order, the
-first entry whose ``max_length`` (query length) is None or at least ``Tq`` applies.
+first entry whose ``min_length`` (query length; absent: no bound) is at most ``Tq`` and
+whose ``max_length`` is None or at least ``Tq`` applies; a length no entry covers takes
+the shipped blocks (the tuner measures blocks at a few lengths and does not extrapolate
+below the shortest).
 """
 
 from __future__ import annotations
@@ -204,8 +207,10 @@ def lookup(score_mode: str, causal: bool, dtype: Any, length: int) -> Tuned | No
         return None
     blocks = None
     for entry in case.get("blocks") or ():
-        if entry.get("max_length") is None or length <= entry["max_length"]:
-            blocks = BlockSizes.coerce({k: v for k, v in entry.items() if k != "max_length"})
+        if entry.get("min_length", 0) <= length and (
+            entry.get("max_length") is None or length <= entry["max_length"]
+        ):
+            blocks = BlockSizes.coerce(_block_fields(entry))
             break
     return Tuned(table["key"]["device_kind"], case.get("crossover_bytes"), blocks)
 
@@ -297,11 +302,17 @@ def _case_problem(case: Any) -> str | None:
     for entry in blocks:
         if not isinstance(entry, dict):
             return f"a blocks entry is not a mapping: {entry!r}"
-        limit = entry.get("max_length")
-        if limit is not None and (not isinstance(limit, int) or limit < 1):
-            return f"max_length must be a positive int or null, not {limit!r}"
+        for bound in ("min_length", "max_length"):
+            limit = entry.get(bound)
+            if limit is not None and (not isinstance(limit, int) or limit < 0):
+                return f"{bound} must be a non-negative int or null, not {limit!r}"
         try:
-            BlockSizes.coerce({k: v for k, v in entry.items() if k != "max_length"})
+            BlockSizes.coerce(_block_fields(entry))
         except ValueError as e:
             return str(e)
     return None
+
+
+def _block_fields(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """A blocks entry without its length bounds: the BlockSizes fields."""
+    return {k: v for k, v in entry.items() if k not in ("min_length", "max_length")}
