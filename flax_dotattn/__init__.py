@@ -4,6 +4,9 @@ Public API:
 
 * :func:`dot_attention`: the pure function (``jit``/``vmap``/``grad`` friendly).
 * :class:`DotAttention`: a Flax Linen module owning the learned scalars.
+* :class:`MultiHeadDotAttention`, :class:`MultiHeadDotAttentionConfig`: a multi-head
+  module (Keras's ``MultiHeadAttention``, grouped-query heads, a decoding cache) and its
+  config; :func:`multi_head_params_from_keras`, :func:`multi_head_params_to_keras`.
 * :class:`DotAttentionConfig`, :func:`load_config`, :func:`save_config`: hyper-parameters
   that round-trip through dict/JSON/YAML and Keras configs.
 * :func:`params_from_keras`, :func:`params_to_keras`: weight conversion with Keras.
@@ -24,6 +27,16 @@ from flax_dotattn._src.keras_interop import params_from_keras as params_from_ker
 from flax_dotattn._src.keras_interop import params_to_keras as params_to_keras
 from flax_dotattn._src.linen import DotAttention as DotAttention
 from flax_dotattn._src.masks import make_causal_mask as make_causal_mask
+from flax_dotattn._src.multi_head_config import (
+    MultiHeadDotAttentionConfig as MultiHeadDotAttentionConfig,
+)
+from flax_dotattn._src.multi_head_keras import (
+    multi_head_params_from_keras as multi_head_params_from_keras,
+)
+from flax_dotattn._src.multi_head_keras import (
+    multi_head_params_to_keras as multi_head_params_to_keras,
+)
+from flax_dotattn._src.multi_head_linen import MultiHeadDotAttention as MultiHeadDotAttention
 from flax_dotattn._src.ring import ring_attention as ring_attention
 from flax_dotattn._src.scores import attention_scores as attention_scores
 from flax_dotattn._src.sharding import (
@@ -36,10 +49,14 @@ __all__ = (
     "BlockSizes",
     "DotAttention",
     "DotAttentionConfig",
+    "MultiHeadDotAttention",
+    "MultiHeadDotAttentionConfig",
     "attention_scores",
     "dot_attention",
     "load_config",
     "make_causal_mask",
+    "multi_head_params_from_keras",
+    "multi_head_params_to_keras",
     "params_from_keras",
     "params_to_keras",
     "ring_attention",

@@ -57,3 +57,11 @@ def test_seq2seq_learns_reversal_with_an_anti_diagonal_alignment(example, tmp_pa
     assert (tmp_path / "seq2seq.msgpack").exists() and (tmp_path / "seq2seq.yaml").exists()
     pytest.importorskip("matplotlib")  # the examples extra draws the heat map
     assert (tmp_path / "seq2seq_alignment.png").stat().st_size > 1000
+
+
+def test_decode_lm_learns_to_copy_and_its_cache_gives_the_full_logits(example, capsys):
+    result = example("decode_lm").main(["--steps", "60", "--eval-examples", "16"])
+    out = capsys.readouterr().out
+    assert "tokens/s with the cache" in out and "recomputing the prefix" in out
+    assert result["logit_error"] < 1e-4  # the example asserts it too
+    assert result["accuracy"] > 0.9

@@ -34,7 +34,18 @@ SRC = pathlib.Path(flax_dotattn.__file__).parent / "_src"
 
 
 @pytest.mark.parametrize(
-    "module", ["attention", "masks", "validation", "options", "config", "config_files"]
+    "module",
+    [
+        "attention",
+        "masks",
+        "validation",
+        "options",
+        "config",
+        "config_files",
+        "multi_head",
+        "multi_head_config",
+        "multi_head_keras",
+    ],
 )
 def test_pure_layers_import_neither_flax_nor_keras(module):
     assert not _imported_roots(SRC / f"{module}.py") & {"flax", "keras"}
@@ -115,7 +126,9 @@ def test_library_never_imports_the_benchmark():
         assert not {m for m in imported if m.split(".")[:2] == ["flax_dotattn", "bench"]}, path
 
 
-@pytest.mark.parametrize("name", ["DotAttention", "from_linen", "to_linen"])
+@pytest.mark.parametrize(
+    "name", ["DotAttention", "MultiHeadDotAttention", "from_linen", "to_linen"]
+)
 def test_nnx_namespace_exports(name):
     from flax_dotattn import nnx as fdnnx
 

@@ -11,8 +11,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from flax_dotattn._src.config import DotAttentionConfig, check_config
+from flax_dotattn._src.config import DotAttentionConfig
+from flax_dotattn._src.multi_head_config import MultiHeadDotAttentionConfig
 from flax_dotattn._src.options import fail
+
+#: What the files hold; a mapping with ``num_heads`` is a multi-head config.
+AnyConfig = DotAttentionConfig | MultiHeadDotAttentionConfig
 
 _SUFFIXES = {".json": "json", ".yaml": "yaml", ".yml": "yaml"}
 
@@ -39,17 +43,22 @@ def _parse(text: str, fmt: str, path: Path) -> Any:
         raise ValueError(f"could not parse YAML config file {str(path)!r}: {e}") from e
 
 
-def save_config(config: DotAttentionConfig, path: str | Path) -> Path:
+def save_config(config: AnyConfig, path: str | Path) -> Path:
     """Writes ``config`` to a ``.json``, ``.yaml`` or ``.yml`` file.
 
     Args:
-      config: the config to save.
+      config: the :class:`DotAttentionConfig` or :class:`MultiHeadDotAttentionConfig` to
+        save.
       path: destination; the suffix picks the format.
 
     Returns:
       The path written.
     """
-    check_config(config, "save_config")
+    if not isinstance(config, (DotAttentionConfig, MultiHeadDotAttentionConfig)):
+        fail(
+            "save_config expects a DotAttentionConfig or a MultiHeadDotAttentionConfig; "
+            f"received a {type(config).__name__}."
+        )
     path = Path(path)
     data = config.to_dict()
     if _format_of(path) == "json":
@@ -61,14 +70,15 @@ def save_config(config: DotAttentionConfig, path: str | Path) -> Path:
     return path
 
 
-def load_config(path: str | Path) -> DotAttentionConfig:
+def load_config(path: str | Path) -> AnyConfig:
     """Reads a config written by :func:`save_config` (or by hand) from JSON or YAML.
 
     Args:
       path: a ``.json``, ``.yaml`` or ``.yml`` file holding a mapping of field names.
 
     Returns:
-      The validated ``DotAttentionConfig``.
+      The validated config, a ``MultiHeadDotAttentionConfig`` when the file has a
+      ``num_heads`` key and a ``DotAttentionConfig`` otherwise.
 
     Raises:
       ValueError: for an unknown suffix, malformed content, a non-mapping document,
@@ -84,4 +94,6 @@ def load_config(path: str | Path) -> DotAttentionConfig:
             f"config file {str(path)!r} must hold a mapping of field names; "
             f"received a {type(data).__name__}."
         )
+    if "num_heads" in data:
+        return MultiHeadDotAttentionConfig.from_dict(data)
     return DotAttentionConfig.from_dict(data)

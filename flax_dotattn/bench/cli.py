@@ -32,6 +32,9 @@ without them, at T = 16384, forward+backward: a causal sliding window ``(256, 0)
 full causal attention (and its peak memory at T = 4096, 8192 and 16384), and 8 sequences
 of 2048 packed into one row with ``segment_ids`` against the same row with a hand-built
 block-diagonal ``attention_mask`` on the xla path and against a batch of 8 x 2048.
+``--scenarios decode`` times one decoding step (4 heads, forward) at cache lengths 1024 to
+16384: the new query against the cache (``query_offset``/``kv_length``) against causal
+attention over the whole prefix.
 
 ``--plot PATH`` draws the results (time and peak memory against T, forward and
 forward+backward, one line per implementation) with matplotlib, which is imported only
@@ -46,6 +49,7 @@ Examples:
   python -m flax_dotattn.bench --from-json bench.json --plot bench.png
   python -m flax_dotattn.bench --impls default,torch_sdpa --causal --shapes 1x4096
   python -m flax_dotattn.bench --scenarios window,packing
+  python -m flax_dotattn.bench --scenarios decode --no-memory
 """
 
 from __future__ import annotations
@@ -202,7 +206,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run_scenarios(args: argparse.Namespace) -> int:
     """``--scenarios``: times them, prints the machine and its load, writes ``--json``."""
-    header = f"Machine: {machine()}; D = 64, float32, T = {SCENARIO_LENGTH}, forward+backward."
+    header = (
+        f"Machine: {machine()}; D = 64, float32, T = {SCENARIO_LENGTH}, forward+backward "
+        "(decode: forward, T = the cache length)."
+    )
     print(header, f"Load average (1 min) at start: {load_average()[0]:.2f}.", flush=True)
     print(f"Tuning: {tuning_status()}.", flush=True)
     rows = runs.scenario_rows(args.scenarios, args.repeats or 5, not args.no_memory)

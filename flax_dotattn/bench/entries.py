@@ -18,7 +18,7 @@ from flax_dotattn import dot_attention
 from flax_dotattn.bench import baselines
 
 IMPLS = ("naive", "default", "xla", "chunked", "jax_nn", "keras", "torch_sdpa")
-SCENARIOS = ("window", "packing")
+SCENARIOS = ("window", "packing", "decode")
 MODES = ("fwd", "fwd_bwd")
 #: The sequence length at which the scenarios are timed.
 SCENARIO_LENGTH = 16384
@@ -26,7 +26,12 @@ SCENARIO_LENGTH = 16384
 SCENARIO_ENTRIES = {
     "window": ("causal_full", "causal_window_256"),
     "packing": ("packed_segment_ids", "packed_full_mask_xla", "packed_as_batch"),
+    "decode": ("decode_recompute", "decode_cached"),
 }
+#: Cache lengths at which one decoding step is timed (the decode scenario).
+DECODE_LENGTHS = (1024, 2048, 4096, 8192, 16384)
+#: Heads (as the batch dim) of the decode scenario's step.
+DECODE_HEADS = 4
 #: Lengths at which the window's peak memory is measured (it should grow linearly).
 WINDOW_MEMORY_LENGTHS = (4096, 8192, 16384)
 
@@ -91,8 +96,12 @@ def build_scenario(name: str, t: int = SCENARIO_LENGTH, d: int = 64) -> tuple[Ca
     * ``packed_segment_ids``: 8 sequences packed into one row with ``segment_ids``;
     * ``packed_full_mask_xla``: the same row with a block-diagonal ``attention_mask``
       ``[T, T]`` on the xla path (what a user would build by hand);
-    * ``packed_as_batch``: the 8 sequences as a batch of 8.
+    * ``packed_as_batch``: the 8 sequences as a batch of 8;
+    * ``decode_cached``, ``decode_recompute``: one decoding step at cache length ``t``,
+      forward only (see :func:`_decode_step`).
     """
+    if name.startswith("decode_"):
+        return _decode_step(name, t, d)
     q, k, v = _inputs(1, t, d)
     segments = jnp.repeat(jnp.arange(8), t // 8)  # [T]
     table: dict[str, dict[str, Any]] = {
@@ -108,6 +117,33 @@ def build_scenario(name: str, t: int = SCENARIO_LENGTH, d: int = 64) -> tuple[Ca
     if name == "packed_as_batch":
         q, k, v = (x.reshape(8, t // 8, d) for x in (q, k, v))
     return _jitted(lambda q, k, v: dot_attention(None, q, v, k, **options), "fwd_bwd"), (q, k, v)
+
+
+def _decode_step(name: str, t: int, d: int) -> tuple[Callable, tuple]:
+    """One greedy decoding step's attention, :data:`DECODE_HEADS` heads of depth ``d``,
+    the new token at position ``t - 1``:
+
+    * ``decode_cached``: its one query against the filled cache ``[H, t, D]``, with
+      ``query_offset = t - 1`` and ``kv_length = t`` (traced, as a decoding loop passes
+      them);
+    * ``decode_recompute``: causal attention over the whole prefix ``[H, t, D]`` (what a
+      model without a cache computes at every step), of which the last row is kept.
+    """
+    q, k, v = _inputs(DECODE_HEADS, t, d)
+    position = jnp.asarray(t - 1, jnp.int32)
+    if name == "decode_cached":
+
+        def cached(q, k, v, position):
+            return dot_attention(
+                None, q, v, k, causal=True, query_offset=position, kv_length=position + 1
+            )
+
+        return jax.jit(cached), (q[:, -1:], k, v, position)
+
+    def recompute(q, k, v):
+        return dot_attention(None, q, v, k, causal=True)[:, -1:]
+
+    return jax.jit(recompute), (q, k, v)
 
 
 def build_entry(spec: dict[str, Any]) -> tuple[Callable, tuple]:

@@ -10,6 +10,7 @@ from typing import Any, NamedTuple
 
 from flax_dotattn.bench import report
 from flax_dotattn.bench.entries import (
+    DECODE_LENGTHS,
     SCENARIO_ENTRIES,
     SCENARIO_LENGTH,
     WINDOW_MEMORY_LENGTHS,
@@ -83,6 +84,9 @@ def scenario_rows(names: Sequence[str], repeats: int, memory: bool) -> list[dict
     against T; prints and returns one row per entry."""
     rows = []
     for scenario in names:
+        if scenario == "decode":
+            rows += _decode_timings(repeats)
+            continue
         rows += _scenario_timings(scenario, repeats)
         if scenario == "window" and memory:
             rows += _window_memory()
@@ -99,6 +103,20 @@ def _scenario_timings(scenario: str, repeats: int) -> list[dict[str, Any]]:
         row["speedup_vs_first"] = seconds[entries[0]] / seconds[e]
         rows.append(row)
         print(report.scenario_line(row, entries[0]), flush=True)
+    return rows
+
+
+def _decode_timings(repeats: int) -> list[dict[str, Any]]:
+    """One decoding step, cached against recomputed, at each of :data:`DECODE_LENGTHS`."""
+    entries = SCENARIO_ENTRIES["decode"]
+    rows = []
+    for t in DECODE_LENGTHS:
+        seconds = time_entries({e: {"scenario": e, "t": t} for e in entries}, repeats)
+        for e in entries:
+            row = dict(scenario="decode", entry=e, length=t, seconds=seconds[e])
+            row["speedup_vs_first"] = seconds[entries[0]] / seconds[e]
+            rows.append(row)
+            print(report.scenario_line(row, entries[0]) + f"  T={t}", flush=True)
     return rows
 
 

@@ -1,0 +1,358 @@
+"""``MultiHeadDotAttention`` (Linen and NNX) and its config.
+
+References: Keras 3's ``keras.layers.MultiHeadAttention`` (JAX backend) with the same
+weights; ``jax.nn.dot_product_attention`` (its native grouped-query heads, and repeated
+keys/values) on projections written out with NumPy; the module's own full-sequence causal
+forward for the decoding cache.
+"""
+
+import dataclasses
+import inspect
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import yaml
+from conftest import assert_close
+from flax import nnx
+
+from flax_dotattn import (
+    MultiHeadDotAttention,
+    MultiHeadDotAttentionConfig,
+    load_config,
+    multi_head_params_from_keras,
+    multi_head_params_to_keras,
+    save_config,
+)
+from flax_dotattn import nnx as fdnnx
+
+keras = pytest.importorskip("keras")
+
+
+def _normal(r, *shape):
+    return np.asarray(r.normal(size=shape), np.float32)
+
+
+def _keras_layer(query, value, **kwargs):
+    layer = keras.layers.MultiHeadAttention(**kwargs)
+    layer.build(np.shape(query), np.shape(value))
+    return layer
+
+
+def _keras_call(layer, query, value, **kwargs):
+    # return_attention_scores=True takes Keras's explicit path (its fused path rejects
+    # value_dim != key_dim). Keras adds its biases by implicit rank promotion.
+    with jax.numpy_rank_promotion("allow"):
+        return layer(query, value, return_attention_scores=True, **kwargs)
+
+
+# -- Keras parity ------------------------------------------------------------------------
+
+
+def _parity(r, keras_kwargs, call_kwargs, keras_call_kwargs, use_scale=False):
+    q, v = _normal(r, 2, 5, 6), _normal(r, 2, 7, 4)
+    layer = _keras_layer(q, v, **keras_kwargs)
+    # Non-zero biases, so that a misplaced bias shows.
+    layer.set_weights([w + 0.1 * _normal(r, *w.shape) for w in layer.get_weights()])
+    expected, expected_w = _keras_call(layer, q, v, **keras_call_kwargs)
+    cfg = dataclasses.replace(
+        MultiHeadDotAttentionConfig.from_keras(layer.get_config()), use_scale=use_scale
+    )
+    params = multi_head_params_from_keras(layer.get_weights(), cfg)
+    out, w = MultiHeadDotAttention.from_config(cfg).apply(
+        {"params": params}, q, v, return_attention_scores=True, **call_kwargs
+    )
+    assert_close(out, expected)
+    assert_close(w, expected_w)
+    return cfg, params, layer
+
+
+def test_keras_parity_with_masks_and_scores(rng):
+    value_mask = rng.random((2, 7)) > 0.3
+    value_mask[:, 0] = True
+    attention_mask = rng.random((2, 5, 7)) > 0.2
+    _parity(
+        rng,
+        dict(num_heads=3, key_dim=4, value_dim=5, output_shape=8),
+        dict(masks=(None, value_mask), attention_mask=attention_mask),
+        dict(value_mask=value_mask, attention_mask=attention_mask),
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "keras_kwargs, call_kwargs, keras_call_kwargs, use_scale",
+    [
+        pytest.param({}, dict(causal=True), dict(use_causal_mask=True), False, id="causal"),
+        pytest.param({}, dict(causal=True), dict(use_causal_mask=True), True, id="learned-scale"),
+        pytest.param(dict(sliding_window=3), {}, {}, False, id="sliding-window"),
+        pytest.param(dict(use_bias=False), {}, {}, False, id="no-bias"),
+        pytest.param(
+            {},
+            dict(attention_mask=np.tril(np.ones((5, 7), bool))[None, None]),
+            {},
+            False,
+            id="per-head-mask-layout",
+        ),
+    ],
+)
+def test_keras_parity_grid(rng, keras_kwargs, call_kwargs, keras_call_kwargs, use_scale):
+    if "attention_mask" in call_kwargs:
+        keras_call_kwargs = dict(attention_mask=call_kwargs["attention_mask"][:, 0])
+    cfg, params, layer = _parity(
+        rng,
+        dict(num_heads=2, key_dim=4, **keras_kwargs),
+        call_kwargs,
+        keras_call_kwargs,
+        use_scale,
+    )
+    # Export: the learned scale folds into the query kernel; Keras gives our numbers.
+    back = _keras_layer(np.zeros((2, 5, 6)), np.zeros((2, 7, 4)), **layer.get_config())
+    params = dict(params, scale=jnp.float32(0.3)) if use_scale else params
+    back.set_weights(multi_head_params_to_keras({"params": params}, cfg))
+    q, v = _normal(rng, 2, 5, 6), _normal(rng, 2, 7, 4)
+    expected, _ = _keras_call(back, q, v, **keras_call_kwargs)
+    out = MultiHeadDotAttention.from_config(cfg).apply({"params": params}, q, v, **call_kwargs)
+    assert_close(out, expected)
+
+
+# -- grouped-query heads against jax.nn --------------------------------------------------
+
+
+def _numpy_projections(params, x, kv):
+    proj = lambda x, p: np.einsum("btf,fhd->bthd", x, p["kernel"]) + p["bias"]  # noqa: E731
+    return proj(x, params["query"]), proj(kv, params["key"]), proj(kv, params["value"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kv_heads", [2, 1], ids=["gqa", "mqa"])
+def test_grouped_heads_equal_jax_nn(rng, kv_heads):
+    b, t, f, h, dk = 2, 6, 8, 4, 4
+    x = _normal(rng, b, t, f)
+    layer = MultiHeadDotAttention(num_heads=h, key_dim=dk, num_kv_heads=kv_heads, causal=True)
+    params = layer.init(jax.random.key(0), x, x)["params"]
+    params = jax.tree.map(lambda p: p + 0.1 * _normal(rng, *p.shape), params)
+    out, weights = layer.apply({"params": params}, x, x, return_attention_scores=True)
+    host = jax.tree.map(np.asarray, params)
+    q, k, v = _numpy_projections(host, x, x)
+    native = jax.nn.dot_product_attention(q, k, v, is_causal=True)  # [B, T, H, Dk]
+    g = h // kv_heads
+    repeat = lambda a: jnp.repeat(a, g, axis=2)  # noqa: E731
+    repeated = jax.nn.dot_product_attention(q, repeat(k), repeat(v), is_causal=True)
+    assert_close(native, repeated)
+    expected = np.einsum("bthv,hvo->bto", native, host["out"]["kernel"]) + host["out"]["bias"]
+    assert_close(out, expected)
+    logits = np.einsum("bqhd,bkhd->bhqk", q, np.asarray(repeat(k))) / np.sqrt(dk)
+    logits = np.where(np.tril(np.ones((t, t), bool)), logits, -np.inf)
+    assert_close(weights, jax.nn.softmax(logits, axis=-1))
+
+
+# -- decoding ----------------------------------------------------------------------------
+
+
+def _decode_linen(layer, params, x, chunks):
+    decoder = layer.clone(decode=True)
+    cache = decoder.init(jax.random.key(0), x, x)["cache"]
+    traces = []
+
+    @jax.jit
+    def step(cache, chunk):
+        traces.append(chunk.shape)  # runs once per compile
+        return decoder.apply({"params": params, "cache": cache}, chunk, chunk, mutable=["cache"])
+
+    outputs, start = [], 0
+    for n in chunks:
+        out, variables = step(cache, x[:, start : start + n])
+        cache, start = variables["cache"], start + n
+        outputs.append(out)
+    assert int(cache["cache_index"]) == start
+    assert len(traces) == len(set(chunks))  # one compile per chunk length, not per position
+    return jnp.concatenate(outputs, axis=1)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        pytest.param(dict(implementation="xla"), id="xla", marks=pytest.mark.slow),
+        pytest.param(
+            dict(implementation="chunked", block_size=(2, 4), window=(3, 0)),
+            id="chunked-window",
+            marks=pytest.mark.slow,
+        ),
+    ],
+)
+def test_linen_decode_equals_the_full_causal_forward(rng, options):
+    x = _normal(rng, 2, 9, 8)
+    layer = MultiHeadDotAttention(num_heads=2, key_dim=4, causal=True, **options)
+    params = layer.init(jax.random.key(1), x, x)["params"]
+    full = layer.apply({"params": params}, x, x)
+    # One token per step (one compile), then a prefill of 3 and a chunk of 2.
+    assert_close(_decode_linen(layer, params, x, [1, 1, 1, 1]), full[:, :4])
+    assert_close(_decode_linen(layer, params, x, [3, 2, 2, 2]), full)
+
+
+def _rope(x, positions):
+    """Rotary embeddings on ``x [B, T, heads, D]`` at ``positions [T]``."""
+    half = x.shape[-1] // 2
+    freq = 1.0 / 10000 ** (jnp.arange(half) / half)
+    angle = positions[:, None] * freq[None, :]  # [T, D/2]
+    cos, sin = jnp.cos(angle)[None, :, None, :], jnp.sin(angle)[None, :, None, :]
+    x1, x2 = x[..., :half], x[..., half:]
+    return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "kv_heads",
+    [pytest.param(None, id="mha"), pytest.param(2, id="gqa")],
+)
+def test_nnx_decode_equals_the_full_forward_and_linen(rng, kv_heads):
+    x = _normal(rng, 2, 7, 8)
+    model = fdnnx.MultiHeadDotAttention(
+        4,
+        8,
+        key_dim=4,
+        num_kv_heads=kv_heads,
+        causal=True,
+        use_scale=True,
+        query_key_transform=_rope,
+        rngs=nnx.Rngs(0),
+    )
+    full = model(x, x)
+    linen = MultiHeadDotAttention.from_config(model.config, query_key_transform=_rope)
+    assert_close(linen.apply({"params": model.params()}, x, x), full)
+    model.init_cache(x.shape)
+    step = nnx.jit(lambda m, chunk: m(chunk, chunk, decode=True))
+    outputs = [step(model, x[:, a:b]) for a, b in ((0, 3), (3, 4), (4, 5), (5, 7))]
+    assert_close(jnp.concatenate(outputs, axis=1), full)
+    assert int(model.cache_index[...]) == 7
+
+
+# -- config ------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_config_round_trips_through_dict_files_modules_and_keras(tmp_path):
+    cfg = MultiHeadDotAttentionConfig(
+        num_heads=4,
+        key_dim=8,
+        value_dim=6,
+        output_shape=12,
+        num_kv_heads=2,
+        use_scale=True,
+        scale_init=0.2,
+        causal=True,
+        window=(16, 0),
+        precision="high",
+        block_size=(32, 64),
+    )
+    assert MultiHeadDotAttentionConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert MultiHeadDotAttentionConfig.from_dict(yaml.safe_load(yaml.safe_dump(cfg.to_dict())))
+    for suffix in (".json", ".yaml"):
+        assert load_config(save_config(cfg, tmp_path / f"mh{suffix}")) == cfg
+    assert MultiHeadDotAttention.from_config(cfg).config == cfg
+    model = fdnnx.MultiHeadDotAttention.from_config(cfg, 16, rngs=nnx.Rngs(0))
+    model.eval()
+    assert model.config == cfg and hash(cfg) == hash(model.config)
+    assert cfg.attention.scale_init == 0.2 and cfg.groups == 2
+    keras_cfg = MultiHeadDotAttentionConfig(num_heads=2, key_dim=4, window=(2, 2))
+    layer = keras.layers.MultiHeadAttention.from_config(keras_cfg.to_keras())
+    assert layer.get_config()["sliding_window"] == 3
+    assert MultiHeadDotAttentionConfig.from_keras(layer.get_config()) == dataclasses.replace(
+        keras_cfg, dtype="float32", value_dim=4
+    )
+
+
+def test_no_dropout_stream_is_forked_without_dropout():
+    rngs = nnx.Rngs(0)
+    fdnnx.MultiHeadDotAttention(2, 8, key_dim=4, rngs=rngs)
+    after_layer = rngs.params()
+    fresh = nnx.Rngs(0)
+    for _ in range(8):  # the layer drew its 8 kernels and biases, nothing else
+        fresh.params()
+    assert jnp.array_equal(jax.random.key_data(after_layer), jax.random.key_data(fresh.params()))
+
+
+# -- errors ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "build, pattern",
+    [
+        (
+            lambda: MultiHeadDotAttentionConfig(num_heads=4, key_dim=8, num_kv_heads=3),
+            r"num_kv_heads must divide num_heads.*num_heads=4, num_kv_heads=3",
+        ),
+        (
+            lambda: MultiHeadDotAttentionConfig(num_heads=0, key_dim=8),
+            r"num_heads must be a positive int; received num_heads=0",
+        ),
+        (
+            lambda: MultiHeadDotAttentionConfig(num_heads=2, key_dim=8.0),
+            r"key_dim must be a positive Python int; received key_dim=8.0 of type float",
+        ),
+        (
+            lambda: MultiHeadDotAttentionConfig(num_heads=2, key_dim=8, scale_init="a"),
+            r"scale_init must be a finite Python float",
+        ),
+        (
+            lambda: MultiHeadDotAttentionConfig(num_heads=2, key_dim=8, window=(1, 2, 3)),
+            r"window must be None or a pair",
+        ),
+        (lambda: MultiHeadDotAttentionConfig.from_dict({"key_dim": 8}), r"needs \['num_heads'\]"),
+        (
+            lambda: MultiHeadDotAttentionConfig(num_heads=4, key_dim=8, num_kv_heads=2).to_keras(),
+            r"no grouped-query attention; received num_kv_heads=2 with num_heads=4",
+        ),
+        (
+            lambda: MultiHeadDotAttentionConfig.from_keras(
+                {"num_heads": 2, "key_dim": 4, "attention_axes": [1, 2]}
+            ),
+            r"attention_axes=\[1, 2\]",
+        ),
+        (
+            lambda: fdnnx.MultiHeadDotAttention(3, 8, rngs=nnx.Rngs(0)),
+            r"needs num_heads to divide in_features; received in_features=8, num_heads=3",
+        ),
+        (
+            lambda: fdnnx.MultiHeadDotAttention(2, 8, rngs=nnx.Rngs(0))(
+                jnp.ones((1, 2, 8)), jnp.ones((1, 2, 8)), decode=True
+            ),
+            r"decode=True needs a cache: call init_cache",
+        ),
+        (
+            lambda: fdnnx.MultiHeadDotAttention(2, 8, rngs=nnx.Rngs(0))(
+                jnp.ones((1, 2, 6)), jnp.ones((1, 2, 8))
+            ),
+            r"query has 6 features but its projection kernel expects 8.*shape \(1, 2, 6\)",
+        ),
+        (
+            lambda: fdnnx.MultiHeadDotAttention(2, 8, rngs=nnx.Rngs(0))(
+                jnp.ones((1, 2, 8)), jnp.ones((1, 3, 8)), attention_mask=jnp.ones((1, 3, 2, 3))
+            ),
+            r"attention_mask with a head axis must be \[..., H or 1, Tq, Tv\] with H=2; "
+            r"received shape \(1, 3, 2, 3\)",
+        ),
+        (
+            lambda: multi_head_params_from_keras(
+                [np.zeros((4, 2, 4))] * 3, MultiHeadDotAttentionConfig(num_heads=2, key_dim=4)
+            ),
+            r"expected 8 weights.*received 3",
+        ),
+    ],
+)
+def test_bad_inputs_raise_value_errors_naming_them(build, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        build()
+
+
+def test_both_modules_declare_the_config_fields_with_its_defaults():
+    fields = {f.name: f for f in dataclasses.fields(MultiHeadDotAttentionConfig)}
+    linen = {f.name: f for f in dataclasses.fields(MultiHeadDotAttention)}
+    nnx_parameters = inspect.signature(fdnnx.MultiHeadDotAttention.__init__).parameters
+    for name, field in fields.items():
+        assert linen[name].default == field.default, name
+        if name not in ("num_heads", "key_dim"):  # NNX: key_dim=None is in_features // H
+            assert nnx_parameters[name].default == field.default, name
