@@ -200,13 +200,17 @@ def dot_attention(
         pattern differs from the materialised path's, with the same statistics), or
         ``"cudnn"`` (GPU only: ``jax.nn.dot_product_attention``'s fused kernel, for
         float16/bfloat16, ``"dot"`` scores, ``D == Dv`` a multiple of 8 up to 128, no
-        dropout or returned weights, causal only with ``Tq == Tv``). Automatic dispatch
-        picks ``"cudnn"`` on GPU when eligible, ``"chunked"`` from 1 MiB of float32
-        scores per sequence (``Tq = Tv = 512``; 16 MiB of ``[Tq, Tv, D]`` in concat
-        mode), else ``"xla"``: one sequence's size, never the batch's, so a call under
-        ``jax.vmap`` chooses what the batched call chooses. Every path
-        supports ``jax.grad``, ``jax.jvp``/``jax.jacfwd``, ``jax.vmap`` and empty
-        dimensions.
+        dropout or returned weights, causal only with ``Tq == Tv``), or ``"pallas_tpu"``
+        (JAX's splash attention: ``"dot"`` scores, causal, window, key padding, segment
+        ids and a host-int ``query_offset``; no bias, dense mask, dropout or returned
+        weights; Pallas interpret mode off TPU, a slow testing mode). ``"pallas_gpu"``
+        is reserved and not available yet. The automatic choice is made per platform
+        when the call is lowered (see :func:`which_implementation`): ``"pallas_tpu"``
+        on TPU and ``"cudnn"`` on GPU when eligible, else ``"chunked"`` from 1 MiB of
+        float32 scores per sequence (``Tq = Tv = 512``; 16 MiB of ``[Tq, Tv, D]`` in
+        concat mode), else ``"xla"``: one sequence's size, never the batch's, so a call
+        under ``jax.vmap`` chooses what the batched call chooses. Every path supports
+        ``jax.grad``, ``jax.jvp``/``jax.jacfwd``, ``jax.vmap`` and empty dimensions.
       block_size: the chunked path's blocks: None (the measured default per score mode
         and mask), an int, a pair ``(Bq, Bk)`` or a :class:`BlockSizes`.
 
@@ -258,24 +262,32 @@ def which_implementation(
     key: Array | None = None,
     masks: Masks = None,
     causal: bool = False,
+    *,
+    platform: str | None = None,
     **keywords: Unpack[AllKeywords],
 ) -> dispatch.Plan:
-    """Which implementation :func:`dot_attention` would run for these arguments, and why.
+    """Which implementation :func:`dot_attention` would run for these arguments on a
+    platform, and why.
 
     Takes exactly :func:`dot_attention`'s arguments (arrays, not shapes) and checks them
-    the same way; nothing is computed.
+    the same way; nothing is computed. The choice is made per platform when the call is
+    lowered, so a call exported for TPU from a CPU host runs what ``platform="tpu"`` says.
 
     Args:
       params, query, value, key, masks, causal: see :func:`dot_attention`.
+      platform: the platform to plan for: None (the current backend), ``"cpu"``,
+        ``"tpu"``, ``"cuda"`` (or ``"gpu"``) or ``"rocm"``.
       **keywords: :func:`dot_attention`'s keyword-only arguments.
 
     Returns:
-      A ``Plan`` named tuple: ``implementation`` (``"xla"``, ``"chunked"`` or ``"cudnn"``)
-      and a human-readable ``reason``.
+      A ``Plan`` named tuple: ``implementation`` (``"xla"``, ``"chunked"``, ``"cudnn"``
+      or ``"pallas_tpu"``) and a human-readable ``reason`` (on an accelerator, why its
+      kernel does not take the call when it does not).
 
     Raises:
       TypeError: for a keyword :func:`dot_attention` does not take.
-      ValueError: for everything :func:`dot_attention` rejects.
+      ValueError: for everything :func:`dot_attention` rejects, and an unknown
+        ``platform``.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -285,16 +297,18 @@ def which_implementation(
       >>> plan = which_implementation(None, jnp.ones((1, 4096, 64)), jnp.ones((1, 4096, 64)))
       >>> plan.implementation, plan.reason
       ('chunked', "one sequence's materialised scores would take 64 MiB >= 1 MiB")
+      >>> q = jnp.ones((2, 1024, 128), jnp.bfloat16)
+      >>> which_implementation(None, q, q, causal=True, platform="tpu").implementation
+      'pallas_tpu'
     """
     bound = _SIGNATURE.bind(params, query, value, key, masks, causal, **keywords)
     call = validation.check_call(bound.arguments)
-    return dispatch.plan(call.inputs, call.options)
+    return dispatch.plan(call.inputs, call.options, dispatch.check_platform(platform))
 
 
 def attend(call: validation.CheckedCall) -> Array | tuple[Array, Array]:
     """:func:`dot_attention` on checked arguments: plan, run, mask the queries, cast."""
-    plan = dispatch.plan(call.inputs, call.options)
-    output, weights = kernels.run(plan, call)
+    output, weights = kernels.run_per_platform(call)
     output = validation.finish(output, call.inputs)  # [..., Tq, Dv]
     if weights is None or not call.options.return_attention_scores:
         return output

@@ -1,10 +1,23 @@
-"""Automatic choice of implementation from static shapes, dtype, backend and features.
+"""Automatic choice of implementation, per platform, from static shapes, dtype and
+features.
 
-* ``"cudnn"`` on GPU for float16/bfloat16 inputs the fused kernel can take (see
-  :func:`flax_dotattn._src.cudnn.ineligibility`).
-* ``"xla"`` (materialised) for short sequences, and whenever the weights are returned.
-* ``"chunked"`` once one sequence's materialised intermediate (its ``[Tq, Tv]`` scores;
-  ``[Tq, Tv, D]`` in concat mode) reaches :data:`CHUNKED_CROSSOVER_BYTES`.
+One traced call can lower to several platforms (``jax.export`` for TPU from a CPU host,
+AOT ``.lower()``), so the choice is made once per platform (:func:`plans`) and
+:mod:`.kernels` defers it to lowering with ``jax.lax.platform_dependent``; the current
+backend only matters for an explicit ``"cudnn"`` and for the default of
+:func:`~flax_dotattn.which_implementation`.
+
+* ``"cpu"`` (and any platform without its own rule): ``"xla"`` (materialised) for short
+  sequences and whenever the weights are returned; ``"chunked"`` once one sequence's
+  materialised intermediate (its ``[Tq, Tv]`` scores; ``[Tq, Tv, D]`` in concat mode)
+  reaches :data:`CHUNKED_CROSSOVER_BYTES`.
+* ``"tpu"``: ``"pallas_tpu"`` (splash attention) where it takes the inputs with Keras's
+  numbers (:func:`flax_dotattn._src.pallas_tpu.ineligibility`) and both lengths reach
+  one kernel block; otherwise the CPU rule.
+* ``"cuda"``: ``"cudnn"`` for float16/bfloat16 inputs the fused kernel can take (see
+  :func:`flax_dotattn._src.cudnn.ineligibility`) when a GPU is attached (``jax.nn``
+  checks the installed cuDNN while tracing, so no cuDNN call can be traced on a host
+  without one); otherwise the CPU rule. ``"rocm"``: the CPU rule.
 
 The rule reads the size of *one* sequence, never the batch: under ``jax.vmap`` a call sees
 only its own example, and the rule must choose what the batched call chooses (the chunked
@@ -21,7 +34,7 @@ from typing import NamedTuple
 
 import jax
 
-from flax_dotattn._src import tuning
+from flax_dotattn._src import pallas_tpu, tuning
 from flax_dotattn._src.cudnn import ineligibility
 from flax_dotattn._src.options import AttentionOptions
 from flax_dotattn._src.validation import AttentionInputs
@@ -34,11 +47,39 @@ from flax_dotattn._src.validation import AttentionInputs
 CHUNKED_CROSSOVER_BYTES = {"dot": 2**20, "concat": 16 * 2**20}
 
 
+#: The platforms a call is planned for, by their lowering names.
+PLATFORMS = ("cpu", "tpu", "cuda", "rocm")
+#: ``platform=`` spellings :func:`plan` accepts beyond :data:`PLATFORMS`.
+_ALIASES = {"gpu": "cuda"}
+
+
 class Plan(NamedTuple):
     """How :func:`dot_attention` will run."""
 
-    implementation: str  # "xla", "chunked" or "cudnn"
+    implementation: str  # "xla", "chunked", "cudnn" or "pallas_tpu"
     reason: str = ""  # why, in words
+
+
+def current_platform() -> str:
+    """The default backend's platform, by its lowering name (``"cuda"``, ``"rocm"``,
+    ``"tpu"``, ``"cpu"``)."""
+    backend = jax.default_backend()
+    if backend == "gpu":
+        return jax.devices()[0].platform  # "cuda" or "rocm"
+    return backend
+
+
+def check_platform(platform: object) -> str:
+    """``platform`` (None: the current backend) as one of :data:`PLATFORMS`."""
+    if platform is None:
+        return current_platform()
+    if isinstance(platform, str) and platform.lower() in (*PLATFORMS, *_ALIASES):
+        name = platform.lower()
+        return _ALIASES.get(name, name)
+    raise ValueError(
+        f"platform must be None or one of {(*PLATFORMS, *_ALIASES)}; received "
+        f"platform={platform!r}."
+    )
 
 
 def materialised_bytes(inputs: AttentionInputs, score_mode: str) -> int:
@@ -48,20 +89,46 @@ def materialised_bytes(inputs: AttentionInputs, score_mode: str) -> int:
     return tq * tv * per_score * inputs.compute_dtype.itemsize
 
 
-def plan(inputs: AttentionInputs, options: AttentionOptions) -> Plan:
-    """The :class:`Plan` for these (static) inputs and options.
-
-    ``options.implementation=None`` chooses automatically; an explicit choice is checked.
+def plans(inputs: AttentionInputs, options: AttentionOptions) -> dict[str, Plan]:
+    """The :class:`Plan` of every platform in :data:`PLATFORMS`.
 
     Raises:
       ValueError: when the requested implementation cannot run these inputs.
     """
+    return {platform: plan(inputs, options, platform) for platform in PLATFORMS}
+
+
+def plan(inputs: AttentionInputs, options: AttentionOptions, platform: str | None = None) -> Plan:
+    """The :class:`Plan` for these (static) inputs and options on ``platform`` (None: the
+    current backend).
+
+    ``options.implementation=None`` chooses automatically; an explicit choice is checked
+    (the same on every platform: ``"pallas_tpu"`` runs in interpret mode off TPU).
+
+    Raises:
+      ValueError: when the requested implementation cannot run these inputs.
+    """
+    platform = check_platform(platform)
     implementation = options.implementation
-    fused_reason = _fused_reason(inputs, options) or _unsupported_by_fused(inputs, options)
     if implementation == "cudnn":
+        fused_reason = _fused_reason(inputs, options) or _unsupported_by_fused(inputs, options)
         if fused_reason:
             raise ValueError(f"implementation='cudnn' cannot run these inputs: {fused_reason}.")
         return Plan("cudnn", reason="requested")
+    if implementation == "pallas_tpu":
+        splash_reason = pallas_tpu.ineligibility(inputs, options)
+        if splash_reason:
+            raise ValueError(
+                f"implementation='pallas_tpu' cannot run these inputs: {splash_reason}."
+            )
+        mode = "" if platform == "tpu" else f" (Pallas interpret mode on {platform})"
+        return Plan("pallas_tpu", reason="requested" + mode)
+    if implementation == "pallas_gpu":
+        raise ValueError(
+            "implementation='pallas_gpu' is not available yet in this version; received "
+            "implementation='pallas_gpu' (use None, 'xla', 'chunked', 'cudnn' or "
+            "'pallas_tpu')."
+        )
     if implementation == "chunked" and options.return_attention_scores:
         raise ValueError(
             "implementation='chunked' never forms the [..., Tq, Tv] weights, so it cannot "
@@ -70,8 +137,15 @@ def plan(inputs: AttentionInputs, options: AttentionOptions) -> Plan:
         )
     if implementation is not None:
         return Plan(implementation, reason="requested")
-    if fused_reason is None:
-        return Plan("cudnn", reason="on GPU the fused kernel takes these inputs")
+    if platform == "tpu":
+        return _tpu_plan(inputs, options)
+    if platform == "cuda":
+        return _cuda_plan(inputs, options)
+    return _cpu_plan(inputs, options)
+
+
+def _cpu_plan(inputs: AttentionInputs, options: AttentionOptions) -> Plan:
+    """The rule of CPUs, and of any platform where no kernel of its own takes the call."""
     if options.return_attention_scores:
         return Plan("xla", reason="the weights are returned, which only xla forms")
     size = materialised_bytes(inputs, options.score_mode)
@@ -83,6 +157,50 @@ def plan(inputs: AttentionInputs, options: AttentionOptions) -> Plan:
     if size < limit:
         return Plan("xla", reason=f"{what} < {limit / 2**20:.3g} MiB{tuned}")
     return Plan("chunked", reason=f"{what} >= {limit / 2**20:.3g} MiB{tuned}")
+
+
+def _tpu_plan(inputs: AttentionInputs, options: AttentionOptions) -> Plan:
+    """``"pallas_tpu"`` where splash takes the call, else the CPU rule (with why)."""
+    reason = pallas_tpu.ineligibility(inputs, options)
+    tq, tv = inputs.query.shape[-2], inputs.key.shape[-2]
+    if reason is None and min(tq, tv) < pallas_tpu.MIN_AUTOMATIC_LENGTH:
+        reason = (
+            f"Tq={tq}, Tv={tv}: shorter than one kernel block ({pallas_tpu.MIN_AUTOMATIC_LENGTH})"
+        )
+    if reason is None:
+        return Plan("pallas_tpu", reason="on TPU the splash kernel takes these inputs")
+    fallback = _cpu_plan(inputs, options)
+    return fallback._replace(reason=f"pallas_tpu: {reason}; {fallback.reason}")
+
+
+def _cuda_plan(inputs: AttentionInputs, options: AttentionOptions) -> Plan:
+    """``"cudnn"`` where the fused kernel takes the call, else the CPU rule (with why).
+
+    The GPU kernels' seam: a Pallas GPU kernel slots in between the two."""
+    reason = _fused_reason(inputs, options) or _unsupported_by_fused(inputs, options)
+    if reason is None:
+        return Plan("cudnn", reason="on GPU the fused kernel takes these inputs")
+    fallback = _cpu_plan(inputs, options)
+    return fallback._replace(reason=f"cudnn: {reason}; {fallback.reason}")
+
+
+def sequence_parallel_plans(
+    inputs: AttentionInputs, options: AttentionOptions, shard_length: int
+) -> dict[str, Plan]:
+    """The kernel each key shard of :func:`sequence_parallel_attention` runs, per
+    platform: ``"pallas_tpu"`` on TPU where splash takes a shard, else ``"chunked"`` (the
+    merge needs each shard's softmax statistics, which only these two return)."""
+    reason = pallas_tpu.shard_ineligibility(inputs, options)
+    tq = inputs.query.shape[-2]
+    if reason is None and min(tq, shard_length) < pallas_tpu.MIN_AUTOMATIC_LENGTH:
+        reason = f"Tq={tq}, shard Tv={shard_length}: shorter than one kernel block"
+    blockwise = Plan("chunked", reason="the shards' merge needs softmax statistics")
+    result = {platform: blockwise for platform in PLATFORMS}
+    if reason is None:
+        result["tpu"] = Plan("pallas_tpu", reason="on TPU the splash kernel takes each shard")
+    else:
+        result["tpu"] = blockwise._replace(reason=f"pallas_tpu: {reason}")
+    return result
 
 
 def _unsupported_by_fused(inputs: AttentionInputs, options: AttentionOptions) -> str | None:
@@ -100,7 +218,8 @@ def _unsupported_by_fused(inputs: AttentionInputs, options: AttentionOptions) ->
 
 
 def _fused_reason(inputs: AttentionInputs, options: AttentionOptions) -> str | None:
-    """Why the fused GPU kernel cannot take these inputs here (None when it can)."""
+    """Why the fused GPU kernel cannot take these inputs here (None when it can); it is
+    never traced without a GPU attached (``jax.nn`` checks cuDNN while tracing)."""
     if jax.default_backend() != "gpu":
         return f"the backend is {jax.default_backend()!r}, not 'gpu'"
     return ineligibility(

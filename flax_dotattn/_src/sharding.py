@@ -17,6 +17,7 @@ Shape glossary: ``...`` batch dims, ``Tq``/``Tv`` query/key lengths, ``D`` query
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -24,7 +25,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import Mesh, PartitionSpec
 
-from flax_dotattn._src import chunked, validation
+from flax_dotattn._src import chunked, dispatch, pallas_tpu, validation
 from flax_dotattn._src.types import (
     Array,
     BlockSizeLike,
@@ -145,18 +146,45 @@ def sequence_parallel_attention(
         )
     )
 
-    def shard(q, k, v, masking, bias, scale, cw, rng):
+    plans = dispatch.sequence_parallel_plans(inputs, call.options, shard_len)
+    splash_somewhere = any(p.implementation == "pallas_tpu" for p in plans.values())
+    # Keras's rule for a row that sees no key at all needs the chunked path on every shard.
+    no_key = pallas_tpu.some_row_sees_no_key(inputs, call.options) if splash_somewhere else False
+
+    def shard(q, k, v, masking, bias, scale, cw, rng, no_key):
         index = lax.axis_index(axis_name)
         if rng is not None:
             rng = jax.random.fold_in(rng, index)
         local = inputs._replace(
             query=q, key=k, value=v, masking=masking, bias=bias, scale=scale, concat_score_weight=cw
         )
-        out, (m, log_l) = chunked.attention(
-            validation.CheckedCall(call.options, local, rng),
-            key_offset=index * shard_len,
-            with_stats=True,
-        )  # [..., Tq, Dv], [..., Tq], [..., Tq]
+        local_call = validation.CheckedCall(call.options, local, rng)
+
+        def blockwise() -> tuple[Array, Array, Array]:
+            out, (m, log_l) = chunked.attention(
+                local_call, key_offset=index * shard_len, with_stats=True
+            )  # [..., Tq, Dv], [..., Tq], [..., Tq]
+            return out.astype(inputs.compute_dtype), m, log_l
+
+        def kernel(platform: str) -> Callable[[], tuple[Array, Array, Array]]:
+            def run() -> tuple[Array, Array, Array]:
+                out, lse, overflow = pallas_tpu.splash_shard(
+                    local_call, interpret=platform != "tpu"
+                )
+                m = lax.stop_gradient(lse)
+                splash = (out, m, lse - m)  # log_l carries the derivative, as chunked's
+                return lax.cond(no_key | overflow, blockwise, lambda: splash)
+
+            return run
+
+        if not splash_somewhere:
+            out, m, log_l = blockwise()
+        else:
+            branches = {
+                p: kernel(p) if plan.implementation == "pallas_tpu" else blockwise
+                for p, plan in plans.items()
+            }
+            out, m, log_l = lax.platform_dependent(**branches, default=blockwise)
         m = lax.stop_gradient(m)
         top = lax.pmax(m, axis_name)  # [..., Tq]
         top = jnp.where(top > -jnp.inf, top, jnp.zeros((), top.dtype))  # a row of -inf only
@@ -176,6 +204,7 @@ def sequence_parallel_attention(
         replicated,
         replicated,
         replicated,
+        replicated,
     )
     output = jax.shard_map(
         shard, mesh=mesh, in_specs=in_specs, out_specs=replicated, check_vma=False
@@ -188,5 +217,6 @@ def sequence_parallel_attention(
         inputs.scale,
         inputs.concat_score_weight,
         call.dropout_rng,
+        jnp.asarray(no_key),
     )
     return validation.finish(output, inputs)

@@ -17,7 +17,7 @@ from flax_dotattn._src.blocks import BlockSizes
 Array = jax.Array
 
 ScoreMode = Literal["dot", "concat"]
-Implementation = Literal["xla", "chunked", "cudnn"]
+Implementation = Literal["xla", "chunked", "cudnn", "pallas_tpu", "pallas_gpu"]
 PrecisionName = Literal["default", "high", "highest"]
 FloatDtypeName = Literal["float16", "bfloat16", "float32", "float64"]
 

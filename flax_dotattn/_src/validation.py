@@ -39,6 +39,7 @@ class AttentionInputs(NamedTuple):
     scale: Array | None  # []
     concat_score_weight: Array | None  # []
     query_offset: Array | None  # int32 [] or [...] (batch rank): position of query 0
+    # (a NumPy array when given on the host)
     dtype: jnp.dtype  # dtype of the inputs (and of the outputs)
     compute_dtype: jnp.dtype  # float32 for float16/bfloat16 inputs
 
@@ -502,13 +503,14 @@ def check_position(name: str, x: Any, batch: tuple[int, ...]) -> Array | None:
             f"{name} must have an integer dtype that int32 holds (positions are int32; "
             f"a traced {x.dtype} could wrap); received dtype {x.dtype}: cast it to int32."
         )
-    x = jnp.asarray(host if host is not None else x)
-    if not _broadcastable(tuple(x.shape), batch):
+    if not _broadcastable(tuple(jnp.shape(x)), batch):
         fail(
             f"{name} must broadcast to the batch dims {batch} (NumPy rules); received "
-            f"shape {tuple(x.shape)}."
+            f"shape {tuple(jnp.shape(x))}."
         )
-    x = x.astype(jnp.int32)
+    # A value given on the host stays a NumPy array, so that kernels whose masks take a
+    # static position (splash's offset) can read it under jit.
+    x = host.astype(np.int32) if host is not None else jnp.asarray(x).astype(jnp.int32)
     return x if x.ndim == 0 else x.reshape((1,) * (len(batch) - x.ndim) + x.shape)
 
 
