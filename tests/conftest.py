@@ -4,11 +4,14 @@
 * Implicit rank promotion raises, so nothing in the library broadcasts by accident.
 * 8 simulated CPU devices, for the sharding tests.
 * Warnings are errors (see ``filterwarnings`` in pyproject.toml).
+* No tuned table (``python -m flax_dotattn.tune``): the suite tests the shipped defaults,
+  whatever this machine's cache holds; tests/test_tuning.py turns it on in a temp dir.
 """
 
 import os
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
+os.environ.setdefault("FLAX_DOTATTN_TUNING", "off")
 # 8 simulated CPU devices for the sharding tests; must be set before jax initialises.
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (

@@ -83,21 +83,37 @@ class BlockSizes:
         score_mode: str,
         window: tuple[int | None, int | None] | None = None,
         causal: bool = False,
+        base: BlockSizes | None = None,
+        length: int | None = None,
     ) -> BlockSizes:
-        """The default blocks for ``score_mode``, given the ``window`` and ``causal``.
+        """The default blocks for ``score_mode``, given the ``window``, ``causal`` and the
+        query ``length`` (``Tq``; None: long).
 
         ``"dot"``: ``(2048, 256)``, tall query blocks keep the matmuls large and short key
         blocks keep the working set in cache; ``(1024, 256)`` when causal, which computes
-        less of the hidden triangle. ``"concat"``: ``(256, 128)``, smaller because each
-        step forms a ``[B, Bq, Bk, D]`` tanh block. A sliding ``window`` of span ``w`` (both
-        sides bounded, the right one by ``causal`` too) takes square blocks of half the
-        largest power of two up to ``w``, between 64 and 256, so that most of the band's
-        blocks are visible. The benchmark page gives the timings behind these choices.
+        less of the hidden triangle, and for a ``length`` below 2048 half of it as a power
+        of two, at least 256, so that a causal sequence has at least two query blocks (one
+        block would compute the whole hidden triangle). ``"concat"``: ``(256, 128)``,
+        smaller because each step forms a ``[B, Bq, Bk, D]`` tanh block. A sliding
+        ``window`` of span ``w`` (both sides bounded, the right one by ``causal`` too)
+        takes square blocks of half the largest power of two up to ``w``, between 64 and
+        256, so that most of the band's blocks are visible. ``base`` replaces the blocks
+        without a window (a tuned table's, see ``python -m flax_dotattn.tune``); a window
+        narrows it the same way. The benchmark page gives the timings behind these choices.
+
+        Examples:
+          >>> BlockSizes.default("dot", causal=True).forward
+          (1024, 256)
+          >>> BlockSizes.default("dot", causal=True, length=1024).forward
+          (512, 256)
         """
-        if score_mode == "concat":
+        if base is None and score_mode == "concat":
             base = cls(block_q=256, block_k=128)
-        else:  # causal: shorter query blocks compute less of the hidden triangle
-            base = cls(block_q=1024 if causal else 2048, block_k=256)
+        elif base is None and causal:  # shorter query blocks compute less of the triangle
+            half = 2 ** max((length or 2048).bit_length() - 2, 0)  # a power of two <= length / 2
+            base = cls(block_q=min(1024, max(256, half)), block_k=256)
+        elif base is None:
+            base = cls(block_q=2048, block_k=256)
         left, right = window or (None, None)
         if causal and right is not None:
             right = min(right, 0)

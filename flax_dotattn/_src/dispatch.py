@@ -23,7 +23,9 @@ The rule reads the size of *one* sequence, never the batch: under ``jax.vmap`` a
 only its own example, and the rule must choose what the batched call chooses (the chunked
 kernel itself takes a vmapped axis into its batch, so both then cost the same). The
 crossovers were measured with ``python -m flax_dotattn.bench`` (see README); the time of
-either path is nearly proportional to the batch, so the batch does not move them.
+either path is nearly proportional to the batch, so the batch does not move them. A table
+written by ``python -m flax_dotattn.tune`` for this device replaces them (see
+:mod:`flax_dotattn._src.tuning`); the reason then ends in "(tuned on <device kind>)".
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from typing import NamedTuple
 
 import jax
 
-from flax_dotattn._src import pallas_tpu
+from flax_dotattn._src import pallas_tpu, tuning
 from flax_dotattn._src.cudnn import ineligibility
 from flax_dotattn._src.options import AttentionOptions
 from flax_dotattn._src.validation import AttentionInputs
@@ -147,11 +149,14 @@ def _cpu_plan(inputs: AttentionInputs, options: AttentionOptions) -> Plan:
     if options.return_attention_scores:
         return Plan("xla", reason="the weights are returned, which only xla forms")
     size = materialised_bytes(inputs, options.score_mode)
-    limit = CHUNKED_CROSSOVER_BYTES[options.score_mode]
+    limit, tuned = CHUNKED_CROSSOVER_BYTES[options.score_mode], ""
+    table = tuning.for_call(inputs, options)
+    if table is not None and table.crossover_bytes is not None:
+        limit, tuned = table.crossover_bytes, f" (tuned on {table.device_kind})"
     what = f"one sequence's materialised scores would take {size / 2**20:.3g} MiB"
     if size < limit:
-        return Plan("xla", reason=f"{what} < {limit / 2**20:.3g} MiB")
-    return Plan("chunked", reason=f"{what} >= {limit / 2**20:.3g} MiB")
+        return Plan("xla", reason=f"{what} < {limit / 2**20:.3g} MiB{tuned}")
+    return Plan("chunked", reason=f"{what} >= {limit / 2**20:.3g} MiB{tuned}")
 
 
 def _tpu_plan(inputs: AttentionInputs, options: AttentionOptions) -> Plan:

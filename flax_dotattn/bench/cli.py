@@ -20,6 +20,10 @@ Implementations:
   its outputs (and gradients) checked against ``dot_attention`` before timing (when
   PyTorch is installed: ``pip install -e ".[bench]"``; never needed otherwise).
 
+Each run prints whether ``dot_attention``'s automatic choice read a table tuned for this
+device (``python -m flax_dotattn.tune``) and records it in ``--json`` and ``--markdown``;
+``FLAX_DOTATTN_TUNING=off`` measures the shipped defaults.
+
 ``--causal`` times causal attention instead (every implementation's own causal option;
 GFLOP/s then count half the score matrix).
 
@@ -69,6 +73,7 @@ from flax_dotattn.bench.entries import (
 )
 from flax_dotattn.bench.measure import load_average, machine, measure_memory_here
 from flax_dotattn.bench.plot import plot, plot_title, require_matplotlib
+from flax_dotattn.tune import status as tuning_status
 
 DEFAULT_SHAPES = ("32x128", "8x512", "4x1024", "1x4096", "1x16384")
 LONG_SHAPE = "1x65536"  # chunked forward+backward only
@@ -217,10 +222,11 @@ def _run_scenarios(args: argparse.Namespace) -> int:
         f"(gqa: T = {SCENARIO_LENGTHS['gqa']}; decode: forward, T = the cache length)."
     )
     print(header, f"Load average (1 min) at start: {load_average()[0]:.2f}.", flush=True)
+    print(f"Tuning: {tuning_status()}.", flush=True)
     rows = runs.scenario_rows(args.scenarios, args.repeats or 5, not args.no_memory)
     print(f"Load average (1 min) at end: {load_average()[0]:.2f}.")
     if args.json:
-        report.write_json(args.json, rows, machine=machine())
+        report.write_json(args.json, rows, machine=machine(), tuning=tuning_status())
     return 0
 
 
@@ -229,6 +235,8 @@ def _redraw(args: argparse.Namespace) -> int:
     saved = report.read_json(args.from_json)
     rows, depth = saved["rows"], saved.get("depth", args.depth)
     header = f"Machine: {saved['machine']}; D = {depth}, float32."
+    if "tuning" in saved:
+        header += f" Tuning: {saved['tuning']}."
     title = plot_title(saved["machine"], depth, saved.get("load_average_1min"))
     _write_table_and_figure(args, rows, header, title)
     return 0
@@ -263,6 +271,8 @@ def _run_table(args: argparse.Namespace) -> int:
         ", causal." if args.causal else "."
     )
     print(header, f"Load average (1 min) at start: {load_start[0]:.2f}.", flush=True)
+    tuned = tuning_status()
+    print(f"Tuning: {tuned}.", flush=True)
     rows = runs.table_rows(
         groups,
         depth=args.depth,
@@ -273,9 +283,11 @@ def _run_table(args: argparse.Namespace) -> int:
     )
     load = [load_start[0], load_average()[0]]
     header += f" Load average (1 min): {load[0]:.2f} at start, {load[1]:.2f} at end."
+    header += f" Tuning: {tuned}."
     print(f"Load average (1 min) at end: {load[1]:.2f}.")
     if args.json:
         saved = {"machine": machine(), "depth": args.depth, "load_average_1min": load}
+        saved["tuning"] = tuned
         report.write_json(args.json, rows, **saved)
     _write_table_and_figure(args, rows, header, plot_title(machine(), args.depth, load))
     return 0

@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
-from flax_dotattn._src.blocks import BlockSizes
+from flax_dotattn._src import tuning
 from flax_dotattn._src.masks import Masking
 from flax_dotattn._src.types import Array
 from flax_dotattn._src.validation import CheckedCall
@@ -215,9 +215,7 @@ def prepare_grouped(
     batch = query.shape[:-2]
     tq, tv = query.shape[-2], value.shape[-2]
     perm, b, g = grouping
-    blocks = options.block_size or BlockSizes.default(
-        options.score_mode, options.window, options.causal
-    )
+    blocks = options.block_size or tuning.default_blocks(inputs, options)
 
     def rows(blocks: tuple[int, int]) -> tuple[int, int]:
         bq, bk = clip_blocks(blocks, tq, tv)

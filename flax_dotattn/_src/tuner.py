@@ -1,0 +1,431 @@
+"""The tuner behind ``python -m flax_dotattn.tune``: measures this device, writes the table.
+
+For each case (score mode, full or causal, input dtype) of a :class:`Grid` it measures,
+with jitted calls of :func:`~flax_dotattn.dot_attention` at ``[B, T, D]`` (``B`` =
+``tokens // T``):
+
+1. the chunked kernel's forward blocks ``(Bq, Bk)`` at each of ``block_lengths``, timing
+   the forward pass, then its derivative blocks with those forward blocks, timing
+   forward+backward (the gradients of ``sum(out**2)``);
+2. the crossover: at each of ``crossover_lengths``, the materialised path (``"xla"``)
+   against the chunked one with the blocks just chosen, forward and forward+backward. The
+   paths are compared by the geometric mean of chunked's two speed-ups (so neither mode
+   loses more than the other gains), and the crossover is set between the last length
+   where xla won and the first from which chunked always won.
+
+Each choice keeps the shipped default (blocks, or the path the shipped crossover takes)
+unless a candidate is faster by :data:`MARGIN` (3 %) twice in a row (a second interleaved
+measurement of the two), so that the noise of a shared machine does not move it.
+
+Candidates are timed interleaved (one sample of each in turn, the order reversed every
+other round, so a drift of a shared machine touches all alike) and compared by their
+median. The table (:mod:`flax_dotattn._src.tuning`) records the decisions, every median,
+the machine and its load.
+
+Sliding windows are not measured: a window narrows the tuned blocks by the rule of
+:meth:`~flax_dotattn.BlockSizes.default`. The GPU/TPU Pallas kernels register their own
+block grids in :data:`ACCELERATOR_KERNELS` when they exist; none is registered yet, so on
+every backend only the chunked kernel and the crossover are tuned.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import functools
+import itertools
+import math
+import os
+import statistics
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+
+from flax_dotattn._src import tuning
+from flax_dotattn._src.attention import dot_attention
+from flax_dotattn._src.blocks import BlockSizes
+from flax_dotattn._src.dispatch import CHUNKED_CROSSOVER_BYTES
+from flax_dotattn._src.types import Implementation, ScoreMode
+
+Pair = tuple[int, int]
+_IMPLEMENTATIONS: tuple[Implementation, ...] = ("xla", "chunked")
+#: A measured choice replaces the shipped one only when it is this much faster (the
+#: noise of a shared machine is not a reason to move away from the defaults).
+MARGIN = 1.03
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+    """What the tuner measures (see the module docstring)."""
+
+    score_modes: tuple[ScoreMode, ...] = ("dot",)
+    causal: tuple[bool, ...] = (False, True)
+    dtypes: tuple[str, ...] = ("float32",)
+    depth: int = 64
+    tokens: int = 4096
+    block_lengths: tuple[int, ...] = (1024, 4096)
+    crossover_lengths: tuple[int, ...] = (256, 512, 1024, 2048)
+    forward_candidates: tuple[Pair, ...] = (
+        (256, 256),
+        (512, 128),
+        (512, 256),
+        (512, 512),
+        (1024, 128),
+        (1024, 256),
+        (1024, 512),
+        (2048, 256),
+        (2048, 512),
+    )
+    backward_candidates: tuple[Pair, ...] = ((512, 256), (1024, 256), (2048, 256), (1024, 512))
+    concat_candidates: tuple[Pair, ...] = ((128, 64), (128, 128), (256, 128), (256, 256))
+    concat_lengths: tuple[int, ...] = (64, 128, 256, 512)
+    repeats: int = 5
+    sample_seconds: float = 0.03
+    #: On a host without an accelerator, run the accelerator kernels' tuners in Pallas's
+    #: interpret mode (``--smoke``); otherwise they are skipped there.
+    interpret_accelerator_kernels: bool = False
+
+    def batch(self, length: int) -> int:
+        return max(1, self.tokens // length)
+
+
+GRIDS = {
+    # About 1.5 to 3 minutes on a 2-core CPU, by its load.
+    "full": Grid(),
+    "quick": Grid(
+        block_lengths=(1024, 4096),
+        crossover_lengths=(512, 1024, 2048),
+        forward_candidates=((512, 256), (1024, 256), (2048, 256), (512, 512)),
+        backward_candidates=((1024, 256), (2048, 256)),
+        repeats=3,
+    ),
+    # Seconds: tiny shapes, one case, for tests of the mechanics (the timings mean nothing).
+    "smoke": Grid(
+        causal=(False,),
+        tokens=64,
+        block_lengths=(64,),
+        crossover_lengths=(64,),
+        forward_candidates=((32, 32),),
+        backward_candidates=(),
+        repeats=1,
+        sample_seconds=0.0,
+        interpret_accelerator_kernels=True,
+    ),
+}
+
+
+class KernelTuner(Protocol):
+    """Tunes one accelerator (Pallas) kernel: measures its block grid for ``grid`` and
+    returns a JSON-serialisable entry, stored in the table under ``kernels[name]`` and
+    read back with :func:`flax_dotattn._src.tuning.kernel_entry`. ``interpret`` is True
+    on a host without the accelerator (``--smoke`` only: the code path runs, the timings
+    mean nothing); ``time`` is :func:`time_interleaved`."""
+
+    def __call__(
+        self, grid: Grid, *, interpret: bool, time: Callable[..., dict[str, float]]
+    ) -> dict[str, Any]: ...
+
+
+#: The accelerator (Pallas) kernels' tuners, by kernel name. None is registered yet: the
+#: GPU/TPU kernels add theirs (``ACCELERATOR_KERNELS["name"] = tuner``) when they exist.
+ACCELERATOR_KERNELS: dict[str, KernelTuner] = {}
+
+
+def _inputs(b: int, t: int, d: int, dtype: str) -> tuple[jax.Array, jax.Array, jax.Array]:
+    kq, kk, kv = jax.random.split(jax.random.key(0), 3)
+    shape = (b, t, d)
+    q = (jax.random.normal(kq, shape) * 0.1).astype(dtype)
+    k = (jax.random.normal(kk, shape) * 0.1).astype(dtype)
+    v = jax.random.normal(kv, shape).astype(dtype)
+    return q, k, v
+
+
+@functools.cache  # one jitted function per entry: compiled once per shape
+def _entry(
+    mode: str,
+    score_mode: ScoreMode,
+    causal: bool,
+    implementation: Implementation,
+    blocks: BlockSizes | None,
+) -> Callable:
+    def attend(q, k, v):
+        return dot_attention(
+            None,
+            q,
+            v,
+            k,
+            causal=causal,
+            score_mode=score_mode,
+            implementation=implementation,
+            block_size=blocks,
+        )
+
+    if mode == "fwd":
+        return jax.jit(attend)
+    loss = lambda q, k, v: jnp.sum(attend(q, k, v).astype(jnp.float32) ** 2)  # noqa: E731
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+
+
+def time_interleaved(
+    fns: dict[str, Callable], args: tuple, repeats: int, sample_seconds: float
+) -> dict[str, float]:
+    """Median seconds per call of each function, sampled in turn (reversed every other
+    round), each sample long enough (``sample_seconds``) to dwarf the timer."""
+    calls = {}
+    for name, fn in fns.items():
+        jax.block_until_ready(fn(*args))  # compile and warm up
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        calls[name] = max(1, int(sample_seconds / max(time.perf_counter() - start, 1e-6)))
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    order = list(fns)
+    for round_ in range(repeats):
+        for name in order if round_ % 2 == 0 else order[::-1]:
+            fn, n = fns[name], calls[name]
+            start = time.perf_counter()
+            for _ in range(n):
+                out = fn(*args)
+            jax.block_until_ready(out)
+            samples[name].append((time.perf_counter() - start) / n)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def _pick(seconds: dict[str, float], shipped: str) -> str:
+    """The fastest candidate if it beats the shipped one by :data:`MARGIN`, else that."""
+    best = min(seconds, key=seconds.__getitem__)
+    return best if seconds[best] * MARGIN < seconds[shipped] else shipped
+
+
+def _pair(name: str) -> Pair:
+    bq, bk = name.split("x")
+    return int(bq), int(bk)
+
+
+def _clip(pair: Pair, t: int) -> Pair:
+    return min(pair[0], t), min(pair[1], t)
+
+
+def _unique(pairs: Sequence[Pair], t: int) -> list[Pair]:
+    return list(dict.fromkeys(_clip(p, t) for p in pairs))
+
+
+def _boundaries(lengths: Sequence[int]) -> list[int | None]:
+    """``max_length`` of each length's entry: halfway (geometrically) to the next."""
+    return [round(math.sqrt(a * b)) for a, b in itertools.pairwise(lengths)] + [None]
+
+
+class _Progress:
+    """A rich progress bar when ``bar`` is True and rich is installed, else one printed
+    line per step; the decisions are printed either way."""
+
+    def __init__(self, total: int, bar: bool) -> None:
+        self.total, self.done, self.bar, self.task = total, 0, None, None
+        if bar:
+            try:
+                from rich.progress import Progress
+            except ImportError:
+                return
+            self.bar = Progress(transient=False)
+            self.task = self.bar.add_task("tuning", total=total)
+
+    @contextmanager
+    def running(self) -> Iterator[_Progress]:
+        if self.bar is None:
+            yield self
+            return
+        with self.bar:
+            yield self
+
+    def step(self, what: str) -> None:
+        self.done += 1
+        if self.bar is not None and self.task is not None:
+            self.bar.update(self.task, advance=1, description=what)
+        else:
+            print(f"[{self.done}/{self.total}] {what}", flush=True)
+
+    def log(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.console.print(text)
+        else:
+            print(text, flush=True)
+
+
+def _steps(grid: Grid) -> int:
+    per_case = {
+        "dot": 2 * len(grid.block_lengths) + len(grid.crossover_lengths),
+        "concat": 2 * len(grid.concat_lengths[-1:]) + len(grid.concat_lengths),
+    }
+    return len(grid.causal) * len(grid.dtypes) * sum(per_case[m] for m in grid.score_modes)
+
+
+def tune_case(
+    grid: Grid, score_mode: ScoreMode, causal: bool, dtype: str, progress: _Progress
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Measures one case; returns its table entry and the measurements behind it."""
+    name = tuning.case_name(score_mode, causal, dtype)
+    if score_mode == "concat":
+        block_lengths = grid.concat_lengths[-1:]
+        crossover_lengths, fwd_cands = grid.concat_lengths, grid.concat_candidates
+        bwd_cands = grid.concat_candidates
+    else:
+        block_lengths, crossover_lengths = grid.block_lengths, grid.crossover_lengths
+        fwd_cands, bwd_cands = grid.forward_candidates, grid.backward_candidates
+    records: list[dict[str, Any]] = []
+
+    def measure(t: int, fns: dict[str, Callable], what: str) -> dict[str, float]:
+        b = grid.batch(t)
+        seconds = time_interleaved(
+            fns, _inputs(b, t, grid.depth, dtype), grid.repeats, grid.sample_seconds
+        )
+        records.append({"case": name, "what": what, "batch": b, "length": t, "seconds": seconds})
+        if what.endswith("again"):
+            progress.log(f"{name} {what} {b}x{t}")
+        else:
+            progress.step(f"{name} {what} {b}x{t}")
+        return seconds
+
+    def choose(t: int, fns: dict[str, Callable], what: str, shipped: str) -> str:
+        """The candidate that beat the shipped one by MARGIN twice in a row, else it."""
+        choice = _pick(measure(t, fns, what), shipped)
+        if choice != shipped:
+            again = measure(t, {choice: fns[choice], shipped: fns[shipped]}, f"{what} again")
+            choice = _pick(again, shipped)
+        return choice
+
+    entries: list[dict[str, Any]] = []
+    for t, max_length in zip(block_lengths, _boundaries(block_lengths), strict=True):
+        shipped = BlockSizes.default(score_mode, causal=causal, length=t)
+        fwd = {
+            f"{bq}x{bk}": _entry(
+                "fwd", score_mode, causal, "chunked", BlockSizes(block_q=bq, block_k=bk)
+            )
+            for bq, bk in _unique([shipped.forward, *fwd_cands], t)
+        }
+        shipped_fwd = "{}x{}".format(*_clip(shipped.forward, t))
+        bq, bk = _pair(choose(t, fwd, "forward blocks", shipped_fwd))
+
+        def both(pair: Pair, bq: int = bq, bk: int = bk) -> BlockSizes:
+            return BlockSizes(
+                block_q=bq, block_k=bk, block_q_backward=pair[0], block_k_backward=pair[1]
+            )
+
+        bwd = {
+            f"{p[0]}x{p[1]}": _entry("fwd_bwd", score_mode, causal, "chunked", both(p))
+            for p in _unique([shipped.backward, (bq, bk), *bwd_cands], t)
+        }
+        shipped_bwd = "{}x{}".format(*_clip(shipped.backward, t))
+        best = both(_pair(choose(t, bwd, "backward blocks", shipped_bwd)))
+        # From halfway to the previous length (to half the first: no extrapolation below).
+        low = entries[-1]["max_length"] + 1 if entries else round(t / math.sqrt(2))
+        entries.append({"min_length": low, "max_length": max_length, **best.to_dict()})
+        progress.log(f"{name}: T={t} blocks forward {best.forward}, backward {best.backward}")
+
+    def blocks_for(t: int) -> BlockSizes:  # as tuning.lookup reads the entries
+        for entry in entries:
+            if entry.get("min_length", 0) <= t and (
+                entry["max_length"] is None or t <= entry["max_length"]
+            ):
+                return BlockSizes(**{k: v for k, v in entry.items() if not k.endswith("length")})
+        return BlockSizes.default(score_mode, causal=causal, length=t)
+
+    per_score = grid.depth if score_mode == "concat" else 1
+    itemsize = jnp.dtype(jnp.float32 if jnp.finfo(dtype).bits < 32 else dtype).itemsize
+
+    def size(t: int) -> int:
+        return t * t * per_score * itemsize
+
+    chunked_wins = []
+    for t in crossover_lengths:
+        fns = {
+            f"{impl}/{mode}": _entry(
+                mode, score_mode, causal, impl, blocks_for(t) if impl == "chunked" else None
+            )
+            for mode in ("fwd", "fwd_bwd")
+            for impl in _IMPLEMENTATIONS
+        }
+        shipped_wins = size(t) >= CHUNKED_CROSSOVER_BYTES[score_mode]
+        for what in ("crossover", "crossover again"):  # a switch must show twice
+            seconds = measure(t, fns, what)
+            ratios = [seconds[f"xla/{m}"] / seconds[f"chunked/{m}"] for m in ("fwd", "fwd_bwd")]
+            speedup = math.sqrt(math.prod(ratios))  # chunked's, geometric mean of both modes
+            wins = speedup * MARGIN >= 1.0 if shipped_wins else speedup > MARGIN
+            if wins == shipped_wins:
+                break
+        chunked_wins.append(wins)
+        records[-1]["chunked_speedup"] = {"fwd": ratios[0], "fwd_bwd": ratios[1]}
+        progress.log(
+            f"{name}: T={t} chunked/xla speed-up forward {ratios[0]:.2f}x, "
+            f"forward+backward {ratios[1]:.2f}x -> {'chunked' if wins else 'xla'}"
+        )
+    first = len(chunked_wins)
+    while first > 0 and chunked_wins[first - 1]:
+        first -= 1
+    if first == len(crossover_lengths):  # xla won at the longest length measured
+        crossover = size(2 * crossover_lengths[-1])
+    elif first == 0:
+        crossover = size(crossover_lengths[0])
+    else:
+        crossover = size(round(math.sqrt(crossover_lengths[first - 1] * crossover_lengths[first])))
+    return {"crossover_bytes": crossover, "blocks": entries}, records
+
+
+def tune(
+    grid: Grid, *, progress: bool = True
+) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
+    """Measures every case of ``grid`` and runs the accelerator kernels' tuners; returns
+    the table's cases, the kernels' entries and the measurements."""
+    bar = _Progress(_steps(grid), progress)
+    cases, kernels, records = {}, {}, []
+    with bar.running():
+        for score_mode in grid.score_modes:
+            for dtype in grid.dtypes:
+                for causal in grid.causal:
+                    case, measured = tune_case(grid, score_mode, causal, dtype, bar)
+                    cases[tuning.case_name(score_mode, causal, dtype)] = case
+                    records += measured
+        interpret = jax.default_backend() not in ("gpu", "tpu")
+        for kernel, tuner in ACCELERATOR_KERNELS.items():
+            if interpret and not grid.interpret_accelerator_kernels:
+                bar.log(f"{kernel}: skipped (no accelerator; --smoke runs it interpreted)")
+                continue
+            kernels[kernel] = tuner(grid, interpret=interpret, time=time_interleaved)
+            bar.log(f"{kernel}{' (interpreted)' if interpret else ''}: {kernels[kernel]}")
+        if not ACCELERATOR_KERNELS:
+            bar.log("accelerator (Pallas) kernels: none registered yet")
+    return cases, kernels, records
+
+
+def machine() -> str:
+    """The device (for a CPU: its model and cores) and the jax version, in one line."""
+    key = tuning.device_key()
+    return f"{key['backend']} ({key['device_kind']}); jax {key['jax']}"
+
+
+def load_average() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
+def run(grid: Grid, *, progress: bool = True, write: bool = True) -> dict[str, Any]:
+    """Tunes and (unless ``write`` is False) writes the table; returns what it wrote."""
+    load = load_average()
+    started = time.perf_counter()
+    cases, kernels, records = tune(grid, progress=progress)
+    extra = {
+        "kernels": kernels,
+        "machine": machine(),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "load_average": {"start": load, "end": load_average()},
+        "seconds": round(time.perf_counter() - started, 1),
+        "grid": dataclasses.asdict(grid),
+        "measurements": records,
+    }
+    if write:
+        extra["path"] = str(tuning.write_table(cases, **extra))
+    return {"cases": cases, **extra}

@@ -1,0 +1,225 @@
+"""The tuned table (``python -m flax_dotattn.tune``): written, read, ignored, and harmless.
+
+The table changes which path and which blocks the automatic choice takes, never what a
+call means: outputs with and without it equal ``jax.nn.dot_product_attention`` (to
+float32 rounding where the path or the blocks differ, bitwise where they are the same).
+"""
+
+import json
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import assert_close
+
+from flax_dotattn import BlockSizes, dot_attention, tune, which_implementation
+from flax_dotattn._src import tuner, tuning
+from flax_dotattn.bench.cli import main as bench_main
+
+B, T, D = 2, 64, 8
+Q = jax.random.normal(jax.random.key(0), (B, T, D)) * 0.5
+V = jax.random.normal(jax.random.key(1), (B, T, D))
+SMALL = T * T * 4  # bytes of one sequence's float32 scores
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """An empty cache dir, tuning on, nothing read yet."""
+    monkeypatch.setenv(tuning.CACHE_DIR_ENV, str(tmp_path))
+    monkeypatch.delenv(tuning.TUNING_ENV, raising=False)
+    tuning.forget()
+    yield tmp_path
+    tuning.forget()
+
+
+def _table(crossover: int, blocks=(32, 16), causal: bool = False) -> None:
+    """A table whose dot-product case has this crossover and blocks (for every length)."""
+    entry = {"max_length": None, **BlockSizes.coerce(blocks).to_dict()}
+    case = {"crossover_bytes": crossover, "blocks": [entry]}
+    tuning.write_table({tuning.case_name("dot", causal, jnp.float32): case})
+
+
+def _reference(causal: bool = False):
+    return jax.nn.dot_product_attention(
+        Q[:, :, None], V[:, :, None], V[:, :, None], scale=1.0, is_causal=causal
+    )[:, :, 0]
+
+
+def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.delenv(tuning.CACHE_DIR_ENV, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert tune.cache_dir() == tmp_path / "xdg" / "flax_dotattn"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert tune.cache_dir() == tmp_path / "home" / ".cache" / "flax_dotattn"
+    monkeypatch.setenv(tuning.CACHE_DIR_ENV, str(tmp_path / "own"))
+    assert tune.cache_dir() == tmp_path / "own"
+
+
+def test_the_plan_reads_the_table_and_says_so(cache):
+    untuned = which_implementation(None, Q, V)
+    assert untuned.implementation == "xla" and "tuned" not in untuned.reason
+    assert "no tuned table" in tune.status()
+    _table(crossover=SMALL)  # chunked from T = 64
+    kind = tuning.device_key()["device_kind"]
+    plan = which_implementation(None, Q, V)
+    assert plan == ("chunked", f"{plan.reason.split(' (')[0]} (tuned on {kind})")
+    assert plan.reason.endswith(f">= 0.0156 MiB (tuned on {kind})")
+    assert f"tuned table {tuning.table_path()}" in tune.status()
+    # Explicit choices, returned weights and dropout do not read it; causal has no case.
+    assert which_implementation(None, Q, V, implementation="xla").reason == "requested"
+    assert which_implementation(None, Q, V, return_attention_scores=True).implementation == "xla"
+    dropout = dict(dropout_rate=0.5, dropout_rng=jax.random.key(0), deterministic=False)
+    assert which_implementation(None, Q, V, **dropout) == untuned
+    assert which_implementation(None, Q, V, causal=True).implementation == "xla"
+    # Blocks: the table's for this length, narrowed by a window like the defaults.
+    call = tuning.lookup("dot", False, jnp.bfloat16, T)  # no bfloat16 case: float32's
+    assert call.blocks == BlockSizes(block_q=32, block_k=16)
+    assert call.crossover_bytes == SMALL and call.device_kind == kind
+
+
+def test_tuning_off_and_forget(cache, monkeypatch):
+    _table(crossover=SMALL)
+    monkeypatch.setenv(tuning.TUNING_ENV, "off")
+    assert "tuned" not in which_implementation(None, Q, V).reason
+    assert tune.status().startswith("off")
+    monkeypatch.setenv(tuning.TUNING_ENV, "on")
+    assert which_implementation(None, Q, V).implementation == "chunked"
+    _table(crossover=4 * SMALL)  # writing drops the copy read so far
+    assert which_implementation(None, Q, V).implementation == "xla"
+
+
+def _write(path, table) -> None:
+    path.write_text(table if isinstance(table, str) else json.dumps(table))
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("garbage", "cannot be read"),
+        ("version", "its version is 0"),
+        ("device", "measured with device_kind='TPU v9'"),
+        ("jax", "measured with jax='0.0.1'"),
+        ("blocks", "block_q must be a positive int"),
+    ],
+)
+def test_a_table_that_does_not_apply_is_ignored_with_one_warning(cache, damage, message):
+    _table(crossover=SMALL)
+    path = tuning.table_path()
+    table = json.loads(path.read_text())
+    if damage == "garbage":
+        table = "{not json"
+    elif damage == "version":
+        table["version"] = 0
+    elif damage == "device":
+        table["key"]["device_kind"] = "TPU v9"
+    elif damage == "jax":
+        table["key"]["jax"] = "0.0.1"
+    else:
+        table["cases"]["dot/full/float32"]["blocks"][0]["block_q"] = 0
+    _write(path, table)
+    tuning.forget()
+    with pytest.warns(RuntimeWarning, match=message):
+        plan = which_implementation(None, Q, V)
+    assert plan == which_implementation(None, Q, V, implementation=None)  # read once
+    assert plan.implementation == "xla" and "tuned" not in plan.reason
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning
+        assert "(tuned" not in tune.status()
+        if damage == "garbage":  # a call runs, untuned
+            assert_close(jax.jit(lambda q, v: dot_attention(None, q, v))(Q, V), _reference())
+
+
+@pytest.mark.slow
+def test_outputs_do_not_depend_on_the_table(cache):
+    """Bitwise where the path and blocks are the same, to float32 rounding where the table
+    switches xla -> chunked or changes the blocks; always equal to jax.nn's."""
+
+    def run(grad: bool = False, **kw):  # a fresh jit: traced again, reading the table
+        def loss(q, v):
+            out = dot_attention(None, q, v, **kw)
+            return jnp.sum(out**2), out
+
+        if not grad:
+            return (jax.jit(lambda q, v: loss(q, v)[1])(Q, V),)
+        (_, out), dq = jax.jit(jax.value_and_grad(loss, has_aux=True))(Q, V)
+        return out, dq
+
+    dropout = dict(dropout_rate=0.5, dropout_rng=jax.random.key(3), deterministic=False)
+    explicit = dict(implementation="chunked", block_size=(16, 32))
+    untuned = run(grad=True), run(**dropout), run(**explicit)
+    _table(crossover=SMALL)  # switches T = 64 to chunked, with (32, 16) blocks
+    tuned = run(grad=True), run(**dropout), run(**explicit)
+    assert which_implementation(None, Q, V).implementation == "chunked"
+    for got, want in zip(tuned[1:], untuned[1:], strict=True):  # the table is not read
+        np.testing.assert_array_equal(got[0], want[0])
+    for got, want in zip(tuned[0], untuned[0], strict=True):  # xla -> chunked
+        assert_close(got, want)
+    assert_close(tuned[0][0], _reference())
+
+
+@pytest.mark.slow
+def test_smoke_tuning_writes_a_table_the_automatic_choice_reads(cache, capsys, monkeypatch):
+    calls = []
+
+    def pallas_stand_in(grid, *, interpret, time):  # what an accelerator kernel registers
+        seconds = time({"32x32": jax.jit(jnp.sin)}, (Q,), grid.repeats, grid.sample_seconds)
+        calls.append(interpret)
+        return {"blocks": min(seconds, key=seconds.get)}
+
+    monkeypatch.setitem(tuner.ACCELERATOR_KERNELS, "stand_in", pallas_stand_in)
+    assert tune.main(["--smoke", "--no-progress"]) == 0
+    assert calls == [jax.default_backend() not in ("gpu", "tpu")]  # interpreted on a CPU
+    assert tuning.kernel_entry("stand_in") == {"blocks": "32x32"}
+    path = tuning.table_path()
+    table = json.loads(path.read_text())
+    assert table["key"] == tuning.device_key() and table["version"] == tuning.TABLE_VERSION
+    case = table["cases"]["dot/full/float32"]
+    assert case["crossover_bytes"] > 0 and case["blocks"][-1]["max_length"] is None
+    assert {m["what"].removesuffix(" again") for m in table["measurements"]} == {
+        "forward blocks",
+        "backward blocks",
+        "crossover",
+    }
+    assert str(path) in capsys.readouterr().out
+    plan = which_implementation(None, Q, V)
+    assert plan.reason.endswith(f"(tuned on {table['key']['device_kind']})")
+    assert_close(dot_attention(None, Q, V), _reference())
+    # The benchmark says it used the table, and records it.
+    out = cache / "bench.json"
+    flags = "--shapes 1x16 --impls default --modes fwd --repeats 1 --no-memory --json"
+    assert bench_main([*flags.split(), str(out)]) == 0
+    assert f"Tuning: tuned table {path}" in capsys.readouterr().out
+    assert json.loads(out.read_text())["tuning"] == tune.status()
+
+
+def test_the_command_line_shows_the_table_and_rejects_bad_flags(cache, capsys):
+    assert tune.main(["--show"]) == 0
+    assert "No applicable table" in capsys.readouterr().out
+    _table(crossover=SMALL)
+    assert tune.main(["--show"]) == 0
+    assert str(tuning.table_path()) in capsys.readouterr().out
+    for flags, named in [(["--dtypes", "int8"], "--dtypes"), (["--quick", "--smoke"], "--smoke")]:
+        with pytest.raises(SystemExit):
+            tune.main(flags)
+        assert named in capsys.readouterr().err
+
+
+def test_blocks_apply_within_their_lengths_and_the_shipped_ones_elsewhere(cache):
+    entries = [
+        {"min_length": 45, "max_length": 90, "block_q": 32, "block_k": 16},
+        {
+            "min_length": 91,
+            "max_length": None,
+            "block_q": 64,
+            "block_k": 32,
+            "block_q_backward": 128,
+        },
+    ]
+    tuning.write_table({"dot/causal/float32": {"crossover_bytes": SMALL, "blocks": entries}})
+    blocks = {t: tuning.lookup("dot", True, jnp.float32, t).blocks for t in (32, 64, 128)}
+    assert blocks[32] is None  # shorter than measured: BlockSizes.default applies
+    assert blocks[64] == BlockSizes(block_q=32, block_k=16)
+    assert blocks[128].backward == (128, 32)
