@@ -12,7 +12,8 @@ import pytest
 from conftest import assert_close
 
 from flax_dotattn import dot_attention
-from flax_dotattn._src.cudnn import fold_scale, fused_attention, ineligibility
+from flax_dotattn._src.cudnn import fused_attention, ineligibility
+from flax_dotattn._src.fused_inputs import fold_scale
 
 ON_GPU = jax.default_backend() == "gpu"
 
