@@ -42,6 +42,7 @@ from flax_dotattn._src.chunked import attention as blockwise_attention
 from flax_dotattn._src.fused_inputs import (
     dense_attention_mask,
     fold_scale,
+    positions,
     prefix_lengths,
     shown_keys,
 )
@@ -176,7 +177,7 @@ def _rows_without_keys(
         return None if visible is None else ~jnp.any(visible, axis=-1)
     if kv_len is None:  # causal and window rows see their own key (Tq == Tv)
         return None
-    rows = jnp.arange(tq)
+    rows = positions(tq, kv_len.ndim)  # [1.., Tq]
     last = kv_len[..., None] - 1  # [..., 1]
     if options.causal or options.window is not None:
         last = jnp.minimum(last, rows)  # [..., Tq]
@@ -209,7 +210,8 @@ def map_arguments(inputs: AttentionInputs, options: AttentionOptions) -> Mapping
     empty = _rows_without_keys(inputs, options, keys, kv_len)
     if empty is not None:
         if q_len is not None:  # rows the query mask drops may see nothing
-            empty = empty & (jnp.arange(tq) < q_len[..., None])
+            kept = positions(tq, q_len.ndim) < q_len[..., None]  # [..., Tq]
+            empty = empty & kept.reshape((1,) * (empty.ndim - kept.ndim) + kept.shape)
         checks.append(~jnp.any(empty))
 
     dense = dense_attention_mask(inputs)

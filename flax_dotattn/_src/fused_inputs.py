@@ -105,5 +105,11 @@ def prefix_lengths(mask: Array) -> tuple[Array, Array]:
       False
     """
     lengths = jnp.sum(mask, axis=-1, dtype=jnp.int32)  # [...]
-    prefix = jnp.arange(mask.shape[-1]) < lengths[..., None]  # [..., T]
+    prefix = positions(mask.shape[-1], lengths.ndim) < lengths[..., None]  # [..., T]
     return lengths, jnp.all(prefix == mask)
+
+
+def positions(n: int, batch_ndim: int) -> Array:
+    """``arange(n)`` as ``[1, ..., 1, n]`` with ``batch_ndim`` leading 1s (no implicit
+    rank promotion against ``[..., 1]`` operands)."""
+    return jnp.arange(n).reshape((1,) * batch_ndim + (n,))

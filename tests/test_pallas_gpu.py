@@ -1,0 +1,174 @@
+"""The Pallas GPU kernel (``jax.experimental.pallas.ops.gpu.attention.mha``) with Keras's
+rules, run in Pallas interpret mode on CPU and checked against ``implementation="xla"``;
+its lowering for ``cuda`` (exported from this CPU host) holds the Triton kernel.
+
+Interpret mode is slow: shapes are tiny and each test compiles once.
+"""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import assert_close
+
+from flax_dotattn import dot_attention
+from flax_dotattn._src import pallas_gpu, validation
+
+TRITON_CALL = "__gpu$xla.gpu.triton"
+
+
+def pallas(params, query, value, key=None, masks=None, causal=False, **kwargs):
+    """``dot_attention`` through the Pallas GPU route (the query mask applied after)."""
+    arguments = dict(locals(), **kwargs)
+    del arguments["kwargs"]
+    call = validation.check_call(arguments)
+    reason = pallas_gpu.ineligibility(call.inputs, call.options)
+    assert reason is None, reason
+    return validation.finish(pallas_gpu.attention(call), call.inputs)
+
+
+def xla(params, query, value, key=None, masks=None, causal=False, **kwargs):
+    return dot_attention(params, query, value, key, masks, causal, implementation="xla", **kwargs)
+
+
+def _qkv(rng, dtype, shape):
+    return tuple(jnp.asarray(rng.normal(size=shape) * 0.5, dtype) for _ in range(3))
+
+
+def test_causal_float32_matches_xla(rng):
+    q, k, v = _qkv(rng, jnp.float32, (2, 16, 16))
+    assert_close(pallas(None, q, v, k, causal=True), xla(None, q, v, k, causal=True))
+
+
+def _packed_case(rng, dtype, t=40):
+    """Scale, causal, two packed sequences per row, key padding equal to the query mask
+    (row 0 padded after 30, so its last queries are dropped and see padding only), and a
+    length (40) the kernel's blocks (64) pad."""
+    q, k, v = _qkv(rng, dtype, (2, t, 16))
+    lengths = jnp.array([[30], [t]])
+    mask = jnp.arange(t)[None] < lengths  # [2, T]
+    ids = jnp.asarray(np.repeat([[0] * 25 + [1] * (t - 25)], 2, 0), jnp.int32)
+    kwargs = dict(masks=(mask, mask), causal=True, segment_ids=(ids, ids))
+    return q, k, v, kwargs
+
+
+@pytest.mark.slow
+def test_values_and_gradients_equal_xla_in_float32(rng):
+    q, k, v, kwargs = _packed_case(rng, jnp.float32)
+
+    def loss(fn):
+        def f(q, k, v, scale):
+            out = fn({"scale": scale}, q, v, k, **kwargs)
+            return jnp.sum(out * jnp.cos(out)), out
+
+        return jax.grad(f, argnums=(0, 1, 2, 3), has_aux=True)
+
+    scale = jnp.float32(0.7)
+    ours, out = jax.jit(loss(pallas))(q, k, v, scale)
+    ref, expected = loss(xla)(q, k, v, scale)
+    assert_close(out, expected)
+    for name, a, b in zip(("query", "key", "value", "scale"), ours, ref, strict=True):
+        assert_close(a, b, factor=4), name
+
+
+@pytest.mark.slow
+def test_float16_and_bfloat16_values_equal_xla(rng):
+    cases = {dtype: _packed_case(rng, dtype) for dtype in (jnp.bfloat16, jnp.float16)}
+
+    @jax.jit
+    def both(scale):
+        return {
+            jnp.dtype(d).name: pallas({"scale": scale}, q, v, k, **kw)
+            for d, (q, k, v, kw) in cases.items()
+        }
+
+    outs = both(jnp.float32(0.7))
+    for dtype, (q, k, v, kw) in cases.items():
+        out = outs[jnp.dtype(dtype).name]
+        assert out.dtype == dtype
+        assert_close(out, xla({"scale": jnp.float32(0.7)}, q, v, k, **kw), dtype, factor=2)
+
+
+@pytest.mark.slow
+def test_rows_the_kernel_cannot_take_give_kerass_numbers(rng):
+    # Key padding without the matching query mask (query 20.. keeps its row but not its
+    # key), a row that sees no key at all, and ids that differ between queries and keys:
+    # each falls back to the chunked path at run time, with Keras's numbers.
+    q, k, v = _qkv(rng, jnp.float32, (3, 24, 16))
+    value_mask = (jnp.arange(24)[None] < jnp.array([[20], [0], [24]])).at[2, 5].set(False)
+    ids = jnp.zeros((3, 24), jnp.int32)
+
+    @jax.jit
+    def cases(q, k, v):
+        return (
+            pallas(None, q, v, k, (None, value_mask)),
+            pallas(None, q, v, k, causal=True, segment_ids=(ids, ids.at[0, 3].set(1))),
+        )
+
+    padded, packed = cases(q, k, v)
+    assert_close(padded, xla(None, q, v, k, (None, value_mask)))
+    assert_close(packed, xla(None, q, v, k, causal=True, segment_ids=(ids, ids.at[0, 3].set(1))))
+
+
+@pytest.mark.slow
+def test_vmap_of_per_example_calls_and_short_queries(rng):
+    q, k, v = _qkv(rng, jnp.float32, (3, 1, 24, 16))
+    mask = jnp.arange(24)[None, None] < jnp.array([[[24]], [[17]], [[9]]])  # [3, 1, 24]
+
+    def one(q, k, v, m):  # Tq = 12 < Tv = 24: queries against the first 12 keys' ids
+        return pallas(None, q[:, :12], v, k, (m[:, :12], m), causal=True)
+
+    out = jax.jit(jax.vmap(one))(q, k, v, mask)
+    expected = xla(None, q[..., :12, :], v, k, (mask[..., :12], mask), causal=True)
+    assert_close(out, expected)
+
+
+@pytest.mark.parametrize(
+    "kwargs,reason",
+    [
+        (dict(bias=jnp.zeros((16, 16))), "bias"),
+        (dict(window=(2, 2)), "window"),
+        (dict(attention_mask=jnp.ones((16, 16), bool)), "pair attention_mask"),
+        (dict(dtype=jnp.float64), "dtype float64"),
+        (dict(d=8), "head sizes"),
+        (dict(dv=32), "head sizes"),
+        (dict(tq=20), "Tq=20 > Tv=16"),
+        (dict(precision="highest"), "precision='highest'"),
+        (dict(score_mode="concat"), "score_mode"),
+        (dict(return_attention_scores=True), "weights"),
+        (dict(dropout_rate=0.1, deterministic=False), "dropout"),
+        (dict(query_offset=3), "query_offset"),
+    ],
+    ids=lambda x: x if isinstance(x, str) else None,
+)
+def test_ineligible_calls_name_the_reason(kwargs, reason):
+    kwargs = dict(kwargs)
+    dtype = kwargs.pop("dtype", jnp.float32)
+    tq, d, dv = kwargs.pop("tq", 16), kwargs.pop("d", 16), kwargs.pop("dv", 16)
+    with jax.enable_x64(dtype == jnp.float64):
+        q = jnp.zeros((tq, d), dtype)
+        k, v = jnp.zeros((16, d), dtype), jnp.zeros((16, dv), dtype)
+        params = {"concat_score_weight": 1.0} if kwargs.get("score_mode") == "concat" else None
+        arguments = dict(params=params, query=q, value=v, key=k, dropout_rng=jax.random.key(0))
+        call = validation.check_call(dict(arguments, **kwargs))
+        assert reason in pallas_gpu.ineligibility(call.inputs, call.options)
+
+
+def test_export_for_cuda_holds_the_triton_kernel_forward_and_gradient():
+    shape = jax.ShapeDtypeStruct((2, 4, 256, 64), jnp.bfloat16)  # [B, H, T, D]
+    ids = jax.ShapeDtypeStruct((2, 4, 256), jnp.int32)
+
+    def forward(q, k, v, ids):
+        return pallas(None, q, v, k, causal=True, segment_ids=(ids, ids))
+
+    def gradient(q, k, v, ids):
+        return jax.grad(lambda q: forward(q, k, v, ids).astype(jnp.float32).sum())(q)
+
+    checks = [jax.export.DisabledSafetyCheck.custom_call(TRITON_CALL)]
+    for fn in (forward, gradient):
+        exported = jax.export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=checks)
+        exported = exported(shape, shape, shape, ids)
+        targets = set(re.findall(r"custom_call @([\w$.]+)", exported.mlir_module()))
+        assert TRITON_CALL in targets, targets
