@@ -5,6 +5,8 @@ key) is checked everywhere through ``jax.nn``'s XLA implementation; the cuDNN ke
 itself only runs on a GPU (those tests skip elsewhere).
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +14,7 @@ import pytest
 from conftest import assert_close
 
 from flax_dotattn import dot_attention
+from flax_dotattn._src import cudnn, validation
 from flax_dotattn._src.cudnn import fused_attention, ineligibility
 from flax_dotattn._src.fused_inputs import fold_scale
 
@@ -223,3 +226,159 @@ def test_cudnn_matches_materialised_on_gpu(dtype, causal, rng):
     ]
     assert np.isfinite(np.asarray(grads[0], np.float32)).all()
     assert_close(grads[0], grads[1], dtype, factor=4)
+
+
+# -- the mapping of a checked call: bias, masks, windows, lengths -------------------------
+
+
+def mapped(scale, query, value, key=None, masks=None, causal=False, **kwargs):
+    """``dot_attention`` through the cuDNN route's mapping, run by jax.nn's XLA kernel
+    (the query mask applied after, as the dispatcher does)."""
+    arguments = dict(locals(), params={"scale": scale}, **kwargs)
+    del arguments["kwargs"], arguments["scale"]
+    call = validation.check_call(arguments)
+    # The mapping is dtype-blind; float32 runs it here with tight tolerances.
+    eligible = call.inputs._replace(dtype=jnp.dtype(jnp.bfloat16))
+    reason = cudnn.call_ineligibility(eligible, call.options)
+    assert reason is None, reason
+    return validation.finish(cudnn.attention(call, jax_nn_implementation="xla"), call.inputs)
+
+
+def _mapping_cases(t=16):
+    lengths = jnp.array([[12], [t]])
+    prefix = jnp.arange(t)[None] < lengths  # [2, T]
+    pairs = jnp.asarray(np.random.default_rng(1).random((2, t, t)) > 0.3)
+    bias = jnp.asarray(np.random.default_rng(2).normal(size=(1, t, t)), jnp.float32)
+    return {
+        "value_mask_prefix": dict(masks=(None, prefix)),
+        "value_mask_not_prefix": dict(masks=(None, prefix.at[0, 3].set(False))),
+        "query_and_value_masks_causal_window": dict(
+            masks=(prefix, prefix), causal=True, window=(3, 2)
+        ),
+        "window_right_0": dict(masks=(None, prefix), window=(4, 0)),
+        "bias_and_pair_mask": dict(bias=bias, attention_mask=pairs, masks=(prefix, None)),
+        "key_padding_attention_mask": dict(attention_mask=prefix[:, None, :]),
+        "kv_length_causal": dict(kv_length=jnp.array([5, t]), causal=True),
+        "row_without_keys": dict(masks=(None, prefix.at[1].set(False))),
+        "padded_rows_without_keys_dropped": dict(masks=(prefix, prefix), window=(2, 0)),
+    }
+
+
+@pytest.mark.slow
+def test_mapping_values_equal_xla(rng):
+    q, k, v = _inputs(rng, jnp.float32)
+    cases = _mapping_cases()
+
+    def outputs(fn):
+        return jax.jit(lambda q, k, v: {n: fn(0.8, q, v, k, **kw) for n, kw in cases.items()})
+
+    outs, expected = outputs(mapped)(q, k, v), outputs(xla_path)(q, k, v)
+    for name in cases:
+        assert_close(outs[name], expected[name]), name
+
+
+@pytest.mark.slow
+def test_mapping_gradients_equal_xla(rng):
+    q, k, v = _inputs(rng, jnp.float32)
+    cases = _mapping_cases()
+    cases = {n: cases[n] for n in ("query_and_value_masks_causal_window", "bias_and_pair_mask")}
+    bias = cases["bias_and_pair_mask"].pop("bias")
+
+    def gradients(fn):
+        def loss(q, k, v, scale, bias):
+            outs = [
+                fn(scale, q, v, k, bias=bias if "bias" in n else None, **kw)
+                for n, kw in cases.items()
+            ]
+            return sum(jnp.sum(o * jnp.cos(o)) for o in outs)
+
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
+
+    args = (q, k, v, jnp.float32(0.8), bias)
+    for a, b in zip(gradients(mapped)(*args), gradients(xla_path)(*args), strict=True):
+        assert_close(a, b, factor=4)
+
+
+@pytest.mark.slow
+def test_mapping_in_16_bits_equals_xla(rng):
+    cases = _mapping_cases()
+    names = ["value_mask_prefix", "query_and_value_masks_causal_window", "bias_and_pair_mask"]
+    inputs = {jnp.dtype(d).name: _inputs(rng, d) for d in (jnp.bfloat16, jnp.float16)}
+
+    def outputs(fn):
+        return jax.jit(
+            lambda inputs: {
+                (d, n): fn(0.8, q, v, k, **cases[n])
+                for d, (q, k, v) in inputs.items()
+                for n in names
+            }
+        )
+
+    outs, expected = outputs(mapped)(inputs), outputs(xla_path)(inputs)
+    for (dtype, name), out in outs.items():
+        assert out.dtype == dtype
+        assert_close(out, expected[dtype, name], jnp.dtype(dtype), factor=2), name
+
+
+def xla_path(scale, query, value, key=None, masks=None, causal=False, **kwargs):
+    return dot_attention(
+        {"scale": scale}, query, value, key, masks, causal, implementation="xla", **kwargs
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs,reason",
+    [
+        (dict(dtype=jnp.float32), "dtype float32"),
+        (dict(segment_ids=(jnp.zeros(16, int), jnp.zeros(16, int))), "segment_ids"),
+        (dict(query_offset=2), "query_offset"),
+        (dict(window=(2, 1)), "window=(2, 1)"),
+        (dict(tq=8, causal=True), "Tq=8 != Tv=16"),
+        (dict(tq=15, bias=jnp.zeros((15, 16))), "odd length"),
+        (dict(d=12), "head sizes"),
+        (dict(score_mode="concat"), "score_mode"),
+    ],
+    ids=lambda x: x if isinstance(x, str) else None,
+)
+def test_call_ineligibility_names_the_reason(kwargs, reason):
+    kwargs = dict(kwargs)
+    dtype, tq, d = kwargs.pop("dtype", jnp.bfloat16), kwargs.pop("tq", 16), kwargs.pop("d", 16)
+    q, kv = jnp.zeros((tq, d), dtype), jnp.zeros((16, d), dtype)
+    params = {"concat_score_weight": 1.0} if kwargs.get("score_mode") == "concat" else None
+    call = validation.check_call(dict(params=params, query=q, value=kv, **kwargs))
+    assert reason in cudnn.call_ineligibility(call.inputs, call.options)
+    q, kv = jnp.zeros((16, 16), jnp.bfloat16), jnp.zeros((16, 16), jnp.bfloat16)
+    ok = validation.check_call(dict(params=None, query=q, value=kv, causal=True))
+    assert cudnn.call_ineligibility(ok.inputs, ok.options) is None
+
+
+@pytest.mark.slow
+def test_export_for_cuda_holds_the_cudnn_call(monkeypatch):
+    # jax.nn asks the local cuDNN for its version while tracing; a CPU host has none, so
+    # the test states one (9.10). The lowering is JAX's own: it checks the shapes of the
+    # mapped bias, mask and lengths as it would on a GPU.
+    from jax._src.cudnn import fused_attention_stablehlo
+
+    monkeypatch.setattr(fused_attention_stablehlo, "check_cudnn_version", lambda: 91000)
+    shape = jax.ShapeDtypeStruct((2, 4, 256, 64), jnp.bfloat16)  # [B, H, T, D]
+    pad = jax.ShapeDtypeStruct((2, 1, 256), jnp.bool_)
+    bias = jax.ShapeDtypeStruct((4, 256, 256), jnp.float32)
+
+    def forward(q, k, v, pad, bias):
+        calls = [
+            validation.check_call(dict(params=None, query=q, value=v, key=k, **kw))
+            for kw in (
+                dict(masks=(pad, pad), causal=True, window=(64, 0)),
+                dict(bias=bias, attention_mask=pad[..., None, :]),
+            )
+        ]
+        return sum(cudnn.attention(c).astype(jnp.float32).sum() for c in calls)
+
+    names = {"__cudnn$fmhaSoftmax", "__cudnn$fmhaScaleBiasSoftmax"}
+    names |= {n + "Backward" for n in names}
+    checks = [jax.export.DisabledSafetyCheck.custom_call(n) for n in names]
+    for fn in (forward, jax.grad(forward)):
+        exported = jax.export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=checks)
+        text = exported(shape, shape, shape, pad, bias).mlir_module()
+        targets = set(re.findall(r"custom_call @([\w$.]+)", text))
+        assert targets and targets <= names, targets
