@@ -40,6 +40,11 @@ attention (one key/value head), with the peak memory of each.
 16384: the new query against the cache (``query_offset``/``kv_length``) against causal
 attention over the whole prefix.
 
+``--device`` times the accelerator table instead: bfloat16 ``[1, 8, T, 128]``, T = 1024 to
+32768, forward and forward+backward, ``dot_attention`` (automatic, each row naming the
+kernel it took) against ``jax.nn.dot_product_attention`` with cuDNN (GPU), splash
+attention called directly (TPU) and the naive einsum (see :mod:`flax_dotattn.bench.device`).
+
 ``--plot PATH`` draws the results (time and peak memory against T, forward and
 forward+backward, one line per implementation) with matplotlib, which is imported only
 then (``pip install -e ".[examples]"``); ``--from-json`` redraws a saved ``--json`` run
@@ -55,6 +60,7 @@ Examples:
   python -m flax_dotattn.bench --scenarios window,packing
   python -m flax_dotattn.bench --scenarios gqa --repeats 1
   python -m flax_dotattn.bench --scenarios decode --no-memory
+  python -m flax_dotattn.bench --device --causal --json device.json --markdown device.md
 """
 
 from __future__ import annotations
@@ -63,7 +69,7 @@ import argparse
 import json
 from collections.abc import Callable, Sequence
 
-from flax_dotattn.bench import baselines, report, runs
+from flax_dotattn.bench import baselines, device, report, runs
 from flax_dotattn.bench.entries import (
     IMPLS,
     MODES,
@@ -71,7 +77,7 @@ from flax_dotattn.bench.entries import (
     SCENARIO_LENGTHS,
     SCENARIOS,
 )
-from flax_dotattn.bench.measure import load_average, machine, measure_memory_here
+from flax_dotattn.bench.measure import load_average, machine, measure_memory_here, time_entries
 from flax_dotattn.bench.plot import plot, plot_title, require_matplotlib
 from flax_dotattn.tune import status as tuning_status
 
@@ -81,6 +87,7 @@ LONG_SHAPE = "1x65536"  # chunked forward+backward only
 QUICK_SHAPES = ("1x256", "1x1024", "1x4096")
 QUICK_IMPLS = ("naive", "default", "xla", "chunked", "jax_nn")
 QUICK_REPEATS = 3
+ALL_IMPLS = IMPLS + tuple(i for i in device.DEVICE_IMPLS if i not in IMPLS)
 
 
 def _parse_shape(text: str) -> tuple[int, int]:
@@ -130,12 +137,18 @@ def _add_measure_options(parser: argparse.ArgumentParser) -> None:
         default=None,
         help=f"comma-separated BATCHxLENGTH list (default: {','.join(DEFAULT_SHAPES)})",
     )
-    parser.add_argument("--depth", type=_positive_int("--depth"), default=64)
+    parser.add_argument(
+        "--depth",
+        type=_positive_int("--depth"),
+        default=None,
+        help=f"head size D (default: 64; {device.DEVICE_DEPTH} with --device)",
+    )
     parser.add_argument(
         "--impls",
-        type=_parse_list(IMPLS, "--impls"),
+        type=_parse_list(ALL_IMPLS, "--impls"),
         default=None,
-        help=f"comma-separated subset of {','.join(IMPLS)} (default: all)",
+        help=f"comma-separated subset of {','.join(IMPLS)}; with --device, of "
+        f"{','.join(device.DEVICE_IMPLS)} (default: all)",
     )
     parser.add_argument("--modes", type=_parse_list(MODES, "--modes"), default=list(MODES))
     parser.add_argument("--causal", action="store_true", help="causal attention everywhere")
@@ -144,6 +157,11 @@ def _add_measure_options(parser: argparse.ArgumentParser) -> None:
         type=_parse_list(SCENARIOS, "--scenarios"),
         default=None,
         help=f"time these masking scenarios instead ({','.join(SCENARIOS)}), see above",
+    )
+    parser.add_argument(
+        "--device",
+        action="store_true",
+        help="time the accelerator table instead (bfloat16, T = 1k..32k; see above)",
     )
     parser.add_argument(
         "--repeats", type=_positive_int("--repeats"), default=None, help="samples (default: 7)"
@@ -205,6 +223,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.scenarios:
         return _run_scenarios(args)
+    wanted = device.DEVICE_IMPLS if args.device else IMPLS
+    wrong = [i for i in args.impls or () if i not in wanted]
+    if wrong:
+        parser.error(
+            f"--impls takes a comma-separated subset of {list(wanted)}"
+            f"{' with --device' if args.device else ''}; received {','.join(args.impls)!r}."
+        )
+    if args.device:
+        return _run_device(args)
     if args.plot:
         try:
             require_matplotlib()  # fail now, not after minutes of measuring
@@ -230,10 +257,42 @@ def _run_scenarios(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_device(args: argparse.Namespace) -> int:
+    """``--device``: the accelerator table, with ``--json`` and ``--markdown``."""
+    if args.shapes is None:
+        args.shapes = [(device.DEVICE_BATCH, t) for t in device.DEVICE_LENGTHS]
+    impls = device.available(args.impls or device.DEVICE_IMPLS)
+    depth = args.depth or device.DEVICE_DEPTH
+    header = f"Machine: {machine()}; bfloat16 [B, H={device.DEVICE_HEADS}, T, D={depth}]" + (
+        ", causal." if args.causal else "."
+    )
+    print(header, flush=True)
+    table = []
+    for b in sorted({b for b, _ in args.shapes}):
+        table += device.rows(
+            impls,
+            [t for bb, t in args.shapes if bb == b],
+            batch=b,
+            heads=device.DEVICE_HEADS,
+            depth=depth,
+            modes=args.modes,
+            causal=args.causal,
+            repeats=args.repeats or 5,
+            max_naive_length=args.max_naive_length,
+            time_entries=time_entries,
+        )
+    if args.json:
+        report.write_json(args.json, table, machine=machine(), depth=depth)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(device.to_markdown(table, header))
+    return 0
+
+
 def _redraw(args: argparse.Namespace) -> int:
     """``--from-json``: the Markdown table and the figure of a saved run."""
     saved = report.read_json(args.from_json)
-    rows, depth = saved["rows"], saved.get("depth", args.depth)
+    rows, depth = saved["rows"], saved.get("depth", args.depth or 64)
     header = f"Machine: {saved['machine']}; D = {depth}, float32."
     if "tuning" in saved:
         header += f" Tuning: {saved['tuning']}."
@@ -250,6 +309,8 @@ def _with_defaults(args: argparse.Namespace) -> argparse.Namespace:
         args.impls = list(QUICK_IMPLS if args.quick else IMPLS)
     if args.repeats is None:
         args.repeats = QUICK_REPEATS if args.quick else 7
+    if args.depth is None:
+        args.depth = 64
     return args
 
 

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from flax_dotattn import dot_attention
-from flax_dotattn.bench import baselines
+from flax_dotattn.bench import baselines, device
 
 IMPLS = ("naive", "default", "xla", "chunked", "jax_nn", "keras", "torch_sdpa")
 SCENARIOS = ("window", "packing", "gqa", "decode")
@@ -177,8 +177,11 @@ def _decode_step(name: str, t: int, d: int) -> tuple[Callable, tuple]:
 
 
 def build_entry(spec: dict[str, Any]) -> tuple[Callable, tuple]:
-    """:func:`build` or :func:`build_scenario` from a spec: ``{"scenario": name, "t": T}``
-    or ``{"impl", "mode", "b", "t", "d", "causal"}``."""
+    """:func:`build`, :func:`build_scenario` or :func:`flax_dotattn.bench.device.build`
+    from a spec: ``{"scenario": name, "t": T}``, ``{"device": impl, ...}`` or ``{"impl",
+    "mode", "b", "t", "d", "causal"}``."""
+    if "device" in spec:
+        return device.build(spec)
     if "scenario" in spec:
         return build_scenario(spec["scenario"], spec["t"], spec.get("d", 64))
     return build(
