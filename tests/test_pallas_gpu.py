@@ -174,3 +174,24 @@ def test_export_for_cuda_holds_the_triton_kernel_forward_and_gradient():
         exported = exported(shape, shape, shape, ids)
         targets = set(re.findall(r"custom_call @([\w$.]+)", exported.mlir_module()))
         assert TRITON_CALL in targets, targets
+
+
+@pytest.mark.slow
+def test_forward_mode_and_second_order_equal_xla(rng):
+    # jax.jvp and jax.hessian go through the chunked path's tangent (the kernel's
+    # custom_jvp), jax.grad inside the hessian through the kernel's backward.
+    q, k, v = _qkv(rng, jnp.float32, (1, 16, 16))
+
+    def derivatives(fn):
+        def both(scale, dq):
+            def attend(scale, q):
+                return fn({"scale": scale}, q, v, k, causal=True)
+
+            tangent = jax.jvp(lambda q: attend(scale, q), (q,), (dq,))[1]
+            return tangent, jax.hessian(lambda s: jnp.sum(jnp.sin(attend(s, q))))(scale)
+
+        return jax.jit(both)
+
+    args = (jnp.float32(0.7), jnp.asarray(rng.normal(size=q.shape), jnp.float32))
+    for a, b in zip(derivatives(pallas)(*args), derivatives(xla)(*args), strict=True):
+        assert_close(a, b, factor=4)

@@ -26,8 +26,13 @@ both queries and keys, a fused backward through its ``custom_vjp``). The mapping
 
 Not taken (the reason is in the plan): ``bias``, a pair ``attention_mask``, ``window``,
 ``query_offset``, dropout, ``score_mode="concat"``, returned weights, ``D != Dv``, head
-sizes outside 16..256, float64, ``Tq > Tv``. ``jax.jvp`` (forward mode) is not defined
-through the kernel's ``custom_vjp``.
+sizes outside 16..256, float64, ``Tq > Tv``.
+
+Derivatives: a ``jax.custom_jvp`` whose tangent is a
+:func:`~flax_dotattn._src.linear_map.linear_map` with the chunked path's forward-mode
+tangent as the map and the kernel's own backward as its transpose: ``jax.grad`` runs the
+kernel's fused backward; ``jax.jvp``, ``jax.hessian`` and vmapped derivatives go through
+the chunked path (slower, never failing).
 
 **Interpret mode.** On any platform but ``cuda`` the same kernel runs in Pallas
 interpret mode (``interpret=True``, chosen at lowering by ``jax.lax.platform_dependent``):
@@ -40,14 +45,19 @@ Shape glossary: ``...`` batch dims, ``B`` their product, ``Tq``/``Tv`` query/key
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
 from flax_dotattn._src.chunked import attention as blockwise_attention
 from flax_dotattn._src.fused_inputs import dense_attention_mask, fold_scale, shown_keys
+from flax_dotattn._src.linear_map import linear_map
+from flax_dotattn._src.masks import Masking
 from flax_dotattn._src.options import AttentionOptions
 from flax_dotattn._src.types import Array
 from flax_dotattn._src.validation import AttentionInputs, CheckedCall
@@ -129,9 +139,9 @@ def blocks_for(tv: int) -> Blocks:
 class KernelOperands(NamedTuple):
     """What :func:`attention` passes to the kernel, and when it gives Keras's numbers."""
 
-    query: Array  # [B, T, 1, D], scale folded in
-    key: Array  # [B, T, 1, D], scale folded in
-    value: Array  # [B, T, 1, D]
+    query: Array  # [B, T, D], scale folded in
+    key: Array  # [B, T, D], scale folded in
+    value: Array  # [B, T, D]
     segment_ids: Array | None  # int [B, T]; None when nothing masks
     exact: Array | None  # traced bool; None when always
 
@@ -150,8 +160,8 @@ def map_operands(inputs: AttentionInputs, length: int) -> KernelOperands:
     query, key, overflow = fold_scale(inputs.query.astype(dtype), key, inputs.scale)
     checks = [] if inputs.scale is None else [~overflow]
 
-    def positions(x: Array) -> Array:  # [..., t, D] -> [B, length, 1, D]
-        return _pad(x.reshape((-1,) + x.shape[-2:]), length)[:, :, None, :]
+    def positions(x: Array) -> Array:  # [..., t, D] -> [B, length, D]
+        return _pad(x.reshape((-1,) + x.shape[-2:]), length)
 
     shown = shown_keys(inputs)
     q_ids, kv_ids = inputs.masking.query_segment_ids, inputs.masking.kv_segment_ids
@@ -184,10 +194,20 @@ def map_operands(inputs: AttentionInputs, length: int) -> KernelOperands:
     return KernelOperands(positions(query), positions(key), positions(value), segment_ids, exact)
 
 
-def _kernel(operands: KernelOperands, *, causal: bool, blocks: Blocks, interpret: bool) -> Array:
-    """``mha`` on the operands: ``[B, T, 1, D]``."""
+@dataclasses.dataclass(frozen=True)
+class Static:
+    """The kernel's static settings (hashable: part of the compiled code's key)."""
+
+    causal: bool
+    blocks: Blocks
+    interpret: bool
+
+
+def _mha(static: Static, q: Array, k: Array, v: Array, ids: Array | None) -> Array:
+    """``mha`` on ``[B, T, D]`` operands (one head): ``[B, T, D]``."""
     from jax.experimental.pallas.ops.gpu import attention as pallas_attention
 
+    blocks = static.blocks
     sizes = pallas_attention.BlockSizes(
         block_q=blocks.forward,
         block_k=blocks.forward,
@@ -196,16 +216,98 @@ def _kernel(operands: KernelOperands, *, causal: bool, blocks: Blocks, interpret
         block_q_dq=blocks.backward,
         block_kv_dq=blocks.backward,
     )
-    return pallas_attention.mha(
-        operands.query,
-        operands.key,
-        operands.value,
-        operands.segment_ids,
+    out = pallas_attention.mha(
+        q[:, :, None],
+        k[:, :, None],
+        v[:, :, None],
+        ids,
         sm_scale=1.0,
-        causal=causal,
+        causal=static.causal,
         block_sizes=sizes,
-        interpret=interpret,
+        interpret=static.interpret,
+    )  # [B, T, 1, D]
+    return out[:, :, 0]
+
+
+def _reference(static: Static, q: Array, k: Array, v: Array, ids: Array | None) -> Array:
+    """The kernel's function on the chunked path: every row of the padded operands sees
+    its own key, so Keras's masking rule and the kernel's agree. Forward-mode derivatives
+    (and those of the kernel's backward) are taken through it."""
+    dtype = jnp.dtype(q.dtype)
+    inputs = AttentionInputs(
+        query=q,
+        key=k,
+        value=v,
+        query_mask=None,
+        masking=Masking(query_segment_ids=ids, kv_segment_ids=ids),
+        bias=None,
+        scale=None,
+        concat_score_weight=None,
+        query_offset=None,
+        dtype=dtype,
+        compute_dtype=jnp.dtype(jnp.float32),
     )
+    call = CheckedCall(AttentionOptions(causal=static.causal), inputs, None)
+    return blockwise_attention(call).astype(dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tangent:
+    """The tangent map in ``(dq, dk, dv)``: the chunked path's JVP."""
+
+    static: Static
+
+    def __call__(self, residuals: tuple, linear: tuple) -> Array:
+        q, k, v, ids = residuals
+        return jax.jvp(lambda q, k, v: _reference(self.static, q, k, v, ids), (q, k, v), linear)[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Transpose:
+    """Its transpose: the kernel's own backward (output cotangent -> ``(dq, dk, dv)``)."""
+
+    static: Static
+
+    def __call__(self, residuals: tuple, ct: Array) -> tuple:
+        return _backward(self.static, *residuals, ct)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _backward(static: Static, q: Array, k: Array, v: Array, ids: Array | None, ct: Array):
+    """The kernel's backward pass; its own derivatives go through the chunked path."""
+    _, pullback = jax.vjp(lambda q, k, v: _mha(static, q, k, v, ids), q, k, v)
+    return pullback(ct.astype(q.dtype))
+
+
+@_backward.defjvp
+def _backward_jvp(static: Static, primals: tuple, tangents: tuple):
+    q, k, v, ids, ct = primals
+    dq, dk, dv, _, dct = tangents
+
+    def via_reference(q, k, v, ct):
+        _, pullback = jax.vjp(lambda q, k, v: _reference(static, q, k, v, ids), q, k, v)
+        return pullback(ct.astype(q.dtype))
+
+    _, d_out = jax.jvp(via_reference, (q, k, v, ct), (dq, dk, dv, dct))
+    return _backward(static, *primals), d_out
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _attend(static: Static, q: Array, k: Array, v: Array, ids: Array | None) -> Array:
+    """The kernel's output ``[B, T, D]``, differentiable in both modes: ``jax.grad`` runs
+    the kernel's backward, ``jax.jvp`` (and so ``jax.hessian``) the chunked path's."""
+    return _mha(static, q, k, v, ids)
+
+
+@_attend.defjvp
+def _attend_jvp(static: Static, primals: tuple, tangents: tuple):
+    q, k, v = primals[:3]
+    dq, dk, dv = (
+        jnp.zeros_like(x) if isinstance(t, jax.custom_derivatives.SymbolicZero) else t
+        for x, t in zip((q, k, v), tangents[:3], strict=True)
+    )
+    d_out = linear_map(_Tangent(static), _Transpose(static), primals, (dq, dk, dv))
+    return _attend(static, *primals), d_out
 
 
 def attention(call: CheckedCall) -> Array:
@@ -227,16 +329,23 @@ def attention(call: CheckedCall) -> Array:
     operands = map_operands(inputs, blocks.length)
 
     def kernel(interpret: bool):
-        def run(operands: KernelOperands) -> Array:
-            return _kernel(operands, causal=call.options.causal, blocks=blocks, interpret=interpret)
+        static = Static(causal=call.options.causal, blocks=blocks, interpret=interpret)
+
+        def run(q: Array, k: Array, v: Array, ids: Array | None) -> Array:
+            return _attend(static, q, k, v, ids)
 
         return run
 
     def fused() -> Array:
         out = lax.platform_dependent(
-            operands, cuda=kernel(interpret=False), default=kernel(interpret=True)
-        )  # [B, T, 1, Dv]
-        return out[:, :tq, 0, :].reshape(batch + (tq, dv)).astype(inputs.dtype)
+            operands.query,
+            operands.key,
+            operands.value,
+            operands.segment_ids,
+            cuda=kernel(interpret=False),
+            default=kernel(interpret=True),
+        )  # [B, T, Dv]
+        return out[:, :tq].reshape(batch + (tq, dv)).astype(inputs.dtype)
 
     def keras() -> Array:
         return blockwise_attention(call).astype(inputs.dtype)
