@@ -310,15 +310,17 @@ def _attend_jvp(static: Static, primals: tuple, tangents: tuple):
     return _attend(static, *primals), d_out
 
 
-def attention(call: CheckedCall) -> Array:
+def attention(call: CheckedCall, *, interpret: bool | None = None) -> Array:
     """Keras attention through the Pallas GPU kernel, before the query mask.
 
-    On ``cuda`` the kernel lowers to Triton; on other platforms it runs in interpret mode
-    (slow, for tests). Where the kernel would give other numbers than Keras (see the
-    module docstring), the chunked path runs instead.
+    Where the kernel would give other numbers than Keras (see the module docstring), the
+    chunked path runs instead.
 
     Args:
       call: a checked call that :func:`ineligibility` accepts.
+      interpret: False: the Triton kernel (lowers for ``cuda`` only); True: Pallas
+        interpret mode (any platform; slow, for tests); None: chosen at lowering, Triton
+        for ``cuda`` and interpret mode elsewhere (``jax.lax.platform_dependent``).
 
     Returns:
       ``[..., Tq, Dv]`` in the inputs' dtype.
@@ -337,14 +339,12 @@ def attention(call: CheckedCall) -> Array:
         return run
 
     def fused() -> Array:
-        out = lax.platform_dependent(
-            operands.query,
-            operands.key,
-            operands.value,
-            operands.segment_ids,
-            cuda=kernel(interpret=False),
-            default=kernel(interpret=True),
-        )  # [B, T, Dv]
+        args = operands.query, operands.key, operands.value, operands.segment_ids
+        if interpret is None:
+            triton, simulated = kernel(interpret=False), kernel(interpret=True)
+            out = lax.platform_dependent(*args, cuda=triton, default=simulated)  # [B, T, Dv]
+        else:
+            out = kernel(interpret)(*args)
         return out[:, :tq].reshape(batch + (tq, dv)).astype(inputs.dtype)
 
     def keras() -> Array:
