@@ -114,15 +114,19 @@ def test_rows_the_kernel_cannot_take_give_kerass_numbers(rng):
 
 
 @pytest.mark.slow
-def test_vmap_of_per_example_calls_and_short_queries(rng):
-    q, k, v = _qkv(rng, jnp.float32, (3, 1, 24, 16))
+def test_vmap_of_per_example_calls_with_grouped_heads_and_short_queries(rng):
+    q = jnp.asarray(rng.normal(size=(3, 2, 12, 16)) * 0.5, jnp.float32)  # 2 query heads
+    k, v = _qkv(rng, jnp.float32, (3, 1, 24, 16))[:2]  # ... share 1 key/value head
     mask = jnp.arange(24)[None, None] < jnp.array([[[24]], [[17]], [[9]]])  # [3, 1, 24]
+    ids = jnp.zeros((3, 1, 24), jnp.int32).at[:, :, 6:].set(1)  # two packed sequences
 
-    def one(q, k, v, m):  # Tq = 12 < Tv = 24: queries against the first 12 keys' ids
-        return pallas(None, q[:, :12], v, k, (m[:, :12], m), causal=True)
+    def one(q, k, v, m, ids):  # Tq = 12 < Tv = 24: queries against the first 12 keys' ids
+        masks, segments = (m[:, :12], m), (ids[:, :12], ids)
+        return pallas(None, q, v, k, masks, causal=True, segment_ids=segments)
 
-    out = jax.jit(jax.vmap(one))(q, k, v, mask)
-    expected = xla(None, q[..., :12, :], v, k, (mask[..., :12], mask), causal=True)
+    out = jax.jit(jax.vmap(one))(q, k, v, mask, ids)
+    segments = (ids[..., :12], ids)
+    expected = xla(None, q, v, k, (mask[..., :12], mask), causal=True, segment_ids=segments)
     assert_close(out, expected)
 
 

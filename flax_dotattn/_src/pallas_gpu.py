@@ -174,7 +174,8 @@ def map_operands(inputs: AttentionInputs, length: int) -> KernelOperands:
             kv_ids = jnp.zeros((shown.shape[0], length), jnp.int32)
             pad_id = jnp.full((), -1, jnp.int32)
         else:
-            kv_ids = _pad(kv_ids.reshape(-1, tv), length)  # [B, T]
+            kv_ids = jnp.broadcast_to(kv_ids, batch + (tv,)).reshape(-1, tv)
+            kv_ids = _pad(kv_ids, length)  # [B, T]
             info = jnp.iinfo(kv_ids.dtype)
             lowest = jnp.min(jnp.where(shown, kv_ids, info.max))
             checks.append(lowest > info.min)  # room for a padding id below it
