@@ -1,8 +1,9 @@
 """The GPU fast path: jax.nn.dot_product_attention with Keras semantics.
 
-The mapping (scale folded into the query, masks, causal, the fallback for rows that see no
-key) is checked everywhere through ``jax.nn``'s XLA implementation; the cuDNN kernel
-itself only runs on a GPU (those tests skip elsewhere).
+The mapping (scale folded into query and key, bias, masks, windows and lengths, the
+fallback for rows that see no key) is checked everywhere through ``jax.nn``'s XLA
+implementation; its ``cuda`` lowering is checked by export; the cuDNN kernel itself only
+runs on a GPU (those tests skip elsewhere).
 """
 
 import re
@@ -15,22 +16,14 @@ from conftest import assert_close
 
 from flax_dotattn import dot_attention
 from flax_dotattn._src import cudnn, validation
-from flax_dotattn._src.cudnn import fused_attention, ineligibility
 from flax_dotattn._src.fused_inputs import fold_scale
 
 ON_GPU = jax.default_backend() == "gpu"
 
 
 def cpu_mapping(q, k, v, vm, scale, causal):
-    """The GPU route as the dispatcher builds it, with jax.nn's XLA kernel for cuDNN."""
-    params = None if scale is None else {"scale": scale}
-
-    def keras(q, k, v, vm):
-        return dot_attention(params, q, v, k, (None, vm), causal, implementation="chunked")
-
-    return fused_attention(
-        q, k, v, vm, scale, causal=causal, fallback=keras, jax_nn_implementation="xla"
-    )
+    """The GPU route on a value mask, with jax.nn's XLA kernel for cuDNN."""
+    return mapped(scale, q, v, k, (None, vm), causal)
 
 
 def _inputs(rng, dtype, batch=(2,), tq=16, tv=16, d=16):
@@ -38,45 +31,6 @@ def _inputs(rng, dtype, batch=(2,), tq=16, tv=16, d=16):
         return jnp.asarray(rng.normal(size=shape) * 0.5, jnp.float32).astype(dtype)
 
     return arr(*batch, tq, d), arr(*batch, tv, d), arr(*batch, tv, d)
-
-
-@pytest.mark.slow
-# float16 is left to the GPU test: jax.nn's XLA path with a mask asks CPU dot_general for
-# F16_F16_F32, which the CPU backend rejects.
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
-@pytest.mark.parametrize(
-    "causal,mask_kind",
-    [
-        (False, None),
-        (True, None),
-        (False, "some"),
-        (True, "some"),
-        (False, "row_without_keys"),
-        (True, "leading_keys_masked"),
-    ],
-    ids=[
-        "plain",
-        "causal",
-        "value_mask",
-        "causal_value_mask",
-        "row_without_keys",
-        "causal_first_rows_see_nothing",
-    ],
-)
-def test_jax_nn_mapping_matches_keras_semantics(dtype, causal, mask_kind, rng):
-    q, k, v = _inputs(rng, dtype)
-    vm = None
-    if mask_kind is not None:
-        vm = jnp.asarray(rng.random((2, 16)) > 0.3).at[:, 0].set(True)
-        if mask_kind == "row_without_keys":
-            vm = vm.at[1].set(False)
-        if mask_kind == "leading_keys_masked":
-            vm = vm.at[0, :5].set(False)
-    scale = jnp.float32(0.8)
-    out = cpu_mapping(q, k, v, vm, scale, causal)
-    expected = dot_attention({"scale": scale}, q, v, k, (None, vm), causal, implementation="xla")
-    assert out.dtype == dtype
-    assert_close(out, expected, dtype, factor=2)
 
 
 def test_fallback_keeps_gradients(rng):
@@ -95,55 +49,6 @@ def test_fallback_keeps_gradients(rng):
         jax.grad(lambda q: loss(ref, q))(q),
         rtol=1e-4,
         atol=1e-5,
-    )
-
-
-@pytest.mark.parametrize(
-    "kwargs,reason",
-    [
-        (dict(dtype=jnp.float32), "dtype float32"),
-        (dict(score_mode="concat"), "score_mode"),
-        (dict(dropout=True), "dropout"),
-        (dict(return_attention_scores=True), "weights"),
-        (dict(value_shape=(2, 16, 8)), "head sizes"),
-        (dict(query_shape=(2, 16, 12), value_shape=(2, 16, 12)), "head sizes"),
-        (dict(query_shape=(2, 8, 16), causal=True), "causal with Tq != Tv"),
-    ],
-    ids=[
-        "float32",
-        "concat",
-        "dropout",
-        "weights",
-        "d_ne_dv",
-        "d_not_multiple_of_8",
-        "causal_rectangular",
-    ],
-)
-def test_ineligible_inputs_fall_back(kwargs, reason):
-    args = dict(
-        query_shape=(2, 16, 16),
-        value_shape=(2, 16, 16),
-        dtype=jnp.bfloat16,
-        score_mode="dot",
-        causal=False,
-        dropout=False,
-        return_attention_scores=False,
-    )
-    args.update(kwargs)
-    assert reason in ineligibility(
-        args.pop("query_shape"), args.pop("value_shape"), args.pop("dtype"), **args
-    )
-    assert (
-        ineligibility(
-            (2, 16, 16),
-            (2, 16, 16),
-            jnp.bfloat16,
-            score_mode="dot",
-            causal=True,
-            dropout=False,
-            return_attention_scores=False,
-        )
-        is None
     )
 
 
@@ -234,12 +139,12 @@ def test_cudnn_matches_materialised_on_gpu(dtype, causal, rng):
 def mapped(scale, query, value, key=None, masks=None, causal=False, **kwargs):
     """``dot_attention`` through the cuDNN route's mapping, run by jax.nn's XLA kernel
     (the query mask applied after, as the dispatcher does)."""
-    arguments = dict(locals(), params={"scale": scale}, **kwargs)
+    arguments = dict(locals(), params=None if scale is None else {"scale": scale}, **kwargs)
     del arguments["kwargs"], arguments["scale"]
     call = validation.check_call(arguments)
     # The mapping is dtype-blind; float32 runs it here with tight tolerances.
     eligible = call.inputs._replace(dtype=jnp.dtype(jnp.bfloat16))
-    reason = cudnn.call_ineligibility(eligible, call.options)
+    reason = cudnn.ineligibility(eligible, call.options)
     assert reason is None, reason
     return validation.finish(cudnn.attention(call, jax_nn_implementation="xla"), call.inputs)
 
@@ -340,16 +245,16 @@ def xla_path(scale, query, value, key=None, masks=None, causal=False, **kwargs):
     ],
     ids=lambda x: x if isinstance(x, str) else None,
 )
-def test_call_ineligibility_names_the_reason(kwargs, reason):
+def test_ineligible_calls_name_the_reason(kwargs, reason):
     kwargs = dict(kwargs)
     dtype, tq, d = kwargs.pop("dtype", jnp.bfloat16), kwargs.pop("tq", 16), kwargs.pop("d", 16)
     q, kv = jnp.zeros((tq, d), dtype), jnp.zeros((16, d), dtype)
     params = {"concat_score_weight": 1.0} if kwargs.get("score_mode") == "concat" else None
     call = validation.check_call(dict(params=params, query=q, value=kv, **kwargs))
-    assert reason in cudnn.call_ineligibility(call.inputs, call.options)
+    assert reason in cudnn.ineligibility(call.inputs, call.options)
     q, kv = jnp.zeros((16, 16), jnp.bfloat16), jnp.zeros((16, 16), jnp.bfloat16)
     ok = validation.check_call(dict(params=None, query=q, value=kv, causal=True))
-    assert cudnn.call_ineligibility(ok.inputs, ok.options) is None
+    assert cudnn.ineligibility(ok.inputs, ok.options) is None
 
 
 @pytest.mark.slow

@@ -13,20 +13,16 @@ import numpy as np
 import pytest
 from conftest import assert_close
 
-from flax_dotattn import dot_attention
+from flax_dotattn import dot_attention, which_implementation
 from flax_dotattn._src import pallas_gpu, validation
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
 
 
 def pallas(params, query, value, key=None, masks=None, causal=False, **kwargs):
-    """``dot_attention`` through the Pallas GPU route (the query mask applied after)."""
-    arguments = dict(locals(), **kwargs)
-    del arguments["kwargs"]
-    call = validation.check_call(arguments)
-    reason = pallas_gpu.ineligibility(call.inputs, call.options)
-    assert reason is None, reason
-    return validation.finish(pallas_gpu.attention(call), call.inputs)
+    """``dot_attention`` with ``implementation="pallas_gpu"`` (interpret mode on CPU)."""
+    kwargs["implementation"] = "pallas_gpu"
+    return dot_attention(params, query, value, key, masks, causal, **kwargs)
 
 
 def xla(params, query, value, key=None, masks=None, causal=False, **kwargs):
@@ -163,11 +159,13 @@ def test_ineligible_calls_name_the_reason(kwargs, reason):
 
 @pytest.mark.slow
 def test_export_for_cuda_holds_the_triton_kernel_forward_and_gradient():
-    shape = jax.ShapeDtypeStruct((2, 4, 256, 64), jnp.bfloat16)  # [B, H, T, D]
+    # The automatic choice for cuda on a CPU host (no cuDNN to trace): float32 with
+    # segment ids goes to the Pallas GPU kernel, lowered to Triton.
+    shape = jax.ShapeDtypeStruct((2, 4, 256, 64), jnp.float32)  # [B, H, T, D]
     ids = jax.ShapeDtypeStruct((2, 4, 256), jnp.int32)
 
     def forward(q, k, v, ids):
-        return pallas(None, q, v, k, causal=True, segment_ids=(ids, ids))
+        return dot_attention(None, q, v, k, causal=True, segment_ids=(ids, ids))
 
     def gradient(q, k, v, ids):
         return jax.grad(lambda q: forward(q, k, v, ids).astype(jnp.float32).sum())(q)
@@ -178,6 +176,25 @@ def test_export_for_cuda_holds_the_triton_kernel_forward_and_gradient():
         exported = exported(shape, shape, shape, ids)
         targets = set(re.findall(r"custom_call @([\w$.]+)", exported.mlir_module()))
         assert TRITON_CALL in targets, targets
+    cpu = jax.jit(forward).lower(shape, shape, shape, ids).as_text()
+    assert "triton" not in cpu  # lowered for this CPU: the interpret-mode branch only
+
+
+@pytest.mark.parametrize(
+    "kwargs,implementation,reason",
+    [
+        (dict(dtype=jnp.float32), "pallas_gpu", "cudnn: the backend is 'cpu'"),
+        (dict(bias=jnp.zeros((1, 1, 2048))), "chunked", "pallas_gpu: bias given"),
+        (dict(t=64), "xla", "pallas_gpu: Tv=64: shorter than one kernel block"),
+    ],
+    ids=["float32", "bias", "short"],
+)
+def test_the_cuda_plan_names_the_kernel_and_why(kwargs, implementation, reason):
+    kwargs = dict(kwargs)
+    dtype, t = kwargs.pop("dtype", jnp.bfloat16), kwargs.pop("t", 2048)
+    q = jnp.zeros((2, t, 64), dtype)
+    plan = which_implementation(None, q, q, causal=True, platform="cuda", **kwargs)
+    assert plan.implementation == implementation and reason in plan.reason, plan
 
 
 @pytest.mark.slow

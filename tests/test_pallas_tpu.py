@@ -165,13 +165,13 @@ def test_which_implementation_per_platform():
         assert plan.implementation in ("xla", "chunked") and reason in plan.reason, plan
         assert plan.reason.startswith("pallas_tpu: ")
     gpu = which_implementation(None, q, q, causal=True, platform="gpu")
-    assert gpu.implementation == "xla" and gpu.reason.startswith("cudnn: ")
+    assert gpu.implementation == "pallas_gpu" and gpu.reason.startswith("cudnn: ")
     with pytest.raises(ValueError, match=r"platform must be None or one of .*platform='npu'"):
         which_implementation(None, q, q, platform="npu")
     with pytest.raises(ValueError, match="'pallas_tpu' cannot run these inputs: bias"):
         dot_attention(None, q, q, bias=jnp.zeros((256, 256)), implementation="pallas_tpu")
-    with pytest.raises(ValueError, match="implementation='pallas_gpu' is not available yet"):
-        dot_attention(None, q, q, implementation="pallas_gpu")
+    with pytest.raises(ValueError, match="'pallas_gpu' cannot run these inputs: bias"):
+        dot_attention(None, q, q, bias=jnp.zeros((256, 256)), implementation="pallas_gpu")
 
 
 @pytest.mark.slow

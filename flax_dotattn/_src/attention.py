@@ -206,18 +206,23 @@ def dot_attention(
         backward and forward-mode derivatives; cannot return the weights, and its dropout
         pattern differs from the materialised path's, with the same statistics), or
         ``"cudnn"`` (GPU only: ``jax.nn.dot_product_attention``'s fused kernel, for
-        float16/bfloat16, ``"dot"`` scores, ``D == Dv`` a multiple of 8 up to 128, no
-        dropout or returned weights, causal only with ``Tq == Tv``), or ``"pallas_tpu"``
-        (JAX's splash attention: ``"dot"`` scores, causal, window, key padding, segment
-        ids and a host-int ``query_offset``; no bias, dense mask, dropout or returned
-        weights; Pallas interpret mode off TPU, a slow testing mode). ``"pallas_gpu"``
-        is reserved and not available yet. The automatic choice is made per platform
-        when the call is lowered (see :func:`which_implementation`): ``"pallas_tpu"``
-        on TPU and ``"cudnn"`` on GPU when eligible, else ``"chunked"`` from 1 MiB of
+        float16/bfloat16, ``"dot"`` scores, ``D == Dv`` a multiple of 8 up to 128, bias,
+        masks, key padding as lengths, causal and left windows with ``Tq == Tv``; no
+        segment ids, dropout or returned weights), or ``"pallas_tpu"`` (JAX's splash
+        attention: ``"dot"`` scores, causal, window, key padding, segment ids and a
+        host-int ``query_offset``; no bias, dense mask, dropout or returned weights;
+        Pallas interpret mode off TPU, a slow testing mode), or ``"pallas_gpu"`` (JAX's
+        Pallas GPU flash attention, Triton: ``"dot"`` scores, float32/bfloat16/float16,
+        causal, key padding and segment ids equal on queries and keys, ``Tq <= Tv``; no
+        bias, dense mask, window, dropout or returned weights; Pallas interpret mode off
+        ``cuda``). The automatic choice is made per platform when the call is lowered
+        (see :func:`which_implementation`): ``"pallas_tpu"`` on TPU, ``"cudnn"`` then
+        ``"pallas_gpu"`` on GPU when eligible, else ``"chunked"`` from 1 MiB of
         float32 scores per sequence (``Tq = Tv = 512``; 16 MiB of ``[Tq, Tv, D]`` in
         concat mode), else ``"xla"``: one sequence's size, never the batch's, so a call
         under ``jax.vmap`` chooses what the batched call chooses. Every path supports
-        ``jax.grad``, ``jax.jvp``/``jax.jacfwd``, ``jax.vmap`` and empty dimensions.
+        ``jax.grad``, ``jax.vmap`` and empty dimensions, and every path but ``"cudnn"``
+        (``jax.nn``'s cuDNN attention has no forward mode) ``jax.jvp``/``jax.jacfwd``.
       block_size: the chunked path's blocks: None (the measured default per score mode
         and mask), an int, a pair ``(Bq, Bk)`` or a :class:`BlockSizes`.
 

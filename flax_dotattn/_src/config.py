@@ -55,8 +55,8 @@ class DotAttentionConfig:
         ``causal``; a None side, or one of 2**30 or more, is unbounded); with
         ``causal=True``, ``(w, 0)`` is a causal sliding window. The chunked path computes
         only the blocks inside the band.
-      implementation: None (automatic), ``"xla"``, ``"chunked"``, ``"cudnn"`` or
-        ``"pallas_tpu"``; see :func:`dot_attention`.
+      implementation: None (automatic), ``"xla"``, ``"chunked"``, ``"cudnn"``,
+        ``"pallas_tpu"`` or ``"pallas_gpu"``; see :func:`dot_attention`.
       block_size: blocks of the chunked path: None (the measured default per score
         mode), an int, a pair ``(Bq, Bk)`` or a :class:`BlockSizes`.
 

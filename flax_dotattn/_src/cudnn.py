@@ -31,8 +31,7 @@ Shape glossary: ``...`` batch dims, ``B`` their product, ``Tq``/``Tv`` query/key
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import Any, Literal, NamedTuple
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -56,7 +55,7 @@ from flax_dotattn._src.validation import AttentionInputs, CheckedCall
 MAX_HEAD_SIZE = 128
 
 
-def call_ineligibility(inputs: AttentionInputs, options: AttentionOptions) -> str | None:
+def ineligibility(inputs: AttentionInputs, options: AttentionOptions) -> str | None:
     """Why cuDNN (through ``jax.nn.dot_product_attention``) cannot run this call with
     Keras's numbers, or None when it can. Checks static properties only; the traced ones
     (prefix masks, rows without keys) are :func:`map_arguments`'s fallback."""
@@ -248,7 +247,7 @@ def attention(
     chunked path runs instead.
 
     Args:
-      call: a checked call that :func:`call_ineligibility` accepts.
+      call: a checked call that :func:`ineligibility` accepts.
       jax_nn_implementation: passed to ``jax.nn.dot_product_attention``: ``"cudnn"`` on a
         GPU; ``"xla"`` runs the same mapping anywhere (float16 read in float32 there).
 
@@ -269,123 +268,3 @@ def attention(
     if mapping.exact is None:
         return fused()
     return lax.cond(mapping.exact, fused, keras)
-
-
-# -- The route dispatch.py and kernels.py call until the per-platform plan lands. -------
-# (It passes the value mask as a [B, 1, 1, Tv] mask, which cuDNN itself rejects: its bias
-# must span Tq and Tv. The mapping above replaces it.)
-
-
-def ineligibility(
-    query_shape: tuple[int, ...],
-    value_shape: tuple[int, ...],
-    dtype: Any,
-    *,
-    score_mode: str,
-    causal: bool,
-    dropout: bool,
-    return_attention_scores: bool,
-) -> str | None:
-    """Why the fused kernel cannot run these inputs, or None when it can."""
-    d, dv = query_shape[-1], value_shape[-1]
-    reasons = [
-        (
-            jnp.dtype(dtype) not in (jnp.float16, jnp.bfloat16),
-            f"dtype {jnp.dtype(dtype)} is not float16/bfloat16",
-        ),
-        (score_mode != "dot", "score_mode is not 'dot'"),
-        (dropout, "dropout is active"),
-        (return_attention_scores, "the weights are requested"),
-        (
-            d != dv or d % 8 or d > MAX_HEAD_SIZE,
-            f"head sizes D={d}, Dv={dv} (need D == Dv, a multiple of 8, <= {MAX_HEAD_SIZE})",
-        ),
-        (causal and query_shape[-2] != value_shape[-2], "causal with Tq != Tv"),
-    ]
-    for failed, reason in reasons:
-        if failed:
-            return reason
-    return None
-
-
-def _rows_see_no_key(value_mask: Array, causal: bool, tq: int) -> Array:
-    """Whether any query row has every key masked (then Keras's rule must be emulated)."""
-    if not causal:
-        return jnp.any(~value_mask.any(-1))
-    first = jnp.where(value_mask.any(-1), jnp.argmax(value_mask, -1), tq)  # [...]
-    return jnp.any(first > 0)  # row 0 sees key 0 only; under causal rows < first see none
-
-
-def _needs_fallback(
-    query: Array, value_mask: Array | None, overflow: Array, *, causal: bool
-) -> Array:
-    """Whether the fused kernel would differ from Keras here (a traced bool).
-
-    True when some row sees no key (Keras's subtract-1e9 rule then averages over every
-    key, the kernel would not) or when the folded scale overflows.
-    """
-    if value_mask is None:
-        return overflow
-    return overflow | _rows_see_no_key(value_mask, causal, query.shape[-2])
-
-
-def fused_attention(
-    query: Array,
-    key: Array,
-    value: Array,
-    value_mask: Array | None,
-    scale: Array | None,
-    *,
-    causal: bool,
-    fallback: Callable[[Array, Array, Array, Array | None], Array],
-    jax_nn_implementation: Literal["xla", "cudnn"] | None = "cudnn",
-) -> Array:
-    """Keras attention through ``jax.nn.dot_product_attention``, before the query mask.
-
-    Where the kernel would give other numbers than Keras (a row that sees no key, or a
-    scale that cannot be folded without overflow), ``fallback(query, key, value,
-    value_mask)`` runs instead (a ``lax.cond``; the dispatcher passes the chunked path).
-
-    Args:
-      query: ``[..., Tq, D]`` float16/bfloat16.
-      key: ``[..., Tv, D]``.
-      value: ``[..., Tv, D]``.
-      value_mask: bool ``[..., Tv]`` or None.
-      scale: scalar ``[]`` or None.
-      causal: top-left causal mask (requires ``Tq == Tv``).
-      fallback: Keras's numbers for the same inputs (before the query mask).
-      jax_nn_implementation: passed to ``jax.nn.dot_product_attention`` (``"cudnn"`` on
-        GPU; ``"xla"`` lets the mapping be tested anywhere, float16 being read in
-        float32 there).
-
-    Returns:
-      ``[..., Tq, D]`` in the input dtype.
-    """
-    batch, (tq, d), tv = query.shape[:-2], query.shape[-2:], key.shape[-2]
-    b = math.prod(batch)
-    q_folded, k_folded, overflow = fold_scale(query, key, scale)
-
-    def fused(q, k, v, vm):
-        q, k = q_folded, k_folded
-        if jax_nn_implementation != "cudnn" and query.dtype == jnp.float16:
-            # CPU dot_general has no float16 x float16 -> float32: the stand-in reads the
-            # same (folded) float16 values in float32, as cuDNN accumulates in float32.
-            q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
-        out = jax.nn.dot_product_attention(
-            q.reshape(b, tq, 1, d),
-            k.reshape(b, tv, 1, d),
-            v.reshape(b, tv, 1, d),
-            mask=None if vm is None else vm.reshape(b, 1, 1, tv),
-            scale=1.0,
-            is_causal=causal,
-            implementation=jax_nn_implementation,
-        )  # [B, Tq, 1, D]
-        return out.reshape(batch + (tq, d)).astype(query.dtype)
-
-    def keras(q, k, v, vm):
-        return fallback(q, k, v, vm).astype(query.dtype)
-
-    if value_mask is None and scale is None:
-        return fused(query, key, value, None)
-    use_fallback = _needs_fallback(query, value_mask, overflow, causal=causal)
-    return lax.cond(use_fallback, keras, fused, query, key, value, value_mask)

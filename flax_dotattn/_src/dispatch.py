@@ -14,10 +14,12 @@ backend only matters for an explicit ``"cudnn"`` and for the default of
 * ``"tpu"``: ``"pallas_tpu"`` (splash attention) where it takes the inputs with Keras's
   numbers (:func:`flax_dotattn._src.pallas_tpu.ineligibility`) and both lengths reach
   one kernel block; otherwise the CPU rule.
-* ``"cuda"``: ``"cudnn"`` for float16/bfloat16 inputs the fused kernel can take (see
-  :func:`flax_dotattn._src.cudnn.ineligibility`) when a GPU is attached (``jax.nn``
-  checks the installed cuDNN while tracing, so no cuDNN call can be traced on a host
-  without one); otherwise the CPU rule. ``"rocm"``: the CPU rule.
+* ``"cuda"``: ``"cudnn"`` for float16/bfloat16 calls the fused kernel takes with Keras's
+  numbers (:func:`flax_dotattn._src.cudnn.ineligibility`) when a GPU is attached
+  (``jax.nn`` checks the installed cuDNN while tracing, so no cuDNN call can be traced on
+  a host without one); else ``"pallas_gpu"`` (:func:`flax_dotattn._src.pallas_gpu.
+  ineligibility`) from one kernel block of keys; otherwise the CPU rule. ``"rocm"``: the
+  CPU rule.
 
 The rule reads the size of *one* sequence, never the batch: under ``jax.vmap`` a call sees
 only its own example, and the rule must choose what the batched call chooses (the chunked
@@ -34,8 +36,7 @@ from typing import NamedTuple
 
 import jax
 
-from flax_dotattn._src import pallas_tpu, tuning
-from flax_dotattn._src.cudnn import ineligibility
+from flax_dotattn._src import cudnn, pallas_gpu, pallas_tpu, tuning
 from flax_dotattn._src.options import AttentionOptions
 from flax_dotattn._src.validation import AttentionInputs
 
@@ -56,7 +57,7 @@ _ALIASES = {"gpu": "cuda"}
 class Plan(NamedTuple):
     """How :func:`dot_attention` will run."""
 
-    implementation: str  # "xla", "chunked", "cudnn" or "pallas_tpu"
+    implementation: str  # "xla", "chunked", "cudnn", "pallas_tpu" or "pallas_gpu"
     reason: str = ""  # why, in words
 
 
@@ -111,7 +112,7 @@ def plan(inputs: AttentionInputs, options: AttentionOptions, platform: str | Non
     platform = check_platform(platform)
     implementation = options.implementation
     if implementation == "cudnn":
-        fused_reason = _fused_reason(inputs, options) or _unsupported_by_fused(inputs, options)
+        fused_reason = _fused_reason(inputs, options)
         if fused_reason:
             raise ValueError(f"implementation='cudnn' cannot run these inputs: {fused_reason}.")
         return Plan("cudnn", reason="requested")
@@ -124,11 +125,13 @@ def plan(inputs: AttentionInputs, options: AttentionOptions, platform: str | Non
         mode = "" if platform == "tpu" else f" (Pallas interpret mode on {platform})"
         return Plan("pallas_tpu", reason="requested" + mode)
     if implementation == "pallas_gpu":
-        raise ValueError(
-            "implementation='pallas_gpu' is not available yet in this version; received "
-            "implementation='pallas_gpu' (use None, 'xla', 'chunked', 'cudnn' or "
-            "'pallas_tpu')."
-        )
+        triton_reason = pallas_gpu.ineligibility(inputs, options)
+        if triton_reason:
+            raise ValueError(
+                f"implementation='pallas_gpu' cannot run these inputs: {triton_reason}."
+            )
+        mode = "" if platform == "cuda" else f" (Pallas interpret mode on {platform})"
+        return Plan("pallas_gpu", reason="requested" + mode)
     if implementation == "chunked" and options.return_attention_scores:
         raise ValueError(
             "implementation='chunked' never forms the [..., Tq, Tv] weights, so it cannot "
@@ -174,14 +177,23 @@ def _tpu_plan(inputs: AttentionInputs, options: AttentionOptions) -> Plan:
 
 
 def _cuda_plan(inputs: AttentionInputs, options: AttentionOptions) -> Plan:
-    """``"cudnn"`` where the fused kernel takes the call, else the CPU rule (with why).
-
-    The GPU kernels' seam: a Pallas GPU kernel slots in between the two."""
-    reason = _fused_reason(inputs, options) or _unsupported_by_fused(inputs, options)
-    if reason is None:
+    """``"cudnn"`` where the fused kernel takes the call, else ``"pallas_gpu"`` where the
+    Pallas kernel does, else the CPU rule (with why each was passed over)."""
+    fused_reason = _fused_reason(inputs, options)
+    if fused_reason is None:
         return Plan("cudnn", reason="on GPU the fused kernel takes these inputs")
+    triton_reason = pallas_gpu.ineligibility(inputs, options)
+    tv = inputs.key.shape[-2]
+    if triton_reason is None and tv < pallas_gpu.FORWARD_BLOCK:
+        triton_reason = f"Tv={tv}: shorter than one kernel block ({pallas_gpu.FORWARD_BLOCK})"
+    if triton_reason is None:
+        return Plan(
+            "pallas_gpu", reason=f"cudnn: {fused_reason}; the Pallas GPU kernel takes these inputs"
+        )
     fallback = _cpu_plan(inputs, options)
-    return fallback._replace(reason=f"cudnn: {reason}; {fallback.reason}")
+    return fallback._replace(
+        reason=f"cudnn: {fused_reason}; pallas_gpu: {triton_reason}; {fallback.reason}"
+    )
 
 
 def sequence_parallel_plans(
@@ -203,31 +215,9 @@ def sequence_parallel_plans(
     return result
 
 
-def _unsupported_by_fused(inputs: AttentionInputs, options: AttentionOptions) -> str | None:
-    """Features this library does not (yet) map onto the fused kernel: they fall back, so
-    the numbers never differ from Keras's rule."""
-    features = {
-        "attention_mask": inputs.masking.attention_mask,
-        "bias": inputs.bias,
-        "segment_ids": inputs.masking.query_segment_ids,
-        "window": options.window,
-        "query_offset": inputs.query_offset,
-    }
-    given = [name for name, x in features.items() if x is not None]
-    return f"{', '.join(given)} given (not mapped onto the fused kernel)" if given else None
-
-
 def _fused_reason(inputs: AttentionInputs, options: AttentionOptions) -> str | None:
     """Why the fused GPU kernel cannot take these inputs here (None when it can); it is
     never traced without a GPU attached (``jax.nn`` checks cuDNN while tracing)."""
     if jax.default_backend() != "gpu":
         return f"the backend is {jax.default_backend()!r}, not 'gpu'"
-    return ineligibility(
-        inputs.query.shape,
-        inputs.value.shape,
-        inputs.dtype,
-        score_mode=options.score_mode,
-        causal=options.causal,
-        dropout=options.dropout,
-        return_attention_scores=options.return_attention_scores,
-    )
+    return cudnn.ineligibility(inputs, options)

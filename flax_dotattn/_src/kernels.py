@@ -13,13 +13,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import jax.numpy as jnp
 from jax import lax
 
-from flax_dotattn._src import cudnn, dispatch, pallas_tpu
+from flax_dotattn._src import cudnn, dispatch, pallas_gpu, pallas_tpu
 from flax_dotattn._src.chunked import attention as blockwise_attention
 from flax_dotattn._src.dispatch import Plan
-from flax_dotattn._src.masks import Masking
 from flax_dotattn._src.types import Array
 from flax_dotattn._src.validation import CheckedCall
 from flax_dotattn._src.xla import materialised_attention
@@ -31,11 +29,9 @@ def run_per_platform(call: CheckedCall) -> tuple[Array, Array | None]:
     for: then every platform runs xla)."""
     plans = dispatch.plans(call.inputs, call.options)
     here = dispatch.current_platform()
-    # What is traced: the implementation, and for "pallas_tpu" whether it is interpreted.
-    keys = {
-        p: (plan.implementation, plan.implementation == "pallas_tpu" and p == "tpu")
-        for p, plan in plans.items()
-    }
+    # What is traced: the implementation, and for a Pallas kernel whether it is
+    # interpreted (it is not on its own platform).
+    keys = {p: (plan.implementation, _compiled(plan, p)) for p, plan in plans.items()}
     if len(set(keys.values())) == 1:
         return run(plans[here], call, platform=here)
 
@@ -51,50 +47,21 @@ def run_per_platform(call: CheckedCall) -> tuple[Array, Array | None]:
     return lax.platform_dependent(**branches, default=branches["cpu"]), None
 
 
+def _compiled(plan: Plan, platform: str) -> bool:
+    """Whether ``plan`` runs a Pallas kernel compiled for ``platform`` (not interpreted)."""
+    own = {"pallas_tpu": "tpu", "pallas_gpu": "cuda"}
+    return own.get(plan.implementation) == platform
+
+
 def run(plan: Plan, call: CheckedCall, *, platform: str) -> tuple[Array, Array | None]:
     """Runs ``plan`` as lowered for ``platform``; returns the output before the query mask
     (and the weights for xla)."""
     if plan.implementation == "xla":
         return materialised_attention(call.options, call.inputs, call.dropout_rng)
     if plan.implementation == "cudnn":
-        return _cudnn(call), None
+        return cudnn.attention(call), None
     if plan.implementation == "pallas_tpu":
         return pallas_tpu.splash_attention(call, interpret=platform != "tpu"), None
+    if plan.implementation == "pallas_gpu":
+        return pallas_gpu.attention(call, interpret=platform != "cuda"), None
     return blockwise_attention(call), None
-
-
-def _cudnn(call: CheckedCall) -> Array:
-    """The fused kernel, with the chunked path where the kernel would differ from Keras."""
-    inputs = call.inputs
-
-    def keras(query: Array, key: Array, value: Array, value_mask: Array | None) -> Array:
-        fallback = inputs._replace(
-            query=query,
-            key=key,
-            value=value,
-            masking=Masking(value_mask=value_mask),
-            bias=None,
-            concat_score_weight=None,
-        )
-        return blockwise_attention(call._replace(inputs=fallback))
-
-    # Key/value with size-1 batch dims the query does not have (grouped-query attention)
-    # are broadcast to the query's batch here, a copy: this route does not yet map them
-    # onto the fused kernel's own grouped heads.
-    batch = inputs.query.shape[:-2]
-
-    def full(x: Array) -> Array:
-        return jnp.broadcast_to(x, batch + x.shape[len(batch) :])
-
-    value_mask = inputs.masking.value_mask
-    key, value = full(inputs.key), full(inputs.value)
-    value_mask = None if value_mask is None else full(value_mask)
-    return cudnn.fused_attention(
-        inputs.query,
-        key,
-        value,
-        value_mask,
-        inputs.scale,
-        causal=call.options.causal,
-        fallback=keras,
-    )

@@ -50,8 +50,8 @@ class DotAttention(nn.Module):
       param_dtype: dtype of the learned params.
       precision: matmul precision: None, a ``jax.lax.Precision`` or its name.
       window: the default of the call's ``window``, a sliding window ``(left, right)``.
-      implementation: None (automatic), ``"xla"``, ``"chunked"``, ``"cudnn"`` or
-        ``"pallas_tpu"``; see :func:`dot_attention`.
+      implementation: None (automatic), ``"xla"``, ``"chunked"``, ``"cudnn"``,
+        ``"pallas_tpu"`` or ``"pallas_gpu"``; see :func:`dot_attention`.
       block_size: blocks of the chunked path (see :class:`BlockSizes`).
 
     Examples:

@@ -35,7 +35,7 @@ kernel's fused backward; ``jax.jvp``, ``jax.hessian`` and vmapped derivatives go
 the chunked path (slower, never failing).
 
 **Interpret mode.** On any platform but ``cuda`` the same kernel runs in Pallas
-interpret mode (``interpret=True``, chosen at lowering by ``jax.lax.platform_dependent``):
+interpret mode (``interpret=True``; the dispatcher chooses per platform at lowering):
 a testing mode that runs the kernel's program one block at a time through XLA, exact but
 slow (seconds for a few thousand positions). The tests use it on CPU.
 
@@ -311,7 +311,7 @@ def _attend_jvp(static: Static, primals: tuple, tangents: tuple):
     return _attend(static, *primals), d_out
 
 
-def attention(call: CheckedCall, *, interpret: bool | None = None) -> Array:
+def attention(call: CheckedCall, *, interpret: bool) -> Array:
     """Keras attention through the Pallas GPU kernel, before the query mask.
 
     Where the kernel would give other numbers than Keras (see the module docstring), the
@@ -320,8 +320,8 @@ def attention(call: CheckedCall, *, interpret: bool | None = None) -> Array:
     Args:
       call: a checked call that :func:`ineligibility` accepts.
       interpret: False: the Triton kernel (lowers for ``cuda`` only); True: Pallas
-        interpret mode (any platform; slow, for tests); None: chosen at lowering, Triton
-        for ``cuda`` and interpret mode elsewhere (``jax.lax.platform_dependent``).
+        interpret mode (any platform; slow, for tests). The dispatcher passes False for
+        the ``cuda`` branch of ``jax.lax.platform_dependent`` and True elsewhere.
 
     Returns:
       ``[..., Tq, Dv]`` in the inputs' dtype.
@@ -330,22 +330,11 @@ def attention(call: CheckedCall, *, interpret: bool | None = None) -> Array:
     batch, tq, dv = inputs.query.shape[:-2], inputs.query.shape[-2], inputs.value.shape[-1]
     blocks = blocks_for(inputs.key.shape[-2])
     operands = map_operands(inputs, blocks.length)
-
-    def kernel(interpret: bool):
-        static = Static(causal=call.options.causal, blocks=blocks, interpret=interpret)
-
-        def run(q: Array, k: Array, v: Array, ids: Array | None) -> Array:
-            return _attend(static, q, k, v, ids)
-
-        return run
+    static = Static(causal=call.options.causal, blocks=blocks, interpret=interpret)
 
     def fused() -> Array:
         args = operands.query, operands.key, operands.value, operands.segment_ids
-        if interpret is None:
-            triton, simulated = kernel(interpret=False), kernel(interpret=True)
-            out = lax.platform_dependent(*args, cuda=triton, default=simulated)  # [B, T, Dv]
-        else:
-            out = kernel(interpret)(*args)
+        out = _attend(static, *args)  # [B, T, Dv]
         return out[:, :tq].reshape(batch + (tq, dv)).astype(inputs.dtype)
 
     def keras() -> Array:

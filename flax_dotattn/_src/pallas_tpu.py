@@ -5,7 +5,7 @@ Mapping a call onto ``jax.experimental.pallas.ops.tpu.splash_attention``:
 
 * Logits are ``scale * (q @ k^T)`` with no ``1/sqrt(D)``: splash multiplies nothing, so
   the learned scale is folded into query and key without overflow
-  (:func:`~flax_dotattn._src.cudnn.fold_scale`). float16 runs the kernel in float32
+  (:func:`~flax_dotattn._src.fused_inputs.fold_scale`). float16 runs the kernel in float32
   (TPUs have no float16 matmul); float32 and bfloat16 run as given.
 * ``causal`` and ``window`` become one static splash mask (``CausalMask`` or a
   ``LocalMask``, causal folded into its right side), with a concrete scalar
@@ -51,7 +51,7 @@ from jax import lax
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
 from flax_dotattn._src import chunked
-from flax_dotattn._src.cudnn import fold_scale
+from flax_dotattn._src.fused_inputs import fold_scale
 from flax_dotattn._src.linear_map import linear_map
 from flax_dotattn._src.masks import Masking, keep_mask
 from flax_dotattn._src.options import AttentionOptions
