@@ -6,8 +6,8 @@
 and :func:`ineligibility` says why a call cannot take this route. What maps where:
 
 * Keras's logits are ``scale * (q @ k^T)`` with no ``1/sqrt(D)``: the learned scale is
-  folded into query and key without overflow (:func:`~flax_dotattn._src.fused_inputs.
-  fold_scale`) and ``scale=1.0`` is passed.
+  folded into query and key without overflow (see
+  :func:`~flax_dotattn._src.fused_inputs.fold_scale`) and ``scale=1.0`` is passed.
 * ``bias`` and a pair mask (``attention_mask [..., Tq, Tv]``) go to ``bias`` and ``mask``
   as ``[B or 1, 1, Tq, Tv]`` (cuDNN wants the full ``Tq`` and ``Tv``; a batch dim it
   shares stays 1). The bias is rounded to the inputs' dtype, as cuDNN takes it.

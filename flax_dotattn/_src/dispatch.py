@@ -17,9 +17,9 @@ backend only matters for an explicit ``"cudnn"`` and for the default of
 * ``"cuda"``: ``"cudnn"`` for float16/bfloat16 calls the fused kernel takes with Keras's
   numbers (:func:`flax_dotattn._src.cudnn.ineligibility`) when a GPU is attached
   (``jax.nn`` checks the installed cuDNN while tracing, so no cuDNN call can be traced on
-  a host without one); else ``"pallas_gpu"`` (:func:`flax_dotattn._src.pallas_gpu.
-  ineligibility`) from one kernel block of keys; otherwise the CPU rule. ``"rocm"``: the
-  CPU rule.
+  a host without one); else ``"pallas_gpu"`` from one kernel block of keys (see
+  :func:`flax_dotattn._src.pallas_gpu.ineligibility`); otherwise the CPU rule.
+  ``"rocm"``: the CPU rule.
 
 The rule reads the size of *one* sequence, never the batch: under ``jax.vmap`` a call sees
 only its own example, and the rule must choose what the batched call chooses (the chunked
