@@ -40,8 +40,9 @@ def fold_scale(query: Array, key: Array, scale: Array | None) -> tuple[Array, Ar
       >>> import jax.numpy as jnp
       >>> q, k = jnp.full((1, 2, 8), 300.0, jnp.float16), jnp.ones((1, 2, 8), jnp.float16)
       >>> q2, k2, overflow = fold_scale(q, k, jnp.float32(1000.0))  # q * scale > 65504
-      >>> bool(overflow), float(q2[0, 0, 0]) * float(k2[0, 0, 0])
-      (False, 300000.0)
+      >>> product = float(q2[0, 0, 0]) * float(k2[0, 0, 0])  # 300 * 1000, to float16's rounding
+      >>> bool(overflow), abs(product / 300_000.0 - 1.0) < 2**-9
+      (False, True)
     """
     if scale is None:
         return query, key, jnp.zeros((), bool)
