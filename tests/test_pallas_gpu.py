@@ -186,14 +186,18 @@ def test_export_for_cuda_holds_the_triton_kernel_forward_and_gradient():
         (dict(dtype=jnp.float32), "pallas_gpu", "cudnn: the backend is 'cpu'"),
         (dict(bias=jnp.zeros((1, 1, 2048))), "chunked", "pallas_gpu: bias given"),
         (dict(t=64), "xla", "pallas_gpu: Tv=64: shorter than one kernel block"),
+        # the kernel pads the queries to the keys' length: 16 queries would cost 2048
+        (dict(dtype=jnp.float32, tq=16), "xla", "pallas_gpu: Tq=16: the kernel would pad"),
+        (dict(dtype=jnp.float32, tq=1100), "pallas_gpu", "the Pallas GPU kernel takes"),
     ],
-    ids=["float32", "bias", "short"],
+    ids=["float32", "bias", "short", "short_queries", "half_the_keys"],
 )
 def test_the_cuda_plan_names_the_kernel_and_why(kwargs, implementation, reason):
     kwargs = dict(kwargs)
     dtype, t = kwargs.pop("dtype", jnp.bfloat16), kwargs.pop("t", 2048)
-    q = jnp.zeros((2, t, 64), dtype)
-    plan = which_implementation(None, q, q, causal=True, platform="cuda", **kwargs)
+    q = jnp.zeros((2, kwargs.pop("tq", t), 64), dtype)
+    v = jnp.zeros((2, t, 64), dtype)
+    plan = which_implementation(None, q, v, causal=True, platform="cuda", **kwargs)
     assert plan.implementation == implementation and reason in plan.reason, plan
 
 

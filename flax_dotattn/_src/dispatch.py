@@ -17,7 +17,8 @@ backend only matters for an explicit ``"cudnn"`` and for the default of
 * ``"cuda"``: ``"cudnn"`` for float16/bfloat16 calls the fused kernel takes with Keras's
   numbers (:func:`flax_dotattn._src.cudnn.ineligibility`) when a GPU is attached
   (``jax.nn`` checks the installed cuDNN while tracing, so no cuDNN call can be traced on
-  a host without one); else ``"pallas_gpu"`` from one kernel block of keys (see
+  a host without one); else ``"pallas_gpu"`` from one kernel block of keys, unless
+  padding the queries to the keys' padded length would more than double them (see
   :func:`flax_dotattn._src.pallas_gpu.ineligibility`); otherwise the CPU rule.
   ``"rocm"``: the CPU rule.
 
@@ -186,6 +187,12 @@ def _cuda_plan(inputs: AttentionInputs, options: AttentionOptions) -> Plan:
     tv = inputs.key.shape[-2]
     if triton_reason is None and tv < pallas_gpu.FORWARD_BLOCK:
         triton_reason = f"Tv={tv}: shorter than one kernel block ({pallas_gpu.FORWARD_BLOCK})"
+    padded = pallas_gpu.blocks_for(tv).length
+    if triton_reason is None and padded > 2 * inputs.query.shape[-2]:
+        triton_reason = (
+            f"Tq={inputs.query.shape[-2]}: the kernel would pad the queries to {padded} "
+            "rows, the keys' length (more than twice the work)"
+        )
     if triton_reason is None:
         return Plan(
             "pallas_gpu", reason=f"cudnn: {fused_reason}; the Pallas GPU kernel takes these inputs"
