@@ -235,11 +235,12 @@ def test_chunked_equals_xla_with_random_offsets_lengths_and_blocks(seed):
         kv_length=lengths if per_sequence else int(lengths[0]),
     )
 
+    @functools.partial(jax.jit, static_argnums=0)
     def run(impl, q, k, v):
         extra = {"block_size": blocks} if impl == "chunked" else {}
         return dot_attention(None, q, v, k, implementation=impl, **kwargs, **extra)
 
     assert_close(run("chunked", q, k, v), run("xla", q, k, v), factor=2)
-    grad = lambda impl: jax.grad(lambda *a: jnp.sum(jnp.sin(run(impl, *a))), (0, 1, 2))  # noqa: E731
+    grad = lambda impl: jax.jit(jax.grad(lambda *a: jnp.sum(jnp.sin(run(impl, *a))), (0, 1, 2)))  # noqa: E731
     for g, e in zip(grad("chunked")(q, k, v), grad("xla")(q, k, v), strict=True):
         assert_close(g, e, factor=5)

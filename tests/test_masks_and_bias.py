@@ -5,6 +5,7 @@ The reference is written here from the definition, independent of the library: t
 with Keras's rule (masked logits get 1e9 subtracted, masked queries give zero rows).
 """
 
+import functools
 import itertools
 
 import jax
@@ -192,13 +193,13 @@ def test_values_and_gradients_match_the_dense_reference(name, implementation, sc
         return _expected(q, k, v, r, scale=params["scale"], weight=weight)
 
     bias = kw.get("bias")
-    assert_close(ours(q, k, v, bias), theirs(q, k, v, bias), factor=5)
+    assert_close(jax.jit(ours)(q, k, v, bias), theirs(q, k, v, bias), factor=5)
     argnums = (0, 1, 2, 3) if bias is not None else (0, 1, 2)
 
     def loss(fn):
         return lambda *a: jnp.sum(jnp.sin(fn(*a)))
 
-    got = jax.grad(loss(ours), argnums)(q, k, v, bias)
+    got = jax.jit(jax.grad(loss(ours), argnums))(q, k, v, bias)
     want = jax.grad(loss(theirs), argnums)(q, k, v, bias)
     for g, w in zip(got, want, strict=True):
         assert g.shape == w.shape
@@ -280,13 +281,18 @@ def test_a_packed_row_equals_its_sequences_run_one_by_one(cuts, block, causal):
     starts = [0, *sorted(cuts), t]
     ids = jnp.asarray(np.repeat(np.arange(len(starts) - 1), np.diff(starts)))
     # Positions are global, so causal + segments = causal inside each sequence.
-    packed = dot_attention(
-        None, q, v, k, causal=causal, segment_ids=(ids, ids), implementation="chunked",
-        block_size=block,
-    )  # fmt: skip
+    packed = _packed(q, k, v, ids, causal=causal, block=block)
     for a, b in itertools.pairwise(starts):
         alone = dot_attention(None, q[a:b], v[a:b], k[a:b], causal=causal, implementation="xla")
         assert_close(packed[a:b], alone)
+
+
+@functools.partial(jax.jit, static_argnames=("causal", "block"))
+def _packed(q, k, v, ids, *, causal, block):
+    return dot_attention(
+        None, q, v, k, causal=causal, segment_ids=(ids, ids), implementation="chunked",
+        block_size=block,
+    )  # fmt: skip
 
 
 @pytest.mark.slow
