@@ -278,6 +278,11 @@ def test_no_dropout_stream_is_forked_without_dropout():
 # -- errors ------------------------------------------------------------------------------
 
 
+def _with_cache(layer):
+    layer.init_cache((1, 6, 8))
+    return layer
+
+
 @pytest.mark.parametrize(
     "build, pattern",
     [
@@ -321,6 +326,12 @@ def test_no_dropout_stream_is_forked_without_dropout():
                 jnp.ones((1, 2, 8)), jnp.ones((1, 2, 8)), decode=True
             ),
             r"decode=True needs a cache: call init_cache",
+        ),
+        (
+            lambda: _with_cache(fdnnx.MultiHeadDotAttention(2, 8, rngs=nnx.Rngs(0)))(
+                jnp.ones((1, 1, 8)), jnp.ones((1, 3, 8)), decode=True
+            ),
+            r"decode=True takes the same Tn new positions.*Tq=1 and Tv=3",
         ),
         (
             lambda: fdnnx.MultiHeadDotAttention(2, 8, rngs=nnx.Rngs(0))(

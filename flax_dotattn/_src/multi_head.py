@@ -203,6 +203,11 @@ def multi_head_attention(
     k = _project("key", weights["key"], key, precision)  # [..., Tv, Hkv, Dk]
     v = _project("value", weights["value"], value, precision)  # [..., Tv, Hkv, Dv]
     tq, tv = q.shape[-3], k.shape[-3]
+    if cache is not None and tv != tq:
+        fail(
+            "decode=True takes the same Tn new positions for query, key and value (they are "
+            f"written to the cache at cache_index); received Tq={tq} and Tv={tv}."
+        )
     start = jnp.zeros((), jnp.int32) if cache is None else cache.cache_index
     if transform is not None:
         positions = arguments.get("positions")
