@@ -218,7 +218,10 @@ class MultiHeadDotAttentionConfig:
         choice), the initializers (the weights travel with
         :func:`multi_head_params_from_keras`). Raises for what has no equivalent:
         ``attention_axes`` other than the sequence axis, ``use_gate=True``, an
-        ``output_shape`` of several dims, regularizers and constraints.
+        ``output_shape`` of several dims, regularizers and constraints. A Keras layer built
+        on ``[B, T, F]`` inputs records ``attention_axes=(1,)``, read here as the sequence
+        axis; on inputs with more batch dims Keras attends over axis 1 with it, while
+        this module attends over the axis before the features (Keras's ``(-2,)``).
         """
         from flax_dotattn._src.multi_head_keras import multi_head_fields_from_keras
 
