@@ -210,13 +210,14 @@ def multi_head_attention(
         )
     start = jnp.zeros((), jnp.int32) if cache is None else cache.cache_index
     if transform is not None:
+        if tq != tv:  # positions [..., Tq] would be given to keys of another length
+            fail(
+                "a query/key transform applies the same positions to the queries and the "
+                "keys, so they need one length (self-attention, or decode=True); received "
+                f"Tq={tq}, Tv={tv}."
+            )
         positions = arguments.get("positions")
         if positions is None:
-            if cache is None and tq != tv:
-                fail(
-                    "a query/key transform needs positions for keys of another length "
-                    f"than the queries; received Tq={tq}, Tv={tv} without positions."
-                )
             positions = start + jnp.arange(tq, dtype=jnp.int32)  # [Tq]
         q, k = transform(q, positions), transform(k, positions)
     if not config.use_scale:
