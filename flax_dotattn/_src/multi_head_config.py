@@ -84,7 +84,8 @@ class MultiHeadDotAttentionConfig:
         ``scale_init``. Without it the projected queries are multiplied by
         ``1 / sqrt(key_dim)``, exactly as Keras's ``MultiHeadAttention`` does.
       scale_init: the learned ``scale``'s initial value; None (the default) is
-        ``1 / sqrt(key_dim)``, so that both settings start from Keras's logits.
+        ``1 / sqrt(key_dim)``, so that both settings start from Keras's logits (in
+        ``"dot"`` mode; with ``"concat"`` the learned scale multiplies ``q + k``).
 
     The other fields (``score_mode``, ``dropout_rate``, ``causal``, ``deterministic``,
     ``dtype``, ``param_dtype``, ``precision``, ``window``, ``implementation``,
