@@ -334,6 +334,13 @@ def _with_cache(layer):
             r"decode=True takes the same Tn new positions.*Tq=1 and Tv=3",
         ),
         (
+            lambda: _with_cache(fdnnx.MultiHeadDotAttention(2, 8, rngs=nnx.Rngs(0)))(
+                jnp.ones((2, 1, 8)), jnp.ones((2, 1, 8)), decode=True
+            ),
+            r"cache's batch dims \(1,\) and at most its 6 positions; received batch dims "
+            r"\(2,\) and Tn=1",
+        ),
+        (
             lambda: fdnnx.MultiHeadDotAttention(
                 2, 8, query_key_transform=lambda x, positions: x, rngs=nnx.Rngs(0)
             )(jnp.ones((1, 1, 8)), jnp.ones((1, 4, 8)), positions=jnp.array([[3]])),

@@ -230,6 +230,13 @@ def multi_head_attention(
         for name in ("query_offset", "kv_length"):
             if call[name] is not None:
                 fail(f"{name} is set by the cache in decode mode; received {name}={call[name]!r}.")
+        batch, tmax = tuple(cache.key.shape[:-3]), cache.key.shape[-2]
+        if tuple(k.shape[:-3]) != batch or tv > tmax:
+            fail(
+                f"decode=True needs inputs with the cache's batch dims {batch} and at most "
+                f"its {tmax} positions; received batch dims {tuple(k.shape[:-3])} and Tn={tv} "
+                "(size the cache for this batch: init_cache, or init in Linen)."
+            )
         index = jnp.asarray(cache.cache_index, jnp.int32)
         at = (0,) * (k.ndim - 2)
         k = jax.lax.dynamic_update_slice(cache.key, k.astype(cache.key.dtype), (*at, index, 0))
