@@ -278,6 +278,11 @@ def test_no_dropout_stream_is_forked_without_dropout():
 # -- errors ------------------------------------------------------------------------------
 
 
+def _with_cache(layer):
+    layer.init_cache((1, 6, 8))
+    return layer
+
+
 @pytest.mark.parametrize(
     "build, pattern",
     [
@@ -321,6 +326,25 @@ def test_no_dropout_stream_is_forked_without_dropout():
                 jnp.ones((1, 2, 8)), jnp.ones((1, 2, 8)), decode=True
             ),
             r"decode=True needs a cache: call init_cache",
+        ),
+        (
+            lambda: _with_cache(fdnnx.MultiHeadDotAttention(2, 8, rngs=nnx.Rngs(0)))(
+                jnp.ones((1, 1, 8)), jnp.ones((1, 3, 8)), decode=True
+            ),
+            r"decode=True takes the same Tn new positions.*Tq=1 and Tv=3",
+        ),
+        (
+            lambda: _with_cache(fdnnx.MultiHeadDotAttention(2, 8, rngs=nnx.Rngs(0)))(
+                jnp.ones((2, 1, 8)), jnp.ones((2, 1, 8)), decode=True
+            ),
+            r"cache's batch dims \(1,\) and at most its 6 positions; received batch dims "
+            r"\(2,\) and Tn=1",
+        ),
+        (
+            lambda: fdnnx.MultiHeadDotAttention(
+                2, 8, query_key_transform=lambda x, positions: x, rngs=nnx.Rngs(0)
+            )(jnp.ones((1, 1, 8)), jnp.ones((1, 4, 8)), positions=jnp.array([[3]])),
+            r"same positions to the queries and the keys.*Tq=1, Tv=4",
         ),
         (
             lambda: fdnnx.MultiHeadDotAttention(2, 8, rngs=nnx.Rngs(0))(

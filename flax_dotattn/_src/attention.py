@@ -299,9 +299,9 @@ def which_implementation(
       **keywords: :func:`dot_attention`'s keyword-only arguments.
 
     Returns:
-      A ``Plan`` named tuple: ``implementation`` (``"xla"``, ``"chunked"``, ``"cudnn"``
-      or ``"pallas_tpu"``) and a human-readable ``reason`` (on an accelerator, why its
-      kernel does not take the call when it does not).
+      A ``Plan`` named tuple: ``implementation`` (``"xla"``, ``"chunked"``, ``"cudnn"``,
+      ``"pallas_tpu"`` or ``"pallas_gpu"``) and a human-readable ``reason`` (on an
+      accelerator, why its kernel does not take the call when it does not).
 
     Raises:
       TypeError: for a keyword :func:`dot_attention` does not take.

@@ -203,15 +203,21 @@ def multi_head_attention(
     k = _project("key", weights["key"], key, precision)  # [..., Tv, Hkv, Dk]
     v = _project("value", weights["value"], value, precision)  # [..., Tv, Hkv, Dv]
     tq, tv = q.shape[-3], k.shape[-3]
+    if cache is not None and tv != tq:
+        fail(
+            "decode=True takes the same Tn new positions for query, key and value (they are "
+            f"written to the cache at cache_index); received Tq={tq} and Tv={tv}."
+        )
     start = jnp.zeros((), jnp.int32) if cache is None else cache.cache_index
     if transform is not None:
+        if tq != tv:  # positions [..., Tq] would be given to keys of another length
+            fail(
+                "a query/key transform applies the same positions to the queries and the "
+                "keys, so they need one length (self-attention, or decode=True); received "
+                f"Tq={tq}, Tv={tv}."
+            )
         positions = arguments.get("positions")
         if positions is None:
-            if cache is None and tq != tv:
-                fail(
-                    "a query/key transform needs positions for keys of another length "
-                    f"than the queries; received Tq={tq}, Tv={tv} without positions."
-                )
             positions = start + jnp.arange(tq, dtype=jnp.int32)  # [Tq]
         q, k = transform(q, positions), transform(k, positions)
     if not config.use_scale:
@@ -224,6 +230,13 @@ def multi_head_attention(
         for name in ("query_offset", "kv_length"):
             if call[name] is not None:
                 fail(f"{name} is set by the cache in decode mode; received {name}={call[name]!r}.")
+        batch, tmax = tuple(cache.key.shape[:-3]), cache.key.shape[-2]
+        if tuple(k.shape[:-3]) != batch or tv > tmax:
+            fail(
+                f"decode=True needs inputs with the cache's batch dims {batch} and at most "
+                f"its {tmax} positions; received batch dims {tuple(k.shape[:-3])} and Tn={tv} "
+                "(size the cache for this batch: init_cache, or init in Linen)."
+            )
         index = jnp.asarray(cache.cache_index, jnp.int32)
         at = (0,) * (k.ndim - 2)
         k = jax.lax.dynamic_update_slice(cache.key, k.astype(cache.key.dtype), (*at, index, 0))

@@ -84,7 +84,8 @@ class MultiHeadDotAttentionConfig:
         ``scale_init``. Without it the projected queries are multiplied by
         ``1 / sqrt(key_dim)``, exactly as Keras's ``MultiHeadAttention`` does.
       scale_init: the learned ``scale``'s initial value; None (the default) is
-        ``1 / sqrt(key_dim)``, so that both settings start from Keras's logits.
+        ``1 / sqrt(key_dim)``, so that both settings start from Keras's logits (in
+        ``"dot"`` mode; with ``"concat"`` the learned scale multiplies ``q + k``).
 
     The other fields (``score_mode``, ``dropout_rate``, ``causal``, ``deterministic``,
     ``dtype``, ``param_dtype``, ``precision``, ``window``, ``implementation``,
@@ -218,7 +219,10 @@ class MultiHeadDotAttentionConfig:
         choice), the initializers (the weights travel with
         :func:`multi_head_params_from_keras`). Raises for what has no equivalent:
         ``attention_axes`` other than the sequence axis, ``use_gate=True``, an
-        ``output_shape`` of several dims, regularizers and constraints.
+        ``output_shape`` of several dims, regularizers and constraints. A Keras layer built
+        on ``[B, T, F]`` inputs records ``attention_axes=(1,)``, read here as the sequence
+        axis; on inputs with more batch dims Keras attends over axis 1 with it, while
+        this module attends over the axis before the features (Keras's ``(-2,)``).
         """
         from flax_dotattn._src.multi_head_keras import multi_head_fields_from_keras
 
