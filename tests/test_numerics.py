@@ -73,7 +73,7 @@ def test_values_and_gradients_are_finite(case, dtype, implementation):
         assert out.dtype == dtype
         return jnp.sum(out.astype(jnp.float32) ** 2), out
 
-    (value, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True)(
+    (value, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))(
         params, q, v, k
     )
     assert _finite(out) and _finite(value)
@@ -115,10 +115,8 @@ def test_a_minus_inf_bias_gives_the_materialised_numbers_on_the_chunked_path(n_p
         out = dot_attention(None, q, q if k is None else k, bias=bias, implementation=impl)
         return jnp.sum(out.astype(jnp.float32) ** 2), out
 
-    results = {
-        impl: jax.value_and_grad(loss, argnums=(1, 2), has_aux=True)(impl, q, q)
-        for impl in ("xla", "chunked")
-    }
+    step = jax.jit(jax.value_and_grad(loss, argnums=(1, 2), has_aux=True), static_argnums=0)
+    results = {impl: step(impl, q, q) for impl in ("xla", "chunked")}
     (_, expected), expected_grads = results["xla"]
     (_, out), grads = results["chunked"]
     assert _finite(expected) and _finite(expected_grads)
@@ -149,10 +147,9 @@ def test_non_finite_keys_and_values_hidden_by_the_value_mask_never_reach_the_out
         out = dot_attention(None, q, v, k, masks, implementation=implementation)
         return jnp.sum(out**2), out
 
-    (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(
-        q, k + garbage, v + garbage
-    )
-    (_, clean), clean_grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+    (_, out), grads = step(q, k + garbage, v + garbage)
+    (_, clean), clean_grads = step(q, k, v)
     np.testing.assert_allclose(out, clean, rtol=2e-5, atol=2e-5)
     for g, c in zip(grads, clean_grads, strict=True):
         assert np.isfinite(np.asarray(g)).all()
@@ -188,7 +185,7 @@ def test_rows_of_minus_inf_that_the_query_mask_zeroes_leave_gradients_finite_on_
             )
             return jnp.sum(out**2)
 
-        grads[impl] = jax.grad(loss, (0, 1, 2))(q, q, q)
+        grads[impl] = jax.jit(jax.grad(loss, (0, 1, 2)))(q, q, q)
         assert _finite(grads[impl]), impl
     for g, e in zip(grads["chunked"], grads["xla"], strict=True):
         np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4)  # gradients of size ~1
@@ -206,6 +203,7 @@ def test_non_finite_values_hidden_by_a_key_padding_mask_never_reach_the_output(
     garbage = jnp.where(keep[None, :, None], 0.0, jnp.nan)
     padding = keep[None, None, :]  # [1, 1, Tv]: a key-padding attention_mask
 
+    @jax.jit
     def run(k, v):
         return dot_attention(None, q, v, k, attention_mask=padding, implementation=implementation)
 
