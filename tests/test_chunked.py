@@ -33,10 +33,17 @@ def _params(score_mode, use_scale=True):
 
 
 def _both(params, q, v, k, masks, causal, score_mode, **kwargs):
-    run = functools.partial(
-        dot_attention, params, q, v, k, masks, causal, score_mode=score_mode, **kwargs
-    )
-    return run(implementation="xla"), run(implementation="chunked", block_size=BLOCK)
+    """xla's and chunked's outputs, each jitted (one compile, not one per operation)."""
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def run(implementation, params, q, v, k, masks):
+        blocks = {"block_size": BLOCK} if implementation == "chunked" else {}
+        return dot_attention(
+            params, q, v, k, masks, causal, score_mode=score_mode,
+            implementation=implementation, **blocks, **kwargs,
+        )  # fmt: skip
+
+    return run("xla", params, q, v, k, masks), run("chunked", params, q, v, k, masks)
 
 
 FEATURES = [
@@ -79,8 +86,8 @@ def test_values_and_gradients_match_materialised(feature, score_mode, rng):
         )
         return jnp.sum(out * jnp.cos(out))  # a loss with a non-trivial cotangent
 
-    g_ref = jax.grad(functools.partial(loss, "xla"), argnums=(0, 1, 2, 3))(params, q, k, v)
-    g = jax.grad(functools.partial(loss, "chunked"), argnums=(0, 1, 2, 3))(params, q, k, v)
+    grad = jax.jit(jax.grad(loss, argnums=(1, 2, 3, 4)), static_argnums=0)
+    g_ref, g = grad("xla", params, q, k, v), grad("chunked", params, q, k, v)
     for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * max(1.0, np.abs(b).max()))
 
@@ -291,8 +298,8 @@ def test_vmap_over_dropout_keys_and_scales_matches_a_python_loop(rng):
         )  # fmt: skip
         return jnp.sum(out**2)
 
-    grad = jax.grad(f, argnums=(1, 2))
-    mapped = jax.vmap(grad)(keys, scales, q)
+    grad = jax.jit(jax.grad(f, argnums=(1, 2)))
+    mapped = jax.jit(jax.vmap(grad))(keys, scales, q)
     looped = [grad(keys[i], scales[i], q[i]) for i in range(2)]
     for got, want in zip(mapped, zip(*looped, strict=True), strict=True):
         assert_close(got, jnp.stack(want))
