@@ -23,8 +23,9 @@ def test_jvp_equals_the_xla_path_on_every_path(implementation, rng):
     def f(impl, q):
         return dot_attention(None, q, q, causal=True, implementation=impl)
 
-    out, tangent = jax.jvp(lambda q: f(implementation, q), (q,), (t,))
-    ref_out, ref_tangent = jax.jvp(lambda q: f("xla", q), (q,), (t,))
+    jvp = jax.jit(lambda impl, q, t: jax.jvp(lambda q: f(impl, q), (q,), (t,)), static_argnums=0)
+    out, tangent = jvp(implementation, q, t)
+    ref_out, ref_tangent = jvp("xla", q, t)
     assert_close(out, ref_out)
     assert_close(tangent, ref_tangent, factor=5)
 
@@ -45,8 +46,8 @@ def test_jacfwd_equals_jacrev_for_every_input(score_mode, rng):
         params = {"scale": jnp.float64(0.8)}
         if score_mode == "concat":
             params["concat_score_weight"] = jnp.float64(1.2)
-        fwd = jax.jacfwd(f, argnums=(0, 1, 2, 3))(params, q, k, v)
-        rev = jax.jacrev(f, argnums=(0, 1, 2, 3))(params, q, k, v)
+        fwd = jax.jit(jax.jacfwd(f, argnums=(0, 1, 2, 3)))(params, q, k, v)
+        rev = jax.jit(jax.jacrev(f, argnums=(0, 1, 2, 3)))(params, q, k, v)
     for a, b in zip(jax.tree.leaves(fwd), jax.tree.leaves(rev), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
 
