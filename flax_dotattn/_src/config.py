@@ -109,28 +109,12 @@ class DotAttentionConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Returns a plain ``dict`` of the fields (JSON/YAML-serialisable)."""
-        data = field_values(self)
-        if self.block_size is not None:
-            data["block_size"] = self.block_size.to_dict()
-        if self.window is not None:
-            data["window"] = list(self.window)
-        return data
+        return plain_dict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> DotAttentionConfig:
         """Builds a config from a mapping of field names; unknown keys raise ValueError."""
-        if not isinstance(data, Mapping):
-            fail(
-                "DotAttentionConfig.from_dict expects a mapping of field names; "
-                f"received a {type(data).__name__}."
-            )
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(str(k) for k in data if k not in fields)
-        if unknown:
-            fail(
-                f"DotAttentionConfig got unknown keys {unknown}; "
-                f"expected keys from {sorted(fields)}."
-            )
+        check_keys(cls, data)
         return cls(**data)
 
     # -- Keras (the translation lives in keras_interop, which sits on top of this module,
@@ -187,9 +171,33 @@ class DotAttentionConfig:
         return config_to_keras(self, legacy=legacy)
 
 
-def field_values(config: DotAttentionConfig) -> dict[str, Any]:
-    """The config's fields as keyword arguments (of a module's constructor, say)."""
+def field_values(config: Any) -> dict[str, Any]:
+    """A config dataclass's fields as keyword arguments (of a module's constructor, say)."""
     return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+
+
+def plain_dict(config: Any) -> dict[str, Any]:
+    """A config's fields as plain data (JSON/YAML-serialisable): ``block_size`` as a dict,
+    ``window`` as a list."""
+    data = field_values(config)
+    if config.block_size is not None:
+        data["block_size"] = config.block_size.to_dict()
+    if config.window is not None:
+        data["window"] = list(config.window)
+    return data
+
+
+def check_keys(cls: type, data: Any) -> None:
+    """Raises a ValueError unless ``data`` is a mapping whose keys are fields of ``cls``."""
+    name = cls.__name__
+    if not isinstance(data, Mapping):
+        fail(
+            f"{name}.from_dict expects a mapping of field names; received a {type(data).__name__}."
+        )
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(str(k) for k in data if k not in fields)
+    if unknown:
+        fail(f"{name} got unknown keys {unknown}; expected keys from {sorted(fields)}.")
 
 
 def check_config(config: Any, where: str) -> DotAttentionConfig:

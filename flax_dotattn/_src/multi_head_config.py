@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from flax_dotattn._src.blocks import BlockSizes
-from flax_dotattn._src.config import DotAttentionConfig
+from flax_dotattn._src.config import DotAttentionConfig, check_keys, plain_dict
 from flax_dotattn._src.options import OPTIONS, check_bool, check_finite_float, fail
 from flax_dotattn._src.types import (
     FloatDtypeName,
@@ -177,28 +177,12 @@ class MultiHeadDotAttentionConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Returns a plain ``dict`` of the fields (JSON/YAML-serialisable)."""
-        data = multi_head_field_values(self)
-        if self.block_size is not None:
-            data["block_size"] = self.block_size.to_dict()
-        if self.window is not None:
-            data["window"] = list(self.window)
-        return data
+        return plain_dict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> MultiHeadDotAttentionConfig:
         """Builds a config from a mapping of field names; unknown or missing keys raise."""
-        if not isinstance(data, Mapping):
-            fail(
-                "MultiHeadDotAttentionConfig.from_dict expects a mapping of field names; "
-                f"received a {type(data).__name__}."
-            )
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(str(k) for k in data if k not in fields)
-        if unknown:
-            fail(
-                f"MultiHeadDotAttentionConfig got unknown keys {unknown}; "
-                f"expected keys from {sorted(fields)}."
-            )
+        check_keys(cls, data)
         missing = [k for k in ("num_heads", "key_dim") if k not in data]
         if missing:
             fail(f"MultiHeadDotAttentionConfig needs {missing}; received keys {sorted(data)}.")
@@ -241,11 +225,6 @@ class MultiHeadDotAttentionConfig:
         from flax_dotattn._src.multi_head_keras import multi_head_config_to_keras
 
         return multi_head_config_to_keras(self)
-
-
-def multi_head_field_values(config: MultiHeadDotAttentionConfig) -> dict[str, Any]:
-    """The config's fields as keyword arguments (of a module's constructor, say)."""
-    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
 
 
 def check_multi_head_config(config: Any, where: str) -> MultiHeadDotAttentionConfig:

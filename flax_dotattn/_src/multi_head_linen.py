@@ -16,10 +16,10 @@ import jax
 import jax.numpy as jnp
 
 from flax_dotattn._src import multi_head
+from flax_dotattn._src.config import field_values
 from flax_dotattn._src.multi_head_config import (
     MultiHeadDotAttentionConfig,
     check_multi_head_config,
-    multi_head_field_values,
 )
 from flax_dotattn._src.types import (
     Array,
@@ -153,7 +153,7 @@ class MultiHeadDotAttention(nn.Module):
         """Builds the module from a :class:`MultiHeadDotAttentionConfig` (kwargs: the
         fields outside the config, e.g. ``kernel_init``, ``decode``, ``name``)."""
         config = check_multi_head_config(config, "MultiHeadDotAttention.from_config")
-        return cls(**multi_head_field_values(config), **kwargs)
+        return cls(**field_values(config), **kwargs)
 
     @property
     def config(self) -> MultiHeadDotAttentionConfig:

@@ -18,11 +18,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flax_dotattn._src import multi_head
+from flax_dotattn._src.config import field_values
 from flax_dotattn._src.multi_head_config import (
     HEAD_FIELDS,
     MultiHeadDotAttentionConfig,
     check_multi_head_config,
-    multi_head_field_values,
 )
 from flax_dotattn._src.multi_head_linen import Initializer, default_kernel_init
 from flax_dotattn._src.options import fail
@@ -148,7 +148,7 @@ class MultiHeadDotAttention(nnx.Module):
         config = MultiHeadDotAttentionConfig(
             **{f.name: arguments[f.name] for f in dataclasses.fields(MultiHeadDotAttentionConfig)}
         )
-        for name, value in multi_head_field_values(config).items():
+        for name, value in field_values(config).items():
             setattr(self, name, value)
         self.in_features = in_features
         self.in_kv_features = in_features if in_kv_features is None else in_kv_features
@@ -190,7 +190,7 @@ class MultiHeadDotAttention(nnx.Module):
         """Builds the module from a :class:`MultiHeadDotAttentionConfig` (kwargs:
         ``in_kv_features`` and the options outside the config)."""
         config = check_multi_head_config(config, "MultiHeadDotAttention.from_config")
-        fields = multi_head_field_values(config)
+        fields = field_values(config)
         heads = {name: fields.pop(name) for name in HEAD_FIELDS}
         return cls(
             heads.pop("num_heads"),
