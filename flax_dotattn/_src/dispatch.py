@@ -55,6 +55,11 @@ PLATFORMS = ("cpu", "tpu", "cuda", "rocm")
 _ALIASES = {"gpu": "cuda"}
 
 
+#: The Pallas kernels by implementation name: their module and the platform they compile
+#: for (anywhere else they run in interpret mode).
+PALLAS_KERNELS = {"pallas_tpu": (pallas_tpu, "tpu"), "pallas_gpu": (pallas_gpu, "cuda")}
+
+
 class Plan(NamedTuple):
     """How :func:`dot_attention` will run."""
 
@@ -117,22 +122,15 @@ def plan(inputs: AttentionInputs, options: AttentionOptions, platform: str | Non
         if fused_reason:
             raise ValueError(f"implementation='cudnn' cannot run these inputs: {fused_reason}.")
         return Plan("cudnn", reason="requested")
-    if implementation == "pallas_tpu":
-        splash_reason = pallas_tpu.ineligibility(inputs, options)
-        if splash_reason:
+    if implementation in PALLAS_KERNELS:
+        kernel, own_platform = PALLAS_KERNELS[implementation]
+        kernel_reason = kernel.ineligibility(inputs, options)
+        if kernel_reason:
             raise ValueError(
-                f"implementation='pallas_tpu' cannot run these inputs: {splash_reason}."
+                f"implementation={implementation!r} cannot run these inputs: {kernel_reason}."
             )
-        mode = "" if platform == "tpu" else f" (Pallas interpret mode on {platform})"
-        return Plan("pallas_tpu", reason="requested" + mode)
-    if implementation == "pallas_gpu":
-        triton_reason = pallas_gpu.ineligibility(inputs, options)
-        if triton_reason:
-            raise ValueError(
-                f"implementation='pallas_gpu' cannot run these inputs: {triton_reason}."
-            )
-        mode = "" if platform == "cuda" else f" (Pallas interpret mode on {platform})"
-        return Plan("pallas_gpu", reason="requested" + mode)
+        mode = "" if platform == own_platform else f" (Pallas interpret mode on {platform})"
+        return Plan(implementation, reason="requested" + mode)
     if implementation == "chunked" and options.return_attention_scores:
         raise ValueError(
             "implementation='chunked' never forms the [..., Tq, Tv] weights, so it cannot "

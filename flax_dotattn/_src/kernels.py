@@ -49,8 +49,8 @@ def run_per_platform(call: CheckedCall) -> tuple[Array, Array | None]:
 
 def _compiled(plan: Plan, platform: str) -> bool:
     """Whether ``plan`` runs a Pallas kernel compiled for ``platform`` (not interpreted)."""
-    own = {"pallas_tpu": "tpu", "pallas_gpu": "cuda"}
-    return own.get(plan.implementation) == platform
+    kernel = dispatch.PALLAS_KERNELS.get(plan.implementation)
+    return kernel is not None and kernel[1] == platform
 
 
 def run(plan: Plan, call: CheckedCall, *, platform: str) -> tuple[Array, Array | None]:
