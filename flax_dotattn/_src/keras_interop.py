@@ -14,7 +14,7 @@ Keras itself is never imported: this module works on plain dicts and lists of ar
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, Sequence, Set
 from typing import Any
 
 import jax.numpy as jnp
@@ -44,28 +44,39 @@ _KERAS_IGNORED_KEYS = frozenset(
 )
 
 
-def fields_from_keras(keras_config: Mapping[str, Any]) -> dict[str, Any]:
-    """The config fields of a Keras ``Attention`` layer config (see
-    :meth:`DotAttentionConfig.from_keras`); unchecked, the config checks them."""
+def layer_config(
+    keras_config: Any, class_name: str, allowed: Set[str], *, where: str
+) -> Mapping[str, Any]:
+    """The inner config of a Keras layer config (``{"class_name", "config"}`` or the inner
+    dict itself), checked: a mapping, of layer ``class_name``, with keys from ``allowed``.
+    ``where`` names the caller in the errors."""
     if not isinstance(keras_config, Mapping):
         fail(
-            "from_keras expects a Keras layer config dict; "
-            f"received a {type(keras_config).__name__}."
+            f"{where} expects a Keras layer config dict; received a {type(keras_config).__name__}."
         )
     if "class_name" in keras_config and "config" in keras_config:
-        if keras_config["class_name"] != "Attention":
+        if keras_config["class_name"] != class_name:
+            article = "an" if class_name[0] in "AEIOU" else "a"
             fail(
-                "from_keras expects an 'Attention' layer config; received "
+                f"from_keras expects {article} {class_name!r} layer config; received "
                 f"class_name={keras_config['class_name']!r}."
             )
         keras_config = keras_config["config"]
-    allowed = _KERAS_KEYS | _KERAS_IGNORED_KEYS
     unknown = sorted(str(k) for k in keras_config if k not in allowed)
     if unknown:
         fail(
             f"from_keras got unknown Keras config keys {unknown}; expected keys from "
             f"{sorted(allowed)}."
         )
+    return keras_config
+
+
+def fields_from_keras(keras_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The config fields of a Keras ``Attention`` layer config (see
+    :meth:`DotAttentionConfig.from_keras`); unchecked, the config checks them."""
+    keras_config = layer_config(
+        keras_config, "Attention", _KERAS_KEYS | _KERAS_IGNORED_KEYS, where="from_keras"
+    )
     dtype, param_dtype = _from_keras_dtype(keras_config.get("dtype"))
     return {
         "use_scale": keras_config.get("use_scale", False),

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_dotattn._src.config import DotAttentionConfig
-from flax_dotattn._src.keras_interop import config_to_keras, fields_from_keras
+from flax_dotattn._src.keras_interop import config_to_keras, fields_from_keras, layer_config
 from flax_dotattn._src.multi_head_config import (
     MultiHeadDotAttentionConfig,
     check_multi_head_config,
@@ -50,25 +50,12 @@ _PROJECTIONS = ("query", "key", "value", "out")
 def multi_head_fields_from_keras(keras_config: Mapping[str, Any]) -> dict[str, Any]:
     """The config fields of a Keras ``MultiHeadAttention`` config (see
     :meth:`MultiHeadDotAttentionConfig.from_keras`); unchecked, the config checks them."""
-    if not isinstance(keras_config, Mapping):
-        fail(
-            "MultiHeadDotAttentionConfig.from_keras expects a Keras layer config dict; "
-            f"received a {type(keras_config).__name__}."
-        )
-    if "class_name" in keras_config and "config" in keras_config:
-        if keras_config["class_name"] != "MultiHeadAttention":
-            fail(
-                "from_keras expects a 'MultiHeadAttention' layer config; received "
-                f"class_name={keras_config['class_name']!r}."
-            )
-        keras_config = keras_config["config"]
-    allowed = _KERAS_FIELDS | _KERAS_DROPPED | set(_KERAS_DEFAULTS)
-    unknown = sorted(str(k) for k in keras_config if k not in allowed)
-    if unknown:
-        fail(
-            f"from_keras got unknown Keras config keys {unknown}; expected keys from "
-            f"{sorted(allowed)}."
-        )
+    keras_config = layer_config(
+        keras_config,
+        "MultiHeadAttention",
+        _KERAS_FIELDS | _KERAS_DROPPED | set(_KERAS_DEFAULTS),
+        where="MultiHeadDotAttentionConfig.from_keras",
+    )
     for name, default in _KERAS_DEFAULTS.items():
         if keras_config.get(name, default) != default:
             fail(
