@@ -217,8 +217,8 @@ def dot_attention(
         bias, dense mask, window, dropout or returned weights; Pallas interpret mode off
         ``cuda``). The automatic choice is made per platform when the call is lowered
         (see :func:`which_implementation`): ``"pallas_tpu"`` on TPU, ``"cudnn"`` then
-        ``"pallas_gpu"`` on GPU when eligible, else ``"chunked"`` from 1 MiB of
-        float32 scores per sequence (``Tq = Tv = 512``; 16 MiB of ``[Tq, Tv, D]`` in
+        ``"pallas_gpu"`` on GPU when eligible, else ``"chunked"`` from 2 MiB of
+        float32 scores per sequence (``Tq = Tv = 724``; 16 MiB of ``[Tq, Tv, D]`` in
         concat mode), else ``"xla"``: one sequence's size, never the batch's, so a call
         under ``jax.vmap`` chooses what the batched call chooses. Every path supports
         ``jax.grad``, ``jax.vmap`` and empty dimensions, and every path but ``"cudnn"``
@@ -315,7 +315,7 @@ def which_implementation(
       'xla'
       >>> plan = which_implementation(None, jnp.ones((1, 4096, 64)), jnp.ones((1, 4096, 64)))
       >>> plan.implementation, plan.reason
-      ('chunked', "one sequence's materialised scores would take 64 MiB >= 1 MiB")
+      ('chunked', "one sequence's materialised scores would take 64 MiB >= 2 MiB")
       >>> q = jnp.ones((2, 1024, 128), jnp.bfloat16)
       >>> which_implementation(None, q, q, causal=True, platform="tpu").implementation
       'pallas_tpu'

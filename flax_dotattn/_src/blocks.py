@@ -92,8 +92,9 @@ class BlockSizes:
         ``"dot"``: ``(2048, 256)``, tall query blocks keep the matmuls large and short key
         blocks keep the working set in cache; ``(1024, 256)`` when causal, which computes
         less of the hidden triangle, and for a ``length`` below 2048 half of it as a power
-        of two, at least 256, so that a causal sequence has at least two query blocks (one
-        block would compute the whole hidden triangle). ``"concat"``: ``(256, 128)``,
+        of two, at least 512, so that a causal sequence of 1024 has two query blocks (one
+        block would compute the whole hidden triangle; at 512, two blocks of 256 cost more
+        in per-block work than they skip). ``"concat"``: ``(256, 128)``,
         smaller because each step forms a ``[B, Bq, Bk, D]`` tanh block. A sliding
         ``window`` of span ``w`` (both sides bounded, the right one by ``causal`` too)
         takes square blocks of half the largest power of two up to ``w``, between 64 and
@@ -111,7 +112,7 @@ class BlockSizes:
             base = cls(block_q=256, block_k=128)
         elif base is None and causal:  # shorter query blocks compute less of the triangle
             half = 2 ** max((length or 2048).bit_length() - 2, 0)  # a power of two <= length / 2
-            base = cls(block_q=min(1024, max(256, half)), block_k=256)
+            base = cls(block_q=min(1024, max(512, half)), block_k=256)
         elif base is None:
             base = cls(block_q=2048, block_k=256)
         left, right = window or (None, None)

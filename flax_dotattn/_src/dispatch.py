@@ -41,12 +41,14 @@ from flax_dotattn._src import cudnn, pallas_gpu, pallas_tpu, tuning
 from flax_dotattn._src.options import AttentionOptions
 from flax_dotattn._src.validation import AttentionInputs
 
-#: Per sequence, by score mode. On a 2-core x86 CPU, ``"dot"``: at T = 512 (1 MiB of
-#: scores) both paths took the same time, forward and forward+backward, at B = 1 and 8;
-#: from T = 1024 chunked was faster (8x1024: 2.5x forward, 1.5x forward+backward).
-#: ``"concat"`` (``[Tq, Tv, D]`` tanh intermediate, D = 64): at T = 128 (4 MiB) xla was
-#: 1.4x faster forward+backward; from T = 256 (16 MiB) chunked was faster (1.4x; 5x at 512).
-CHUNKED_CROSSOVER_BYTES = {"dot": 2**20, "concat": 16 * 2**20}
+#: Per sequence, by score mode. ``"dot"``: on a quiet 2-core AMD EPYC CPU, at
+#: ``8 x 512`` (1 MiB of scores) the chunked path ran the forward at 0.86x to 0.90x of the
+#: materialised one and forward+backward at 1.06x (interleaved, 7 samples), so T = 512 stays
+#: materialised; from ``4 x 1024`` (4 MiB) chunked was as fast forward and 1.5x to 1.7x
+#: forward+backward, 2x at T = 4096. ``"concat"`` (``[Tq, Tv, D]`` tanh intermediate,
+#: D = 64): at T = 128 (4 MiB) xla was 1.4x faster forward+backward; from T = 256 (16 MiB)
+#: chunked was faster (1.4x; 5x at 512).
+CHUNKED_CROSSOVER_BYTES = {"dot": 2 * 2**20, "concat": 16 * 2**20}
 
 
 #: The platforms a call is planned for, by their lowering names.
