@@ -15,7 +15,10 @@ of the blocks' sums.
 
 The full grid takes about 1.5 to 3 minutes on a 2-core CPU, by its load; ``--quick`` is
 shorter, ``--smoke`` takes seconds (tiny shapes, for tests: its timings mean nothing).
-The GPU/TPU Pallas kernels will add their block grids when they exist; none is tuned yet.
+On a TPU it also measures splash attention's forward and backward blocks
+(``implementation="pallas_tpu"``), on a CUDA GPU the Triton kernel's (``"pallas_gpu"``),
+bfloat16 at T = 1024, 4096 and 16384; elsewhere they are skipped, except that ``--smoke``
+runs both in Pallas interpret mode (their code path, not their speed).
 
 Examples:
   python -m flax_dotattn.tune                 # measure and write the table

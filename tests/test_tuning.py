@@ -15,7 +15,7 @@ import pytest
 from conftest import assert_close
 
 from flax_dotattn import BlockSizes, dot_attention, tune, which_implementation
-from flax_dotattn._src import tuner, tuning
+from flax_dotattn._src import pallas_gpu, pallas_tpu, tuning
 from flax_dotattn.bench.cli import main as bench_main
 
 B, T, D = 2, 64, 8
@@ -161,18 +161,8 @@ def test_outputs_do_not_depend_on_the_table(cache):
 
 
 @pytest.mark.slow
-def test_smoke_tuning_writes_a_table_the_automatic_choice_reads(cache, capsys, monkeypatch):
-    calls = []
-
-    def pallas_stand_in(grid, *, interpret, time):  # what an accelerator kernel registers
-        seconds = time({"32x32": jax.jit(jnp.sin)}, (Q,), grid.repeats, grid.sample_seconds)
-        calls.append(interpret)
-        return {"blocks": min(seconds, key=seconds.get)}
-
-    monkeypatch.setitem(tuner.ACCELERATOR_KERNELS, "stand_in", pallas_stand_in)
+def test_smoke_tuning_writes_a_table_the_automatic_choice_and_the_kernels_read(cache, capsys):
     assert tune.main(["--smoke", "--no-progress"]) == 0
-    assert calls == [jax.default_backend() not in ("gpu", "tpu")]  # interpreted on a CPU
-    assert tuning.kernel_entry("stand_in") == {"blocks": "32x32"}
     path = tuning.table_path()
     table = json.loads(path.read_text())
     assert table["key"] == tuning.device_key() and table["version"] == tuning.TABLE_VERSION
@@ -183,6 +173,14 @@ def test_smoke_tuning_writes_a_table_the_automatic_choice_reads(cache, capsys, m
         "backward blocks",
         "crossover",
     }
+    # Both Pallas kernels' grids ran (interpreted off their platforms), and each kernel
+    # reads its entry back.
+    measured = {m["case"] for m in table["measurements"]}
+    assert {"pallas_tpu/full/float32", "pallas_gpu/full/float32"} <= measured
+    (splash,) = table["kernels"]["pallas_tpu"]["full"]
+    assert pallas_tpu.kernel_blocks(256, 256, False) == (*splash["forward"], *splash["backward"])
+    (triton,) = table["kernels"]["pallas_gpu"]["full"]
+    assert pallas_gpu.blocks_for(256) == (256, triton["forward"], triton["backward"])
     assert str(path) in capsys.readouterr().out
     plan = which_implementation(None, Q, V)
     assert plan.reason.endswith(f"(tuned on {table['key']['device_kind']})")
@@ -223,3 +221,46 @@ def test_blocks_apply_within_their_lengths_and_the_shipped_ones_elsewhere(cache)
     assert blocks[32] is None  # shorter than measured: BlockSizes.default applies
     assert blocks[64] == BlockSizes(block_q=32, block_k=16)
     assert blocks[128].backward == (128, 32)
+
+
+def test_the_kernels_take_tuned_blocks_that_fit_and_their_own_elsewhere(cache, monkeypatch):
+    splash = {
+        "full": [{"max_length": 300, "forward": [128, 256], "backward": [256, 128]}],
+        "causal": [{"forward": [384, 128], "backward": [128, 128]}],  # 384 divides no 256
+    }
+    triton = {
+        "full": [{"forward": 64, "backward": 16}],
+        "causal": [{"forward": 48, "backward": 16}],  # 48 is not a power of two
+    }
+    tuning.write_table({}, kernels={"pallas_tpu": splash, "pallas_gpu": triton})
+    assert pallas_tpu.kernel_blocks(256, 256, False) == (128, 256, 256, 128)
+    assert pallas_tpu.kernel_blocks(512, 512, False) == (512,) * 4  # beyond max_length
+    assert pallas_tpu.kernel_blocks(256, 256, True) == (256,) * 4
+    assert pallas_gpu.blocks_for(300) == (384, 64, 16)
+    assert pallas_gpu.blocks_for(300, causal=True) == (384, 128, 32)
+    override = {"full": [{"forward": [256, 128], "backward": [128, 128]}]}
+    with tuning.kernel_override("pallas_tpu", override):  # what the tuner times
+        assert pallas_tpu.kernel_blocks(256, 256, False) == (256, 128, 128, 128)
+    assert pallas_tpu.kernel_blocks(256, 256, False) == (128, 256, 256, 128)
+
+    # Tuned blocks change the kernels' tiling, not their numbers (interpret mode here).
+    q, k, v = (jax.random.normal(jax.random.key(i), (2, 256, 16)) * 0.5 for i in range(3))
+    expected = jax.nn.dot_product_attention(q[:, :, None], k[:, :, None], v[:, :, None], scale=1.0)[
+        :, :, 0
+    ]
+    for kernel in ("pallas_tpu", "pallas_gpu"):
+
+        def loss(q, k, v, kernel=kernel):
+            out = dot_attention(None, q, v, k, implementation=kernel)
+            return jnp.sum(out**2), out
+
+        (_, out), grads = jax.jit(jax.value_and_grad(loss, (0, 1, 2), has_aux=True))(q, k, v)
+        assert_close(out, expected)
+        reference = jax.grad(lambda q, k, v: jnp.sum(
+            jax.nn.dot_product_attention(q[:, :, None], k[:, :, None], v[:, :, None], scale=1.0)
+            ** 2
+        ), (0, 1, 2))(q, k, v)  # fmt: skip
+        for got, want in zip(grads, reference, strict=True):
+            assert_close(got, want)
+    monkeypatch.setenv(tuning.TUNING_ENV, "off")
+    assert pallas_tpu.kernel_blocks(256, 256, False) == (256,) * 4

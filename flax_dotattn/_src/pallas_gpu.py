@@ -48,12 +48,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from flax_dotattn._src import tuning
 from flax_dotattn._src.chunked import attention as blockwise_attention
 from flax_dotattn._src.fused_inputs import dense_attention_mask, fold_scale, shown_keys
 from flax_dotattn._src.linear_map import linear_map
@@ -65,6 +66,8 @@ from flax_dotattn._src.validation import AttentionInputs, CheckedCall
 #: Head sizes the kernel takes (Triton's matmul tiles need 16 or more; shared memory
 #: bounds it above).
 MIN_HEAD_SIZE, MAX_HEAD_SIZE = 16, 256
+#: The kernel's name (``implementation=``, the tuning table's ``kernels`` key).
+NAME: Final = "pallas_gpu"
 #: Forward and backward block lengths (the kernel's defaults) at long lengths.
 FORWARD_BLOCK, BACKWARD_BLOCK = 128, 32
 
@@ -121,19 +124,37 @@ class Blocks(NamedTuple):
     backward: int  # the four backward blocks
 
 
-def blocks_for(tv: int) -> Blocks:
-    """Blocks for ``Tv`` keys: a power of two (at least 16) up to 128 positions, else
-    ``Tv`` rounded up to a multiple of 128 (Triton's blocks are powers of two).
-
-    Examples:
-      >>> blocks_for(40), blocks_for(300)
-      (Blocks(length=64, forward=64, backward=32), Blocks(length=384, forward=128, backward=32))
-    """
+def shipped_blocks(tv: int) -> Blocks:
+    """The blocks without a table (see :func:`blocks_for`)."""
     if tv <= FORWARD_BLOCK:
         length = max(16, 1 << (tv - 1).bit_length())
     else:
         length = -(-tv // FORWARD_BLOCK) * FORWARD_BLOCK
     return Blocks(length, min(FORWARD_BLOCK, length), min(BACKWARD_BLOCK, length))
+
+
+def blocks_for(tv: int, causal: bool = False) -> Blocks:
+    """Blocks for ``Tv`` keys: a power of two (at least 16) up to 128 positions, else
+    ``Tv`` rounded up to a multiple of 128 (Triton's blocks are powers of two). The
+    blocks are a tuning table's (``python -m flax_dotattn.tune`` on a GPU) where they are
+    powers of two from 16 that divide the padded length, else 128 forward and 32 backward
+    (at most the length).
+
+    Examples:
+      >>> blocks_for(40), blocks_for(300)
+      (Blocks(length=64, forward=64, backward=32), Blocks(length=384, forward=128, backward=32))
+    """
+    shipped = shipped_blocks(tv)
+    length = shipped.length
+    tuned = tuning.kernel_blocks(NAME, causal, length)
+    if tuned is None:
+        return shipped
+    forward, backward = tuned.get("forward"), tuned.get("backward")
+    fits = all(
+        isinstance(b, int) and b >= 16 and b & (b - 1) == 0 and length % b == 0
+        for b in (forward, backward)
+    )
+    return Blocks(length, forward, backward) if fits else shipped  # type: ignore[arg-type]
 
 
 class KernelOperands(NamedTuple):
@@ -328,7 +349,7 @@ def attention(call: CheckedCall, *, interpret: bool) -> Array:
     """
     inputs = call.inputs
     batch, tq, dv = inputs.query.shape[:-2], inputs.query.shape[-2], inputs.value.shape[-1]
-    blocks = blocks_for(inputs.key.shape[-2])
+    blocks = blocks_for(inputs.key.shape[-2], call.options.causal)
     operands = map_operands(inputs, blocks.length)
     static = Static(causal=call.options.causal, blocks=blocks, interpret=interpret)
 

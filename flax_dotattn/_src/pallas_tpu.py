@@ -42,7 +42,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -50,7 +50,7 @@ import numpy as np
 from jax import lax
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
-from flax_dotattn._src import chunked
+from flax_dotattn._src import chunked, tuning
 from flax_dotattn._src.fused_inputs import fold_scale
 from flax_dotattn._src.linear_map import linear_map
 from flax_dotattn._src.masks import Masking, keep_mask
@@ -58,6 +58,8 @@ from flax_dotattn._src.options import AttentionOptions
 from flax_dotattn._src.types import Array
 from flax_dotattn._src.validation import AttentionInputs, CheckedCall
 
+#: The kernel's name (``implementation=``, the tuning table's ``kernels`` key).
+NAME: Final = "pallas_tpu"
 #: The kernel's lane width: lengths are padded to a multiple of it.
 LANES = 128
 #: Below this many queries or keys the automatic choice on TPU keeps the CPU rule (the
@@ -143,6 +145,33 @@ def _block(n: int) -> int:
     return next(b for b in (512, 256, LANES) if n % b == 0)
 
 
+def shipped_blocks(tq: int, tv: int) -> tuple[int, int, int, int]:
+    """The blocks without a table: the largest of 512, 256, 128 that divides each padded
+    length, forward and backward."""
+    return (_block(tq), _block(tv)) * 2
+
+
+def kernel_blocks(tq: int, tv: int, causal: bool) -> tuple[int, int, int, int]:
+    """``(block_q, block_kv, block_q_backward, block_kv_backward)`` for padded lengths
+    ``tq``, ``tv``: a table's (``python -m flax_dotattn.tune`` on a TPU), where its blocks
+    are multiples of 128 that divide the lengths, else the largest of 512, 256, 128 that
+    divides each."""
+    shipped = shipped_blocks(tq, tv)
+    tuned = tuning.kernel_blocks(NAME, causal, tq)
+    if tuned is None:
+        return shipped
+    try:
+        pairs = [tuple(tuned[part]) for part in ("forward", "backward")]
+    except (KeyError, TypeError):
+        return shipped
+    blocks = tuple(b for pair in pairs for b in pair)
+    fits = len(blocks) == 4 and all(
+        isinstance(b, int) and b > 0 and b % LANES == 0 and n % b == 0
+        for b, n in zip(blocks, (tq, tv, tq, tv), strict=True)
+    )
+    return blocks if fits else shipped
+
+
 def _band(options: AttentionOptions) -> tuple[int | None, int | None]:
     """``(left, right)`` of the static mask; causal folds into ``right <= 0``."""
     left, right = options.window if options.window is not None else (None, None)
@@ -175,6 +204,7 @@ class Static:
     stats: bool  # also return each row's log-sum-exp (splash's saved residual)
     group: int  # query heads per key/value entry (splash's MQA form when > 1)
     options: AttentionOptions  # for the chunked reference (causal, window, precision)
+    blocks: tuple[int, int, int, int]  # see kernel_blocks
 
     def kernel(self, save_residuals: bool) -> Any:
         """The splash kernel for one sequence (one head). Built in each trace: its mask
@@ -191,16 +221,16 @@ class Static:
             mask = splash.CausalMask((tq, tv), offset=self.offset)
         else:
             mask = splash.LocalMask((tq, tv), (self.left, self.right), offset=self.offset)
-        bq, bkv = _block(tq), _block(tv)
+        bq, bkv, bq_bwd, bkv_bwd = self.blocks
         blocks = splash.BlockSizes(
             block_q=bq,
             block_kv=bkv,
             block_kv_compute=bkv,
-            block_q_dkv=bq,
-            block_kv_dkv=bkv,
-            block_kv_dkv_compute=bkv,
-            block_q_dq=bq,
-            block_kv_dq=bkv,
+            block_q_dkv=bq_bwd,
+            block_kv_dkv=bkv_bwd,
+            block_kv_dkv_compute=bkv_bwd,
+            block_q_dq=bq_bwd,
+            block_kv_dq=bkv_bwd,
         )
         make = splash.make_splash_mqa if self.group > 1 else splash.make_splash_mha
         return make(
@@ -480,6 +510,7 @@ def _prepare(call: CheckedCall, *, interpret: bool, stats: bool) -> _Prepared:
         stats=stats,
         group=math.prod(inputs.query.shape[:-2]) // max(n, 1),
         options=dataclasses.replace(options, implementation="chunked"),
+        blocks=kernel_blocks(_pad_to(tq), _pad_to(tv), options.causal),
     )
     return _Prepared(static, (query, key, value), q_ids, kv_ids, overflow)
 

@@ -23,9 +23,11 @@ median. The table (:mod:`flax_dotattn._src.tuning`) records the decisions, every
 the machine and its load.
 
 Sliding windows are not measured: a window narrows the tuned blocks by the rule of
-:meth:`~flax_dotattn.BlockSizes.default`. The GPU/TPU Pallas kernels register their own
-block grids in :data:`ACCELERATOR_KERNELS` when they exist; none is registered yet, so on
-every backend only the chunked kernel and the crossover are tuned.
+:meth:`~flax_dotattn.BlockSizes.default`. The GPU/TPU Pallas kernels' block grids
+(:data:`ACCELERATOR_KERNELS`, :mod:`flax_dotattn._src.kernel_tuners`) are measured on their
+own platform (splash on TPU, Triton on a CUDA GPU), with the same margin and confirmation;
+on other hosts they are skipped, except in ``--smoke``, which runs them in Pallas
+interpret mode so that the code path is tested (those timings mean nothing).
 """
 
 from __future__ import annotations
@@ -36,7 +38,6 @@ import functools
 import itertools
 import math
 import os
-import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -45,10 +46,11 @@ from typing import Any, Protocol
 import jax
 import jax.numpy as jnp
 
-from flax_dotattn._src import tuning
+from flax_dotattn._src import dispatch, kernel_tuners, tuning
 from flax_dotattn._src.attention import dot_attention
 from flax_dotattn._src.blocks import BlockSizes
 from flax_dotattn._src.dispatch import CHUNKED_CROSSOVER_BYTES
+from flax_dotattn._src.timing import time_interleaved
 from flax_dotattn._src.types import Implementation, ScoreMode
 
 Pair = tuple[int, int]
@@ -85,6 +87,13 @@ class Grid:
     concat_lengths: tuple[int, ...] = (64, 128, 256, 512)
     repeats: int = 5
     sample_seconds: float = 0.03
+    #: The accelerator kernels' grid: lengths, tokens per shape, head size and dtype, and
+    #: at most this many candidates per choice (None: all).
+    kernel_lengths: tuple[int, ...] = (1024, 4096, 16384)
+    kernel_tokens: int = 65536
+    kernel_depth: int = 128
+    kernel_dtype: str = "bfloat16"
+    kernel_candidates: int | None = None
     #: On a host without an accelerator, run the accelerator kernels' tuners in Pallas's
     #: interpret mode (``--smoke``); otherwise they are skipped there.
     interpret_accelerator_kernels: bool = False
@@ -113,6 +122,11 @@ GRIDS = {
         backward_candidates=(),
         repeats=1,
         sample_seconds=0.0,
+        kernel_lengths=(256,),
+        kernel_tokens=256,
+        kernel_depth=16,
+        kernel_dtype="float32",
+        kernel_candidates=2,
         interpret_accelerator_kernels=True,
     ),
 }
@@ -122,17 +136,21 @@ class KernelTuner(Protocol):
     """Tunes one accelerator (Pallas) kernel: measures its block grid for ``grid`` and
     returns a JSON-serialisable entry, stored in the table under ``kernels[name]`` and
     read back with :func:`flax_dotattn._src.tuning.kernel_entry`. ``interpret`` is True
-    on a host without the accelerator (``--smoke`` only: the code path runs, the timings
-    mean nothing); ``time`` is :func:`time_interleaved`."""
+    off the kernel's platform (``--smoke`` only: the code path runs, the timings mean
+    nothing); ``choose`` times candidates and keeps the shipped one unless another wins
+    twice (:meth:`_Recorder.choose`)."""
 
     def __call__(
-        self, grid: Grid, *, interpret: bool, time: Callable[..., dict[str, float]]
+        self, grid: Grid, *, interpret: bool, choose: kernel_tuners.Choose
     ) -> dict[str, Any]: ...
 
 
-#: The accelerator (Pallas) kernels' tuners, by kernel name. None is registered yet: the
-#: GPU/TPU kernels add theirs (``ACCELERATOR_KERNELS["name"] = tuner``) when they exist.
-ACCELERATOR_KERNELS: dict[str, KernelTuner] = {}
+#: The accelerator (Pallas) kernels' tuners and the platform each runs compiled on, by
+#: kernel name.
+ACCELERATOR_KERNELS: dict[str, tuple[KernelTuner, str]] = {
+    name: (functools.partial(kernel_tuners.tune_kernel, space), space.platform)
+    for name, space in kernel_tuners.SPACES.items()
+}
 
 
 def _inputs(b: int, t: int, d: int, dtype: str) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -168,30 +186,6 @@ def _entry(
         return jax.jit(attend)
     loss = lambda q, k, v: jnp.sum(attend(q, k, v).astype(jnp.float32) ** 2)  # noqa: E731
     return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-
-
-def time_interleaved(
-    fns: dict[str, Callable], args: tuple, repeats: int, sample_seconds: float
-) -> dict[str, float]:
-    """Median seconds per call of each function, sampled in turn (reversed every other
-    round), each sample long enough (``sample_seconds``) to dwarf the timer."""
-    calls = {}
-    for name, fn in fns.items():
-        jax.block_until_ready(fn(*args))  # compile and warm up
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        calls[name] = max(1, int(sample_seconds / max(time.perf_counter() - start, 1e-6)))
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    order = list(fns)
-    for round_ in range(repeats):
-        for name in order if round_ % 2 == 0 else order[::-1]:
-            fn, n = fns[name], calls[name]
-            start = time.perf_counter()
-            for _ in range(n):
-                out = fn(*args)
-            jax.block_until_ready(out)
-            samples[name].append((time.perf_counter() - start) / n)
-    return {name: statistics.median(s) for name, s in samples.items()}
 
 
 def _pick(seconds: dict[str, float], shipped: str) -> str:
@@ -262,10 +256,41 @@ def _steps(grid: Grid) -> int:
     return len(grid.causal) * len(grid.dtypes) * sum(per_case[m] for m in grid.score_modes)
 
 
+class _Recorder:
+    """Times candidates interleaved, keeps the measurements and reports progress."""
+
+    def __init__(self, grid: Grid, progress: _Progress) -> None:
+        self.grid, self.progress = grid, progress
+        self.records: list[dict[str, Any]] = []
+
+    def measure(
+        self, case: str, what: str, batch: int, length: int,
+        entries: dict[str, tuple[Callable, tuple]],
+    ) -> dict[str, float]:  # fmt: skip
+        seconds = time_interleaved(entries, self.grid.repeats, self.grid.sample_seconds)
+        self.records.append(
+            {"case": case, "what": what, "batch": batch, "length": length, "seconds": seconds}
+        )
+        line = f"{case} {what} {batch}x{length}"
+        (self.progress.log if what.endswith("again") else self.progress.step)(line)
+        return seconds
+
+    def choose(
+        self, case: str, what: str, batch: int, length: int,
+        entries: dict[str, tuple[Callable, tuple]], shipped: str,
+    ) -> str:  # fmt: skip
+        """The candidate that beat ``shipped`` by :data:`MARGIN` twice in a row, else it."""
+        choice = _pick(self.measure(case, what, batch, length, entries), shipped)
+        if choice != shipped:
+            again = {choice: entries[choice], shipped: entries[shipped]}
+            choice = _pick(self.measure(case, f"{what} again", batch, length, again), shipped)
+        return choice
+
+
 def tune_case(
-    grid: Grid, score_mode: ScoreMode, causal: bool, dtype: str, progress: _Progress
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Measures one case; returns its table entry and the measurements behind it."""
+    grid: Grid, score_mode: ScoreMode, causal: bool, dtype: str, recorder: _Recorder
+) -> dict[str, Any]:
+    """Measures one case; returns its table entry (the measurements go to ``recorder``)."""
     name = tuning.case_name(score_mode, causal, dtype)
     if score_mode == "concat":
         block_lengths = grid.concat_lengths[-1:]
@@ -274,27 +299,17 @@ def tune_case(
     else:
         block_lengths, crossover_lengths = grid.block_lengths, grid.crossover_lengths
         fwd_cands, bwd_cands = grid.forward_candidates, grid.backward_candidates
-    records: list[dict[str, Any]] = []
+    progress = recorder.progress
+
+    def with_args(t: int, fns: dict[str, Callable]) -> dict[str, tuple[Callable, tuple]]:
+        args = _inputs(grid.batch(t), t, grid.depth, dtype)
+        return {label: (fn, args) for label, fn in fns.items()}
 
     def measure(t: int, fns: dict[str, Callable], what: str) -> dict[str, float]:
-        b = grid.batch(t)
-        seconds = time_interleaved(
-            fns, _inputs(b, t, grid.depth, dtype), grid.repeats, grid.sample_seconds
-        )
-        records.append({"case": name, "what": what, "batch": b, "length": t, "seconds": seconds})
-        if what.endswith("again"):
-            progress.log(f"{name} {what} {b}x{t}")
-        else:
-            progress.step(f"{name} {what} {b}x{t}")
-        return seconds
+        return recorder.measure(name, what, grid.batch(t), t, with_args(t, fns))
 
     def choose(t: int, fns: dict[str, Callable], what: str, shipped: str) -> str:
-        """The candidate that beat the shipped one by MARGIN twice in a row, else it."""
-        choice = _pick(measure(t, fns, what), shipped)
-        if choice != shipped:
-            again = measure(t, {choice: fns[choice], shipped: fns[shipped]}, f"{what} again")
-            choice = _pick(again, shipped)
-        return choice
+        return recorder.choose(name, what, grid.batch(t), t, with_args(t, fns), shipped)
 
     entries: list[dict[str, Any]] = []
     for t, max_length in zip(block_lengths, _boundaries(block_lengths), strict=True):
@@ -356,7 +371,7 @@ def tune_case(
             if wins == shipped_wins:
                 break
         chunked_wins.append(wins)
-        records[-1]["chunked_speedup"] = {"fwd": ratios[0], "fwd_bwd": ratios[1]}
+        recorder.records[-1]["chunked_speedup"] = {"fwd": ratios[0], "fwd_bwd": ratios[1]}
         progress.log(
             f"{name}: T={t} chunked/xla speed-up forward {ratios[0]:.2f}x, "
             f"forward+backward {ratios[1]:.2f}x -> {'chunked' if wins else 'xla'}"
@@ -370,7 +385,18 @@ def tune_case(
         crossover = size(crossover_lengths[0])
     else:
         crossover = size(round(math.sqrt(crossover_lengths[first - 1] * crossover_lengths[first])))
-    return {"crossover_bytes": crossover, "blocks": entries}, records
+    return {"crossover_bytes": crossover, "blocks": entries}
+
+
+def _kernels_to_run(grid: Grid) -> dict[str, bool]:
+    """The accelerator kernels this run tunes, each with whether it is interpreted (off
+    its own platform, only with ``grid.interpret_accelerator_kernels``)."""
+    here = dispatch.current_platform()
+    return {
+        name: platform != here
+        for name, (_, platform) in ACCELERATOR_KERNELS.items()
+        if platform == here or grid.interpret_accelerator_kernels
+    }
 
 
 def tune(
@@ -378,25 +404,25 @@ def tune(
 ) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
     """Measures every case of ``grid`` and runs the accelerator kernels' tuners; returns
     the table's cases, the kernels' entries and the measurements."""
-    bar = _Progress(_steps(grid), progress)
-    cases, kernels, records = {}, {}, []
+    to_run = _kernels_to_run(grid)
+    steps = _steps(grid) + 2 * len(grid.causal) * len(grid.kernel_lengths) * len(to_run)
+    bar = _Progress(steps, progress)
+    recorder = _Recorder(grid, bar)
+    cases, kernels = {}, {}
     with bar.running():
         for score_mode in grid.score_modes:
             for dtype in grid.dtypes:
                 for causal in grid.causal:
-                    case, measured = tune_case(grid, score_mode, causal, dtype, bar)
+                    case = tune_case(grid, score_mode, causal, dtype, recorder)
                     cases[tuning.case_name(score_mode, causal, dtype)] = case
-                    records += measured
-        interpret = jax.default_backend() not in ("gpu", "tpu")
-        for kernel, tuner in ACCELERATOR_KERNELS.items():
-            if interpret and not grid.interpret_accelerator_kernels:
-                bar.log(f"{kernel}: skipped (no accelerator; --smoke runs it interpreted)")
+        for kernel, (tuner, platform) in ACCELERATOR_KERNELS.items():
+            if kernel not in to_run:
+                bar.log(f"{kernel}: skipped (runs on {platform}; --smoke runs it interpreted)")
                 continue
-            kernels[kernel] = tuner(grid, interpret=interpret, time=time_interleaved)
+            interpret = to_run[kernel]
+            kernels[kernel] = tuner(grid, interpret=interpret, choose=recorder.choose)
             bar.log(f"{kernel}{' (interpreted)' if interpret else ''}: {kernels[kernel]}")
-        if not ACCELERATOR_KERNELS:
-            bar.log("accelerator (Pallas) kernels: none registered yet")
-    return cases, kernels, records
+    return cases, kernels, recorder.records
 
 
 def machine() -> str:

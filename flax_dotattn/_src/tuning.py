@@ -28,7 +28,9 @@ Table layout (``"version": 1``)::
          "crossover_bytes": 1048576,
          "blocks": [{"min_length": 724, "max_length": 2048, "block_q": 512, ...},
                     {"min_length": 2049, "max_length": null, "block_q": 2048, ...}]}},
-     "kernels": {"<pallas kernel>": {...}},   # its tuner's entry (kernel_entry)
+     "kernels": {"pallas_tpu": {"full": [{"min_length": 724, "max_length": null,
+                                          "forward": [512, 1024], "backward": [512, 512]}],
+                                "causal": [...]}},   # per kernel: see kernel_blocks
      ...}   # plus free-form "machine", "created", "load_average" and "measurements"
 
 A case is ``<score_mode>/<full|causal>/<input dtype>``; ``blocks`` is read in order, the
@@ -40,6 +42,8 @@ below the shortest).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import json
 import os
@@ -47,8 +51,9 @@ import pathlib
 import platform
 import re
 import threading
+import types
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -205,21 +210,59 @@ def lookup(score_mode: str, causal: bool, dtype: Any, length: int) -> Tuned | No
         case = cases.get(case_name(score_mode, causal, np.float32))
     if case is None:
         return None
-    blocks = None
-    for entry in case.get("blocks") or ():
+    entry = entry_for_length(case.get("blocks") or (), length)
+    blocks = None if entry is None else BlockSizes.coerce(_block_fields(entry))
+    return Tuned(table["key"]["device_kind"], case.get("crossover_bytes"), blocks)
+
+
+def entry_for_length(entries: Any, length: int) -> dict[str, Any] | None:
+    """The first of ``entries`` whose ``min_length`` (absent: 0) is at most ``length`` and
+    whose ``max_length`` is None or at least it; None when none covers it."""
+    for entry in entries:
         if entry.get("min_length", 0) <= length and (
             entry.get("max_length") is None or length <= entry["max_length"]
         ):
-            blocks = BlockSizes.coerce(_block_fields(entry))
-            break
-    return Tuned(table["key"]["device_kind"], case.get("crossover_bytes"), blocks)
+            return dict(entry)
+    return None
 
 
 def kernel_entry(name: str) -> dict[str, Any] | None:
     """What the tuner recorded for the accelerator kernel ``name`` (its tuner's entry), or
-    None without an applicable table or entry."""
+    None without an applicable table or entry; inside :func:`kernel_override` for
+    ``name``, the override."""
+    override = _kernel_overrides.get().get(name)
+    if override is not None:
+        return override
     table = current_table()
     return None if table is None else table.get("kernels", {}).get(name)
+
+
+def kernel_blocks(name: str, causal: bool, length: int) -> dict[str, Any] | None:
+    """The tuned blocks of the accelerator kernel ``name`` for a ``causal`` (or full) call
+    of (padded) ``length``: the entry of ``kernel_entry(name)["causal" or "full"]`` that
+    covers it (see :func:`entry_for_length`), else None (the kernel's own rule applies).
+    Off (``FLAX_DOTATTN_TUNING=off``) unless an override is active."""
+    entry = kernel_entry(name)
+    if not isinstance(entry, dict):
+        return None
+    entries = entry.get("causal" if causal else "full")
+    return entry_for_length(entries, length) if isinstance(entries, list) else None
+
+
+_kernel_overrides: contextvars.ContextVar[Mapping[str, dict[str, Any]]] = contextvars.ContextVar(
+    "flax_dotattn_kernel_overrides", default=types.MappingProxyType({})
+)
+
+
+@contextlib.contextmanager
+def kernel_override(name: str, entry: dict[str, Any]) -> Iterator[None]:
+    """Calls traced inside read ``entry`` as the kernel ``name``'s table entry (the tuner
+    times its candidates this way; jitted functions must be traced inside)."""
+    token = _kernel_overrides.set({**_kernel_overrides.get(), name: entry})
+    try:
+        yield
+    finally:
+        _kernel_overrides.reset(token)
 
 
 def for_call(inputs: AttentionInputs, options: AttentionOptions) -> Tuned | None:

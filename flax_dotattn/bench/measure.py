@@ -10,42 +10,24 @@ from __future__ import annotations
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
-import time
 from typing import Any
 
 import jax
 
+from flax_dotattn._src.timing import time_interleaved
 from flax_dotattn.bench.entries import build_entry
 
 
 def time_entries(specs: dict[str, dict[str, Any]], repeats: int) -> dict[str, float]:
     """Median wall time per call (seconds) of each entry (name -> spec), after warm-up.
-
-    Samples are interleaved across entries (one sample of each in turn), so slow drifts of
-    a shared machine affect all of them alike. Each sample runs enough back-to-back calls
-    to last ~50 ms, so that sub-millisecond entries are not dominated by timer and
-    dispatch noise.
+    Samples are interleaved across entries (one sample of each in turn, the order reversed
+    every other round), so slow drifts of a shared machine affect all of them alike. Each
+    sample runs enough back-to-back calls to last ~50 ms, so that sub-millisecond entries
+    are not dominated by timer and dispatch noise.
     """
-    entries = {}
-    for name, spec in specs.items():
-        fn, args = build_entry(spec)
-        jax.block_until_ready(fn(*args))  # compile and warm up
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        calls = max(1, int(0.05 / max(time.perf_counter() - start, 1e-6)))
-        entries[name] = (fn, args, calls)
-    times: dict[str, list[float]] = {name: [] for name in specs}
-    for _ in range(repeats):
-        for name, (fn, args, calls) in entries.items():
-            start = time.perf_counter()
-            for _ in range(calls):
-                out = fn(*args)
-            jax.block_until_ready(out)
-            times[name].append((time.perf_counter() - start) / calls)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return time_interleaved({name: build_entry(spec) for name, spec in specs.items()}, repeats)
 
 
 def _vm_kib(field: str) -> int:
