@@ -15,7 +15,7 @@ import pytest
 from conftest import assert_close
 
 from flax_dotattn import BlockSizes, dot_attention, tune, which_implementation
-from flax_dotattn._src import pallas_gpu, pallas_tpu, tuning
+from flax_dotattn._src import dispatch, pallas_gpu, pallas_tpu, tuning
 from flax_dotattn.bench.cli import main as bench_main
 
 B, T, D = 2, 64, 8
@@ -173,14 +173,23 @@ def test_smoke_tuning_writes_a_table_the_automatic_choice_and_the_kernels_read(c
         "backward blocks",
         "crossover",
     }
-    # Both Pallas kernels' grids ran (interpreted off their platforms), and each kernel
-    # reads its entry back.
+    # Both Pallas kernels' grids ran, interpreted off their platforms. An interpreted
+    # entry's timings mean nothing, so the kernel keeps its own blocks; a compiled one's
+    # blocks are read back.
     measured = {m["case"] for m in table["measurements"]}
     assert {"pallas_tpu/full/float32", "pallas_gpu/full/float32"} <= measured
-    (splash,) = table["kernels"]["pallas_tpu"]["full"]
-    assert pallas_tpu.kernel_blocks(256, 256, False) == (*splash["forward"], *splash["backward"])
-    (triton,) = table["kernels"]["pallas_gpu"]["full"]
-    assert pallas_gpu.blocks_for(256) == (256, triton["forward"], triton["backward"])
+    here = dispatch.current_platform()
+    kernels = table["kernels"]
+    assert kernels["pallas_tpu"]["interpreted"] == (here != "tpu")
+    assert kernels["pallas_gpu"]["interpreted"] == (here != "cuda")
+    (splash,) = kernels["pallas_tpu"]["full"]
+    tuned = (*splash["forward"], *splash["backward"])
+    expected = pallas_tpu.shipped_blocks(256, 256) if here != "tpu" else tuned
+    assert pallas_tpu.kernel_blocks(256, 256, False) == expected
+    (triton,) = kernels["pallas_gpu"]["full"]
+    tuned = (256, triton["forward"], triton["backward"])
+    expected = pallas_gpu.shipped_blocks(256) if here != "cuda" else tuned
+    assert pallas_gpu.blocks_for(256) == expected
     assert str(path) in capsys.readouterr().out
     plan = which_implementation(None, Q, V)
     assert plan.reason.endswith(f"(tuned on {table['key']['device_kind']})")
@@ -238,6 +247,14 @@ def test_the_kernels_take_tuned_blocks_that_fit_and_their_own_elsewhere(cache, m
     assert pallas_tpu.kernel_blocks(256, 256, True) == (256,) * 4
     assert pallas_gpu.blocks_for(300) == (384, 64, 16)
     assert pallas_gpu.blocks_for(300, causal=True) == (384, 128, 32)
+    # The plan says so where the blocks apply.
+    q = jnp.zeros((1, 256, 16))
+    kind = tuning.device_key()["device_kind"]
+    for platform in ("tpu", "cuda"):
+        plan = which_implementation(None, q, q, platform=platform)
+        assert plan.implementation.startswith("pallas")
+        assert plan.reason.endswith(f"(blocks tuned on {kind})"), plan.reason
+    assert "tuned" not in which_implementation(None, q, q, causal=True, platform="tpu").reason
     override = {"full": [{"forward": [256, 128], "backward": [128, 128]}]}
     with tuning.kernel_override("pallas_tpu", override):  # what the tuner times
         assert pallas_tpu.kernel_blocks(256, 256, False) == (256, 128, 128, 128)
@@ -263,4 +280,8 @@ def test_the_kernels_take_tuned_blocks_that_fit_and_their_own_elsewhere(cache, m
         for got, want in zip(grads, reference, strict=True):
             assert_close(got, want)
     monkeypatch.setenv(tuning.TUNING_ENV, "off")
+    assert pallas_tpu.kernel_blocks(256, 256, False) == (256,) * 4
+    monkeypatch.delenv(tuning.TUNING_ENV)
+    # An entry measured in interpret mode (``--smoke`` off the kernel's platform) is ignored.
+    tuning.write_table({}, kernels={"pallas_tpu": {**splash, "interpreted": True}})
     assert pallas_tpu.kernel_blocks(256, 256, False) == (256,) * 4

@@ -172,7 +172,9 @@ def _tpu_plan(inputs: AttentionInputs, options: AttentionOptions) -> Plan:
             f"Tq={tq}, Tv={tv}: shorter than one kernel block ({pallas_tpu.MIN_AUTOMATIC_LENGTH})"
         )
     if reason is None:
-        return Plan("pallas_tpu", reason="on TPU the splash kernel takes these inputs")
+        tuned = pallas_tpu.blocks_are_tuned(tq, tv, options.causal)
+        note = tuning.tuned_note() if tuned else ""
+        return Plan("pallas_tpu", reason=f"on TPU the splash kernel takes these inputs{note}")
     fallback = _cpu_plan(inputs, options)
     return fallback._replace(reason=f"pallas_tpu: {reason}; {fallback.reason}")
 
@@ -194,8 +196,11 @@ def _cuda_plan(inputs: AttentionInputs, options: AttentionOptions) -> Plan:
             "rows, the keys' length (more than twice the work)"
         )
     if triton_reason is None:
+        tuned = pallas_gpu.blocks_for(tv, options.causal) != pallas_gpu.shipped_blocks(tv)
+        note = tuning.tuned_note() if tuned else ""
         return Plan(
-            "pallas_gpu", reason=f"cudnn: {fused_reason}; the Pallas GPU kernel takes these inputs"
+            "pallas_gpu",
+            reason=f"cudnn: {fused_reason}; the Pallas GPU kernel takes these inputs{note}",
         )
     fallback = _cpu_plan(inputs, options)
     return fallback._replace(

@@ -8,14 +8,16 @@ traced and compiled inside :func:`flax_dotattn._src.tuning.kernel_override`, so 
 exactly what a table holding it would make the kernel run. The entry it returns is read
 back by the kernel through :func:`flax_dotattn._src.tuning.kernel_blocks`::
 
-    {"full": [{"min_length": 724, "max_length": 2896, "forward": [512, 512],
+    {"interpreted": false,
+     "full": [{"min_length": 724, "max_length": 2896, "forward": [512, 512],
                "backward": [512, 512]}, ...],
      "causal": [...]}
 
 (splash's blocks are ``(block_q, block_kv)`` pairs; the Triton kernel's are one length
 each, ``block_q = block_k``). On the kernel's own platform the timings are real; elsewhere
 (``--smoke`` on a CPU host) the kernel runs in Pallas interpret mode, so that the code
-path is exercised, and the timings mean nothing.
+path is exercised; those timings mean nothing, and the entry says ``"interpreted": true``,
+which the kernels ignore.
 """
 
 from __future__ import annotations
@@ -141,9 +143,10 @@ def tune_kernel(
 ) -> dict[str, Any]:
     """Measures ``space``'s blocks over ``grid`` (a :class:`flax_dotattn._src.tuner.Grid`);
     returns its table entry (see the module docstring)."""
-    del interpret  # the kernel interprets itself off its platform
     lengths = grid.kernel_lengths
-    entry: dict[str, Any] = {}
+    # Interpreted timings mean nothing: the kernels ignore such an entry (the kernel
+    # interprets itself off its platform, so ``interpret`` changes nothing else here).
+    entry: dict[str, Any] = {"interpreted": interpret}
     for causal in grid.causal:
         case = f"{space.name}/{'causal' if causal else 'full'}/{grid.kernel_dtype}"
         entries: list[dict[str, Any]] = []

@@ -151,6 +151,12 @@ def shipped_blocks(tq: int, tv: int) -> tuple[int, int, int, int]:
     return (_block(tq), _block(tv)) * 2
 
 
+def blocks_are_tuned(tq: int, tv: int, causal: bool) -> bool:
+    """Whether a call of ``Tq``, ``Tv`` (unpadded) runs a table's blocks, not the rule's."""
+    tq, tv = _pad_to(tq), _pad_to(tv)
+    return kernel_blocks(tq, tv, causal) != shipped_blocks(tq, tv)
+
+
 def kernel_blocks(tq: int, tv: int, causal: bool) -> tuple[int, int, int, int]:
     """``(block_q, block_kv, block_q_backward, block_kv_backward)`` for padded lengths
     ``tq``, ``tv``: a table's (``python -m flax_dotattn.tune`` on a TPU), where its blocks

@@ -241,12 +241,21 @@ def kernel_blocks(name: str, causal: bool, length: int) -> dict[str, Any] | None
     """The tuned blocks of the accelerator kernel ``name`` for a ``causal`` (or full) call
     of (padded) ``length``: the entry of ``kernel_entry(name)["causal" or "full"]`` that
     covers it (see :func:`entry_for_length`), else None (the kernel's own rule applies).
-    Off (``FLAX_DOTATTN_TUNING=off``) unless an override is active."""
+    Off (``FLAX_DOTATTN_TUNING=off``) unless an override is active; None too for an entry
+    measured in Pallas interpret mode (``--smoke`` off the kernel's platform), whose
+    timings mean nothing."""
     entry = kernel_entry(name)
-    if not isinstance(entry, dict):
+    if not isinstance(entry, dict) or entry.get("interpreted"):
         return None
     entries = entry.get("causal" if causal else "full")
     return entry_for_length(entries, length) if isinstance(entries, list) else None
+
+
+def tuned_note() -> str:
+    """`` (blocks tuned on <device kind>)``, for the reason of a plan whose kernel takes
+    the table's blocks (``(blocks tuned)`` under :func:`kernel_override`)."""
+    table = current_table()
+    return f" (blocks tuned on {table['key']['device_kind']})" if table else " (blocks tuned)"
 
 
 _kernel_overrides: contextvars.ContextVar[Mapping[str, dict[str, Any]]] = contextvars.ContextVar(
