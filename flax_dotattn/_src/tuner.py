@@ -111,6 +111,8 @@ GRIDS = {
         forward_candidates=((512, 256), (1024, 256), (2048, 256), (512, 512)),
         backward_candidates=((1024, 256), (2048, 256)),
         repeats=3,
+        kernel_lengths=(1024, 4096),
+        kernel_candidates=4,
     ),
     # Seconds: tiny shapes, one case, for tests of the mechanics (the timings mean nothing).
     "smoke": Grid(
