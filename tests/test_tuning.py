@@ -208,6 +208,12 @@ def test_the_command_line_shows_the_table_and_rejects_bad_flags(cache, capsys):
     _table(crossover=SMALL)
     assert tune.main(["--show"]) == 0
     assert str(tuning.table_path()) in capsys.readouterr().out
+    # The Pallas kernels' tuned blocks are part of the table in use: shown too.
+    splash = {"full": [{"forward": [128, 256], "backward": [256, 128]}]}
+    tuning.write_table({}, kernels={"pallas_tpu": splash})
+    assert tune.main(["--show"]) == 0
+    shown = capsys.readouterr().out
+    assert json.loads(shown[shown.index("{") :])["kernels"] == {"pallas_tpu": splash}
     for flags, named in [(["--dtypes", "int8"], "--dtypes"), (["--quick", "--smoke"], "--smoke")]:
         with pytest.raises(SystemExit):
             tune.main(flags)
