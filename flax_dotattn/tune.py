@@ -108,7 +108,7 @@ def _show() -> int:
         print(f"No applicable table at {path}; the shipped defaults apply.")
     else:
         print(f"{path}:")
-        shown = ("key", "machine", "created", "load_average", "cases")
+        shown = ("key", "machine", "created", "load_average", "cases", "kernels")
         print(json.dumps({k: table[k] for k in shown if k in table}, indent=1))
     return 0
 

@@ -252,6 +252,14 @@ def test_automatic_dispatch_by_size_and_features():
     assert _uses_chunked((64, 512, 8), (64, 512, 8)) == _uses_chunked((512, 8), (512, 8))
 
 
+def test_the_shipped_crossover_lies_between_724_and_725_and_the_reason_tells_them_apart():
+    # 2 MiB of float32 scores: 724 * 724 * 4 bytes is just under it, 725 * 725 * 4 over.
+    plans = {t: which_implementation(None, jnp.ones((t, 8)), jnp.ones((t, 8))) for t in (724, 725)}
+    assert [p.implementation for p in plans.values()] == ["xla", "chunked"]
+    assert plans[724].reason.endswith("1.99957 MiB < 2 MiB"), plans[724].reason
+    assert plans[725].reason.endswith("2.01 MiB >= 2 MiB"), plans[725].reason
+
+
 def test_block_size_is_validated():
     q = jnp.ones((4, 3))
     for bad in (0, -1, 2.5, (4,), (4, 0), True):

@@ -86,3 +86,21 @@ def test_semantics_guide_states_the_broadcasting_rule_the_function_follows():
     assert "`ValueError` naming both shapes" in masks
     with pytest.raises(ValueError, match=r"\(2, 3, 5\).*received shape \(2, 4\)"):
         dot_attention(None, x, x, masks=(None, keep[:, :4]))
+
+
+def test_the_stated_crossover_lengths_and_causal_block_floor_are_the_codes():
+    """The long-sequences guide and ``dot_attention``'s docstring name the last length the
+    automatic choice keeps materialised, the first it runs chunked, and the causal query
+    block's floor; all must follow ``CHUNKED_CROSSOVER_BYTES`` and ``BlockSizes.default``."""
+    from flax_dotattn import BlockSizes, which_implementation
+
+    def path(t: int) -> str:
+        return which_implementation(None, jnp.ones((t, 8)), jnp.ones((t, 8))).implementation
+
+    guide = (GUIDES / "long_sequences.md").read_text()
+    (last,) = re.findall(r"up to `Tq = Tv = (\d+)`", guide)
+    assert (path(int(last)), path(int(last) + 1)) == ("xla", "chunked")
+    (first,) = re.findall(r"from ``Tq = Tv = (\d+)``", dot_attention.__doc__ or "")
+    assert (path(int(first) - 1), path(int(first))) == ("xla", "chunked")
+    (floor,) = re.findall(r"below 2048 tokens, at least (\d+)", guide)
+    assert BlockSizes.default("dot", None, True, length=512).block_q == int(floor)

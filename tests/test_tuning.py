@@ -208,6 +208,12 @@ def test_the_command_line_shows_the_table_and_rejects_bad_flags(cache, capsys):
     _table(crossover=SMALL)
     assert tune.main(["--show"]) == 0
     assert str(tuning.table_path()) in capsys.readouterr().out
+    # The Pallas kernels' tuned blocks are part of the table in use: shown too.
+    splash = {"full": [{"forward": [128, 256], "backward": [256, 128]}]}
+    tuning.write_table({}, kernels={"pallas_tpu": splash})
+    assert tune.main(["--show"]) == 0
+    shown = capsys.readouterr().out
+    assert json.loads(shown[shown.index("{") :])["kernels"] == {"pallas_tpu": splash}
     for flags, named in [(["--dtypes", "int8"], "--dtypes"), (["--quick", "--smoke"], "--smoke")]:
         with pytest.raises(SystemExit):
             tune.main(flags)
@@ -285,3 +291,53 @@ def test_the_kernels_take_tuned_blocks_that_fit_and_their_own_elsewhere(cache, m
     # An entry measured in interpret mode (``--smoke`` off the kernel's platform) is ignored.
     tuning.write_table({}, kernels={"pallas_tpu": {**splash, "interpreted": True}})
     assert pallas_tpu.kernel_blocks(256, 256, False) == (256,) * 4
+
+
+@pytest.mark.parametrize(
+    "entries",
+    [
+        ["not a mapping"],
+        [None],
+        [{"min_length": None, "forward": [128, 128], "backward": [128, 128]}],
+        [{"min_length": "0", "forward": [128, 128], "backward": [128, 128]}],
+        [{"max_length": "1024", "forward": [128, 128], "backward": [128, 128]}],
+        [{"min_length": [0], "forward": [128, 128], "backward": [128, 128]}],
+        [{"min_length": True, "forward": [128, 128], "backward": [128, 128]}],
+        [{"forward": [128, 128, 128], "backward": [128]}],  # not two pairs
+        [{"forward": [128], "backward": [128, 128, 128]}],
+        [{"forward": "128", "backward": "16"}],
+        [{"forward": [True, True], "backward": True}],
+        [{"forward": [128.0, 128.0], "backward": 64.0}],
+        [{"forward": [2**80, 2**80], "backward": 2**80}],
+        [{"forward": [-128, -128], "backward": -16}],
+        [{}],
+    ],
+)
+def test_corrupt_kernel_entries_fall_back_to_the_shipped_blocks(cache, entries):
+    """A hand-edited or corrupt ``kernels`` entry never raises: each kernel keeps its own
+    blocks (and the plan names no tuning)."""
+    kernels = {name: {"full": entries} for name in ("pallas_tpu", "pallas_gpu")}
+    tuning.write_table({}, kernels=kernels)
+    # ``min_length: null`` is "no bound" (as in a case's blocks): that entry's blocks apply
+    # (the Triton kernel's blocks are ints, so these lists never fit it).
+    takes = isinstance(entries[0], dict) and entries[0].get("min_length", 0) is None
+    want = (128,) * 4 if takes else pallas_tpu.shipped_blocks(256, 256)
+    assert pallas_tpu.kernel_blocks(256, 256, False) == want
+    assert pallas_gpu.blocks_for(256) == pallas_gpu.shipped_blocks(256)
+    q = jnp.zeros((1, 256, 16))
+    plan = which_implementation(None, q, q, platform="tpu")
+    assert plan.implementation == "pallas_tpu"
+    assert ("tuned" in plan.reason) == takes, plan.reason
+    assert which_implementation(None, q, q, platform="cuda").implementation.startswith("pallas")
+
+
+def test_a_null_min_length_in_a_case_means_no_bound(cache):
+    """The table check accepts ``"min_length": null``; the lookup must read it too."""
+    entry = {"min_length": None, "max_length": None, "block_q": 32, "block_k": 16}
+    tuning.write_table({"dot/full/float32": {"crossover_bytes": SMALL, "blocks": [entry]}})
+    assert tuning.lookup("dot", False, jnp.float32, T).blocks == BlockSizes(block_q=32, block_k=16)
+    assert_close(dot_attention(None, Q, V), _reference())
+    # A bool is no length: such a table is refused, as a bool crossover is.
+    with pytest.raises(ValueError, match="min_length"):
+        entry = {"min_length": True, "block_q": 32, "block_k": 16}
+        tuning.write_table({"dot/full/float32": {"crossover_bytes": SMALL, "blocks": [entry]}})

@@ -218,7 +218,7 @@ def dot_attention(
         ``cuda``). The automatic choice is made per platform when the call is lowered
         (see :func:`which_implementation`): ``"pallas_tpu"`` on TPU, ``"cudnn"`` then
         ``"pallas_gpu"`` on GPU when eligible, else ``"chunked"`` from 2 MiB of
-        float32 scores per sequence (``Tq = Tv = 724``; 16 MiB of ``[Tq, Tv, D]`` in
+        float32 scores per sequence (from ``Tq = Tv = 725``; 16 MiB of ``[Tq, Tv, D]`` in
         concat mode), else ``"xla"``: one sequence's size, never the batch's, so a call
         under ``jax.vmap`` chooses what the batched call chooses. Every path supports
         ``jax.grad``, ``jax.vmap`` and empty dimensions, and every path but ``"cudnn"``

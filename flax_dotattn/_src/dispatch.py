@@ -157,10 +157,21 @@ def _cpu_plan(inputs: AttentionInputs, options: AttentionOptions) -> Plan:
     table = tuning.for_call(inputs, options)
     if table is not None and table.crossover_bytes is not None:
         limit, tuned = table.crossover_bytes, f" (tuned on {table.device_kind})"
-    what = f"one sequence's materialised scores would take {size / 2**20:.3g} MiB"
+    size_mib, limit_mib = _mib(size, limit)
+    what = f"one sequence's materialised scores would take {size_mib} MiB"
     if size < limit:
-        return Plan("xla", reason=f"{what} < {limit / 2**20:.3g} MiB{tuned}")
-    return Plan("chunked", reason=f"{what} >= {limit / 2**20:.3g} MiB{tuned}")
+        return Plan("xla", reason=f"{what} < {limit_mib} MiB{tuned}")
+    return Plan("chunked", reason=f"{what} >= {limit_mib} MiB{tuned}")
+
+
+def _mib(size: int, limit: int) -> tuple[str, str]:
+    """Both byte counts in MiB to 3 significant digits, more where that would print two
+    different counts alike (``T = 724`` is 1.99957 MiB, not "2 MiB < 2 MiB")."""
+    for digits in (3, 6, 9, 17):
+        shown = f"{size / 2**20:.{digits}g}", f"{limit / 2**20:.{digits}g}"
+        if shown[0] != shown[1] or size == limit:
+            break
+    return shown
 
 
 def _tpu_plan(inputs: AttentionInputs, options: AttentionOptions) -> Plan:

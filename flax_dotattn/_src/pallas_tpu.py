@@ -166,12 +166,12 @@ def kernel_blocks(tq: int, tv: int, causal: bool) -> tuple[int, int, int, int]:
     tuned = tuning.kernel_blocks(NAME, causal, tq)
     if tuned is None:
         return shipped
-    try:
-        pairs = [tuple(tuned[part]) for part in ("forward", "backward")]
-    except (KeyError, TypeError):
-        return shipped
+    forward, backward = tuned.get("forward"), tuned.get("backward")
+    pairs = [p for p in (forward, backward) if isinstance(p, list | tuple) and len(p) == 2]
+    if len(pairs) != 2:
+        return shipped  # each must be a (block_q, block_kv) pair
     blocks = tuple(b for pair in pairs for b in pair)
-    fits = len(blocks) == 4 and all(
+    fits = all(
         isinstance(b, int) and b > 0 and b % LANES == 0 and n % b == 0
         for b, n in zip(blocks, (tq, tv, tq, tv), strict=True)
     )

@@ -34,7 +34,7 @@ Table layout (``"version": 1``)::
      ...}   # plus free-form "machine", "created", "load_average" and "measurements"
 
 A case is ``<score_mode>/<full|causal>/<input dtype>``; ``blocks`` is read in order, the
-first entry whose ``min_length`` (query length; absent: no bound) is at most ``Tq`` and
+first entry whose ``min_length`` (query length; absent or null: no bound) is at most ``Tq`` and
 whose ``max_length`` is None or at least ``Tq`` applies; a length no entry covers takes
 the shipped blocks (the tuner measures blocks at a few lengths and does not extrapolate
 below the shortest).
@@ -216,12 +216,20 @@ def lookup(score_mode: str, causal: bool, dtype: Any, length: int) -> Tuned | No
 
 
 def entry_for_length(entries: Any, length: int) -> dict[str, Any] | None:
-    """The first of ``entries`` whose ``min_length`` (absent: 0) is at most ``length`` and
-    whose ``max_length`` is None or at least it; None when none covers it."""
+    """The first of ``entries`` whose ``min_length`` (absent or None: 0) is at most
+    ``length`` and whose ``max_length`` is None or at least it; None when none covers it.
+    An entry that is not a mapping, or whose bounds are not ints (or None), covers no
+    length: a hand-edited or corrupt table falls back to the shipped blocks, never raises
+    (the kernels' entries are not checked when the table is read)."""
     for entry in entries:
-        if entry.get("min_length", 0) <= length and (
-            entry.get("max_length") is None or length <= entry["max_length"]
+        if not isinstance(entry, Mapping):
+            continue
+        low, high = entry.get("min_length"), entry.get("max_length")
+        if not all(
+            b is None or (isinstance(b, int) and not isinstance(b, bool)) for b in (low, high)
         ):
+            continue
+        if (low is None or low <= length) and (high is None or length <= high):
             return dict(entry)
     return None
 
@@ -356,7 +364,9 @@ def _case_problem(case: Any) -> str | None:
             return f"a blocks entry is not a mapping: {entry!r}"
         for bound in ("min_length", "max_length"):
             limit = entry.get(bound)
-            if limit is not None and (not isinstance(limit, int) or limit < 0):
+            if limit is not None and (
+                not isinstance(limit, int) or isinstance(limit, bool) or limit < 0
+            ):
                 return f"{bound} must be a non-negative int or null, not {limit!r}"
         try:
             BlockSizes.coerce(_block_fields(entry))
