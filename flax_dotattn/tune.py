@@ -14,7 +14,8 @@ upgrade. It changes speed only: the same path gives the same numbers up to the r
 of the blocks' sums.
 
 The full grid takes about 1.5 to 3 minutes on a 2-core CPU, by its load; ``--quick`` is
-shorter, ``--smoke`` takes seconds (tiny shapes, for tests: its timings mean nothing).
+shorter, ``--smoke`` takes seconds (tiny shapes, for tests: its timings mean nothing, so
+it writes its table only where ``$FLAX_DOTATTN_CACHE_DIR`` names a directory).
 On a TPU it also measures splash attention's forward and backward blocks
 (``implementation="pallas_tpu"``), on a CUDA GPU the Triton kernel's (``"pallas_gpu"``),
 bfloat16 at T = 1024, 4096 and 16384; elsewhere they are skipped, except that ``--smoke``
@@ -32,6 +33,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -90,10 +92,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     grid = tuner.GRIDS["smoke" if args.smoke else "quick" if args.quick else "full"]
     changes = {"score_modes": args.score_modes, "dtypes": args.dtypes}
     grid = dataclasses.replace(grid, **{k: v for k, v in changes.items() if v is not None})
+    # A smoke table's timings mean nothing: it is written only where a cache directory is
+    # named explicitly (as the tests do), never to a user's default cache.
+    explicit_dir = bool(os.environ.get(tuning.CACHE_DIR_ENV))
+    write = not args.dry_run and (explicit_dir or not args.smoke)
     print(f"Tuning on {tuner.machine()}; load average {tuner.load_average()}.", flush=True)
-    result = tuner.run(grid, progress=not args.no_progress, write=not args.dry_run)
+    result = tuner.run(grid, progress=not args.no_progress, write=write)
     print(json.dumps(result["cases"], indent=1))
-    where = result.get("path", "nowhere (--dry-run)")
+    if args.dry_run:
+        where = "nowhere (--dry-run)"
+    else:
+        where = result.get("path", f"nowhere (--smoke writes only to ${tuning.CACHE_DIR_ENV})")
     print(f"{result['seconds']} s; load average at end {result['load_average']['end']}.")
     print(f"Table written to {where}.")
     return 0

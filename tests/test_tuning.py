@@ -15,7 +15,7 @@ import pytest
 from conftest import assert_close
 
 from flax_dotattn import BlockSizes, dot_attention, tune, which_implementation
-from flax_dotattn._src import dispatch, pallas_gpu, pallas_tpu, tuning
+from flax_dotattn._src import dispatch, pallas_gpu, pallas_tpu, tuner, tuning
 from flax_dotattn.bench.cli import main as bench_main
 
 B, T, D = 2, 64, 8
@@ -185,11 +185,11 @@ def test_smoke_tuning_writes_a_table_the_automatic_choice_and_the_kernels_read(c
     (splash,) = kernels["pallas_tpu"]["full"]
     tuned = (*splash["forward"], *splash["backward"])
     expected = pallas_tpu.shipped_blocks(256, 256) if here != "tpu" else tuned
-    assert pallas_tpu.kernel_blocks(256, 256, False) == expected
+    assert pallas_tpu.kernel_blocks(256, 256, False, 16, 4) == expected
     (triton,) = kernels["pallas_gpu"]["full"]
     tuned = (256, triton["forward"], triton["backward"])
     expected = pallas_gpu.shipped_blocks(256) if here != "cuda" else tuned
-    assert pallas_gpu.blocks_for(256) == expected
+    assert pallas_gpu.blocks_for(256, False, 16, 4) == expected
     assert str(path) in capsys.readouterr().out
     plan = which_implementation(None, Q, V)
     assert plan.reason.endswith(f"(tuned on {table['key']['device_kind']})")
@@ -248,11 +248,23 @@ def test_the_kernels_take_tuned_blocks_that_fit_and_their_own_elsewhere(cache, m
         "causal": [{"forward": 48, "backward": 16}],  # 48 is not a power of two
     }
     tuning.write_table({}, kernels={"pallas_tpu": splash, "pallas_gpu": triton})
-    assert pallas_tpu.kernel_blocks(256, 256, False) == (128, 256, 256, 128)
-    assert pallas_tpu.kernel_blocks(512, 512, False) == (512,) * 4  # beyond max_length
-    assert pallas_tpu.kernel_blocks(256, 256, True) == (256,) * 4
-    assert pallas_gpu.blocks_for(300) == (384, 64, 16)
-    assert pallas_gpu.blocks_for(300, causal=True) == (384, 128, 32)
+    assert pallas_tpu.kernel_blocks(256, 256, False, 16, 4) == (128, 256, 256, 128)
+    assert pallas_tpu.kernel_blocks(512, 512, False, 16, 4) == (512,) * 4  # beyond max_length
+    assert pallas_tpu.kernel_blocks(256, 256, True, 16, 4) == (256,) * 4
+    assert pallas_gpu.blocks_for(300, False, 16, 4) == (384, 64, 16)
+    assert pallas_gpu.blocks_for(300, True, 16, 4) == (384, 128, 32)
+    # Blocks tuned at one head size and dtype apply to calls no larger and no wider only.
+    sized = {"depth": 64, "dtype": "bfloat16"}
+    tuning.write_table(
+        {}, kernels={"pallas_tpu": {**splash, **sized}, "pallas_gpu": {**triton, **sized}}
+    )
+    assert pallas_tpu.kernel_blocks(256, 256, False, 64, 2) == (128, 256, 256, 128)
+    assert pallas_tpu.kernel_blocks(256, 256, False, 128, 2) == (256,) * 4
+    assert pallas_tpu.kernel_blocks(256, 256, False, 64, 4) == (256,) * 4
+    assert pallas_gpu.blocks_for(300, False, 32, 2) == (384, 64, 16)
+    assert pallas_gpu.blocks_for(300, False, 32, 4) == (384, 128, 32)
+    assert pallas_gpu.blocks_for(300, False, 256, 2) == (384, 128, 32)
+    tuning.write_table({}, kernels={"pallas_tpu": splash, "pallas_gpu": triton})
     # The plan says so where the blocks apply.
     q = jnp.zeros((1, 256, 16))
     kind = tuning.device_key()["device_kind"]
@@ -263,8 +275,8 @@ def test_the_kernels_take_tuned_blocks_that_fit_and_their_own_elsewhere(cache, m
     assert "tuned" not in which_implementation(None, q, q, causal=True, platform="tpu").reason
     override = {"full": [{"forward": [256, 128], "backward": [128, 128]}]}
     with tuning.kernel_override("pallas_tpu", override):  # what the tuner times
-        assert pallas_tpu.kernel_blocks(256, 256, False) == (256, 128, 128, 128)
-    assert pallas_tpu.kernel_blocks(256, 256, False) == (128, 256, 256, 128)
+        assert pallas_tpu.kernel_blocks(256, 256, False, 16, 4) == (256, 128, 128, 128)
+    assert pallas_tpu.kernel_blocks(256, 256, False, 16, 4) == (128, 256, 256, 128)
 
     # Tuned blocks change the kernels' tiling, not their numbers (interpret mode here).
     q, k, v = (jax.random.normal(jax.random.key(i), (1, 256, 16)) * 0.5 for i in range(3))
@@ -286,11 +298,11 @@ def test_the_kernels_take_tuned_blocks_that_fit_and_their_own_elsewhere(cache, m
         for got, want in zip(grads, reference, strict=True):
             assert_close(got, want)
     monkeypatch.setenv(tuning.TUNING_ENV, "off")
-    assert pallas_tpu.kernel_blocks(256, 256, False) == (256,) * 4
+    assert pallas_tpu.kernel_blocks(256, 256, False, 16, 4) == (256,) * 4
     monkeypatch.delenv(tuning.TUNING_ENV)
     # An entry measured in interpret mode (``--smoke`` off the kernel's platform) is ignored.
     tuning.write_table({}, kernels={"pallas_tpu": {**splash, "interpreted": True}})
-    assert pallas_tpu.kernel_blocks(256, 256, False) == (256,) * 4
+    assert pallas_tpu.kernel_blocks(256, 256, False, 16, 4) == (256,) * 4
 
 
 @pytest.mark.parametrize(
@@ -322,8 +334,8 @@ def test_corrupt_kernel_entries_fall_back_to_the_shipped_blocks(cache, entries):
     # (the Triton kernel's blocks are ints, so these lists never fit it).
     takes = isinstance(entries[0], dict) and entries[0].get("min_length", 0) is None
     want = (128,) * 4 if takes else pallas_tpu.shipped_blocks(256, 256)
-    assert pallas_tpu.kernel_blocks(256, 256, False) == want
-    assert pallas_gpu.blocks_for(256) == pallas_gpu.shipped_blocks(256)
+    assert pallas_tpu.kernel_blocks(256, 256, False, 16, 4) == want
+    assert pallas_gpu.blocks_for(256, False, 16, 4) == pallas_gpu.shipped_blocks(256)
     q = jnp.zeros((1, 256, 16))
     plan = which_implementation(None, q, q, platform="tpu")
     assert plan.implementation == "pallas_tpu"
@@ -341,3 +353,21 @@ def test_a_null_min_length_in_a_case_means_no_bound(cache):
     with pytest.raises(ValueError, match="min_length"):
         entry = {"min_length": True, "block_q": 32, "block_k": 16}
         tuning.write_table({"dot/full/float32": {"crossover_bytes": SMALL, "blocks": [entry]}})
+
+
+def test_a_smoke_table_is_written_only_to_a_named_cache_dir(cache, monkeypatch, tmp_path):
+    # Its timings mean nothing: a user's default cache must never receive it.
+    writes = []
+
+    def run(grid, *, progress, write):
+        writes.append(write)
+        return {"cases": {}, "seconds": 0.0, "load_average": {"end": []}}
+
+    monkeypatch.setattr(tuner, "run", run)
+    assert tune.main(["--smoke", "--no-progress"]) == 0  # the fixture names a cache dir
+    monkeypatch.delenv(tuning.CACHE_DIR_ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert tune.main(["--smoke", "--no-progress"]) == 0
+    assert tune.main(["--smoke", "--no-progress", "--dry-run"]) == 0
+    assert tune.main(["--quick", "--no-progress"]) == 0
+    assert writes == [True, False, False, True]

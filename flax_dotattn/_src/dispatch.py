@@ -183,7 +183,7 @@ def _tpu_plan(inputs: AttentionInputs, options: AttentionOptions) -> Plan:
             f"Tq={tq}, Tv={tv}: shorter than one kernel block ({pallas_tpu.MIN_AUTOMATIC_LENGTH})"
         )
     if reason is None:
-        tuned = pallas_tpu.blocks_are_tuned(tq, tv, options.causal)
+        tuned = pallas_tpu.blocks_are_tuned(inputs, options)
         note = tuning.tuned_note() if tuned else ""
         return Plan("pallas_tpu", reason=f"on TPU the splash kernel takes these inputs{note}")
     fallback = _cpu_plan(inputs, options)
@@ -200,14 +200,14 @@ def _cuda_plan(inputs: AttentionInputs, options: AttentionOptions) -> Plan:
     tv = inputs.key.shape[-2]
     if triton_reason is None and tv < pallas_gpu.FORWARD_BLOCK:
         triton_reason = f"Tv={tv}: shorter than one kernel block ({pallas_gpu.FORWARD_BLOCK})"
-    padded = pallas_gpu.blocks_for(tv).length
+    padded = pallas_gpu.shipped_blocks(tv).length
     if triton_reason is None and padded > 2 * inputs.query.shape[-2]:
         triton_reason = (
             f"Tq={inputs.query.shape[-2]}: the kernel would pad the queries to {padded} "
             "rows, the keys' length (more than twice the work)"
         )
     if triton_reason is None:
-        tuned = pallas_gpu.blocks_for(tv, options.causal) != pallas_gpu.shipped_blocks(tv)
+        tuned = pallas_gpu.call_blocks(inputs, options) != pallas_gpu.shipped_blocks(tv)
         note = tuning.tuned_note() if tuned else ""
         return Plan(
             "pallas_gpu",

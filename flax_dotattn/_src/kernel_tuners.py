@@ -8,7 +8,7 @@ traced and compiled inside :func:`flax_dotattn._src.tuning.kernel_override`, so 
 exactly what a table holding it would make the kernel run. The entry it returns is read
 back by the kernel through :func:`flax_dotattn._src.tuning.kernel_blocks`::
 
-    {"interpreted": false,
+    {"interpreted": false, "depth": 128, "dtype": "bfloat16",
      "full": [{"min_length": 724, "max_length": 2896, "forward": [512, 512],
                "backward": [512, 512]}, ...],
      "causal": [...]}
@@ -146,7 +146,12 @@ def tune_kernel(
     lengths = grid.kernel_lengths
     # Interpreted timings mean nothing: the kernels ignore such an entry (the kernel
     # interprets itself off its platform, so ``interpret`` changes nothing else here).
-    entry: dict[str, Any] = {"interpreted": interpret}
+    # The head size and dtype measured: wider calls keep the kernel's own blocks.
+    entry: dict[str, Any] = {
+        "interpreted": interpret,
+        "depth": grid.kernel_depth,
+        "dtype": grid.kernel_dtype,
+    }
     for causal in grid.causal:
         case = f"{space.name}/{'causal' if causal else 'full'}/{grid.kernel_dtype}"
         entries: list[dict[str, Any]] = []

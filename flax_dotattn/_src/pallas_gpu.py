@@ -133,20 +133,21 @@ def shipped_blocks(tv: int) -> Blocks:
     return Blocks(length, min(FORWARD_BLOCK, length), min(BACKWARD_BLOCK, length))
 
 
-def blocks_for(tv: int, causal: bool = False) -> Blocks:
+def blocks_for(tv: int, causal: bool, depth: int, itemsize: int) -> Blocks:
     """Blocks for ``Tv`` keys: a power of two (at least 16) up to 128 positions, else
     ``Tv`` rounded up to a multiple of 128 (Triton's blocks are powers of two). The
-    blocks are a tuning table's (``python -m flax_dotattn.tune`` on a GPU) where they are
-    powers of two from 16 that divide the padded length, else 128 forward and 32 backward
-    (at most the length).
+    blocks are a tuning table's (``python -m flax_dotattn.tune`` on a GPU, for this
+    ``causal``, head size ``depth`` and ``itemsize``, see :func:`tuning.kernel_blocks`)
+    where they are powers of two from 16 that divide the padded length, else 128 forward
+    and 32 backward (at most the length).
 
     Examples:
-      >>> blocks_for(40), blocks_for(300)
+      >>> blocks_for(40, False, 64, 2), blocks_for(300, False, 64, 2)
       (Blocks(length=64, forward=64, backward=32), Blocks(length=384, forward=128, backward=32))
     """
     shipped = shipped_blocks(tv)
     length = shipped.length
-    tuned = tuning.kernel_blocks(NAME, causal, length)
+    tuned = tuning.kernel_blocks(NAME, causal, length, depth, itemsize)
     if tuned is None:
         return shipped
     forward, backward = tuned.get("forward"), tuned.get("backward")
@@ -155,6 +156,12 @@ def blocks_for(tv: int, causal: bool = False) -> Blocks:
         for b in (forward, backward)
     )
     return Blocks(length, forward, backward) if fits else shipped  # type: ignore[arg-type]
+
+
+def call_blocks(inputs: AttentionInputs, options: AttentionOptions) -> Blocks:
+    """:func:`blocks_for` a call the kernel takes."""
+    depth = max(inputs.query.shape[-1], inputs.value.shape[-1])
+    return blocks_for(inputs.key.shape[-2], options.causal, depth, inputs.dtype.itemsize)
 
 
 class KernelOperands(NamedTuple):
@@ -349,7 +356,7 @@ def attention(call: CheckedCall, *, interpret: bool) -> Array:
     """
     inputs = call.inputs
     batch, tq, dv = inputs.query.shape[:-2], inputs.query.shape[-2], inputs.value.shape[-1]
-    blocks = blocks_for(inputs.key.shape[-2], call.options.causal)
+    blocks = call_blocks(inputs, call.options)
     operands = map_operands(inputs, blocks.length)
     static = Static(causal=call.options.causal, blocks=blocks, interpret=interpret)
 

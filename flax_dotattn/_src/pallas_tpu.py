@@ -151,19 +151,35 @@ def shipped_blocks(tq: int, tv: int) -> tuple[int, int, int, int]:
     return (_block(tq), _block(tv)) * 2
 
 
-def blocks_are_tuned(tq: int, tv: int, causal: bool) -> bool:
-    """Whether a call of ``Tq``, ``Tv`` (unpadded) runs a table's blocks, not the rule's."""
-    tq, tv = _pad_to(tq), _pad_to(tv)
-    return kernel_blocks(tq, tv, causal) != shipped_blocks(tq, tv)
+def _kernel_dtype(dtype: Any) -> Any:
+    """The dtype the kernel runs in: float32 for float16 inputs, else theirs."""
+    return jnp.float32 if dtype == jnp.float16 else dtype
 
 
-def kernel_blocks(tq: int, tv: int, causal: bool) -> tuple[int, int, int, int]:
+def call_blocks(inputs: AttentionInputs, options: AttentionOptions) -> tuple[int, int, int, int]:
+    """:func:`kernel_blocks` for a call the kernel takes."""
+    tq, tv = _pad_to(inputs.query.shape[-2]), _pad_to(inputs.key.shape[-2])
+    depth = max(inputs.query.shape[-1], inputs.value.shape[-1])
+    itemsize = np.dtype(_kernel_dtype(inputs.dtype)).itemsize
+    return kernel_blocks(tq, tv, options.causal, depth, itemsize)
+
+
+def blocks_are_tuned(inputs: AttentionInputs, options: AttentionOptions) -> bool:
+    """Whether a call the kernel takes runs a table's blocks, not the rule's."""
+    tq, tv = _pad_to(inputs.query.shape[-2]), _pad_to(inputs.key.shape[-2])
+    return call_blocks(inputs, options) != shipped_blocks(tq, tv)
+
+
+def kernel_blocks(
+    tq: int, tv: int, causal: bool, depth: int, itemsize: int
+) -> tuple[int, int, int, int]:
     """``(block_q, block_kv, block_q_backward, block_kv_backward)`` for padded lengths
-    ``tq``, ``tv``: a table's (``python -m flax_dotattn.tune`` on a TPU), where its blocks
-    are multiples of 128 that divide the lengths, else the largest of 512, 256, 128 that
-    divides each."""
+    ``tq``, ``tv``, head size ``depth`` and operands of ``itemsize`` bytes: a table's
+    (``python -m flax_dotattn.tune`` on a TPU, see :func:`tuning.kernel_blocks`), where
+    its blocks are multiples of 128 that divide the lengths, else the largest of 512, 256,
+    128 that divides each."""
     shipped = shipped_blocks(tq, tv)
-    tuned = tuning.kernel_blocks(NAME, causal, tq)
+    tuned = tuning.kernel_blocks(NAME, causal, tq, depth, itemsize)
     if tuned is None:
         return shipped
     forward, backward = tuned.get("forward"), tuned.get("backward")
@@ -500,7 +516,7 @@ def _prepare(call: CheckedCall, *, interpret: bool, stats: bool) -> _Prepared:
     assert isinstance(offset, int)
     left, right = _band(options)
     q_ids, kv_ids, segmented = _ids(inputs)
-    kernel_dtype = jnp.float32 if inputs.dtype == jnp.float16 else inputs.dtype
+    kernel_dtype = _kernel_dtype(inputs.dtype)
     query = _grouped(inputs.query.astype(kernel_dtype), _group_dims(inputs), n)
     key = inputs.key.astype(kernel_dtype).reshape(n, tv, d)
     value = inputs.value.astype(kernel_dtype).reshape(n, tv, dv)
@@ -516,7 +532,7 @@ def _prepare(call: CheckedCall, *, interpret: bool, stats: bool) -> _Prepared:
         stats=stats,
         group=math.prod(inputs.query.shape[:-2]) // max(n, 1),
         options=dataclasses.replace(options, implementation="chunked"),
-        blocks=kernel_blocks(_pad_to(tq), _pad_to(tv), options.causal),
+        blocks=call_blocks(inputs, options),
     )
     return _Prepared(static, (query, key, value), q_ids, kv_ids, overflow)
 

@@ -245,16 +245,31 @@ def kernel_entry(name: str) -> dict[str, Any] | None:
     return None if table is None else table.get("kernels", {}).get(name)
 
 
-def kernel_blocks(name: str, causal: bool, length: int) -> dict[str, Any] | None:
+def kernel_blocks(
+    name: str, causal: bool, length: int, depth: int, itemsize: int
+) -> dict[str, Any] | None:
     """The tuned blocks of the accelerator kernel ``name`` for a ``causal`` (or full) call
-    of (padded) ``length``: the entry of ``kernel_entry(name)["causal" or "full"]`` that
-    covers it (see :func:`entry_for_length`), else None (the kernel's own rule applies).
-    Off (``FLAX_DOTATTN_TUNING=off``) unless an override is active; None too for an entry
-    measured in Pallas interpret mode (``--smoke`` off the kernel's platform), whose
-    timings mean nothing."""
+    of (padded) ``length``, head size ``depth`` and operands of ``itemsize`` bytes: the
+    entry of ``kernel_entry(name)["causal" or "full"]`` that covers it (see
+    :func:`entry_for_length`), else None (the kernel's own rule applies).
+
+    None too: when tuning is off (``FLAX_DOTATTN_TUNING=off``) and no override is active;
+    for an entry measured in Pallas interpret mode (``--smoke`` off the kernel's
+    platform), whose timings mean nothing; and for a call with a larger head size or
+    wider dtype than the entry's ``depth`` and ``dtype`` (when it states them): blocks
+    that fit the kernel's fast memory at the tuned size may not fit it there."""
     entry = kernel_entry(name)
     if not isinstance(entry, dict) or entry.get("interpreted"):
         return None
+    tuned_depth, tuned_dtype = entry.get("depth"), entry.get("dtype")
+    if tuned_depth is not None and not (isinstance(tuned_depth, int) and depth <= tuned_depth):
+        return None
+    if tuned_dtype is not None:
+        try:
+            if itemsize > np.dtype(tuned_dtype).itemsize:
+                return None
+        except TypeError:
+            return None
     entries = entry.get("causal" if causal else "full")
     return entry_for_length(entries, length) if isinstance(entries, list) else None
 
