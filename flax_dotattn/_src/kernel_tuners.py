@@ -23,8 +23,6 @@ which the kernels ignore.
 from __future__ import annotations
 
 import dataclasses
-import itertools
-import math
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -33,6 +31,7 @@ import jax.numpy as jnp
 
 from flax_dotattn._src import pallas_gpu, pallas_tpu, tuning
 from flax_dotattn._src.attention import dot_attention
+from flax_dotattn._src.timing import attention_inputs
 from flax_dotattn._src.types import Implementation
 
 Blocks = Any  # one kernel's blocks: a (q, kv) pair (splash) or an int (Triton)
@@ -104,14 +103,6 @@ TRITON = KernelSpace(
 SPACES = {space.name: space for space in (SPLASH, TRITON)}
 
 
-def _inputs(n: int, t: int, d: int, dtype: str) -> tuple[jax.Array, jax.Array, jax.Array]:
-    kq, kk, kv = jax.random.split(jax.random.key(0), 3)
-    q = (jax.random.normal(kq, (n, t, d)) * 0.1).astype(dtype)
-    k = (jax.random.normal(kk, (n, t, d)) * 0.1).astype(dtype)
-    v = jax.random.normal(kv, (n, t, d)).astype(dtype)
-    return q, k, v
-
-
 def _compiled(
     space: KernelSpace, mode: str, causal: bool, forward: Blocks, backward: Blocks, args: tuple
 ) -> Callable:
@@ -155,10 +146,9 @@ def tune_kernel(
     for causal in grid.causal:
         case = f"{space.name}/{'causal' if causal else 'full'}/{grid.kernel_dtype}"
         entries: list[dict[str, Any]] = []
-        bounds = [round(math.sqrt(a * b)) for a, b in itertools.pairwise(lengths)] + [None]
-        for t, max_length in zip(lengths, bounds, strict=True):
+        for t, (min_length, max_length) in zip(lengths, tuning.length_ranges(lengths), strict=True):
             n = max(1, grid.kernel_tokens // t)
-            args = _inputs(n, t, grid.kernel_depth, grid.kernel_dtype)
+            args = attention_inputs(n, t, grid.kernel_depth, grid.kernel_dtype)
             shipped_fwd, shipped_bwd = space.shipped(t)
             fwd = {
                 space.label(b): (_compiled(space, "fwd", causal, b, shipped_bwd, args), args)
@@ -172,10 +162,9 @@ def tune_kernel(
             }
             labels = {space.label(b): b for b in (shipped_bwd, *space.backward)}
             backward = labels[choose(case, "backward blocks", n, t, bwd, space.label(shipped_bwd))]
-            low = entries[-1]["max_length"] + 1 if entries else round(t / math.sqrt(2))
             entries.append(
                 {
-                    "min_length": low,
+                    "min_length": min_length,
                     "max_length": max_length,
                     "forward": space.json(forward),
                     "backward": space.json(backward),

@@ -1,4 +1,4 @@
-"""Interleaved wall-clock timing, shared by the benchmark and the tuner."""
+"""Interleaved wall-clock timing, shared by the benchmark and the tuner, and the tuner's inputs."""
 
 from __future__ import annotations
 
@@ -37,3 +37,13 @@ def time_interleaved(
             jax.block_until_ready(out)
             samples[name].append((time.perf_counter() - start) / n)
     return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def attention_inputs(b: int, t: int, d: int, dtype: str) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Fixed random ``query, key, value [b, t, d]`` in ``dtype`` (query and key scaled by
+    0.1, so that the softmax is neither flat nor saturated)."""
+    kq, kk, kv = jax.random.split(jax.random.key(0), 3)
+    q = (jax.random.normal(kq, (b, t, d)) * 0.1).astype(dtype)
+    k = (jax.random.normal(kk, (b, t, d)) * 0.1).astype(dtype)
+    v = jax.random.normal(kv, (b, t, d)).astype(dtype)
+    return q, k, v

@@ -35,7 +35,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import functools
-import itertools
 import math
 import os
 import time
@@ -50,7 +49,7 @@ from flax_dotattn._src import dispatch, kernel_tuners, tuning
 from flax_dotattn._src.attention import dot_attention
 from flax_dotattn._src.blocks import BlockSizes
 from flax_dotattn._src.dispatch import CHUNKED_CROSSOVER_BYTES
-from flax_dotattn._src.timing import time_interleaved
+from flax_dotattn._src.timing import attention_inputs, time_interleaved
 from flax_dotattn._src.types import Implementation, ScoreMode
 
 Pair = tuple[int, int]
@@ -155,15 +154,6 @@ ACCELERATOR_KERNELS: dict[str, tuple[KernelTuner, str]] = {
 }
 
 
-def _inputs(b: int, t: int, d: int, dtype: str) -> tuple[jax.Array, jax.Array, jax.Array]:
-    kq, kk, kv = jax.random.split(jax.random.key(0), 3)
-    shape = (b, t, d)
-    q = (jax.random.normal(kq, shape) * 0.1).astype(dtype)
-    k = (jax.random.normal(kk, shape) * 0.1).astype(dtype)
-    v = jax.random.normal(kv, shape).astype(dtype)
-    return q, k, v
-
-
 @functools.cache  # one jitted function per entry: compiled once per shape
 def _entry(
     mode: str,
@@ -207,11 +197,6 @@ def _clip(pair: Pair, t: int) -> Pair:
 
 def _unique(pairs: Sequence[Pair], t: int) -> list[Pair]:
     return list(dict.fromkeys(_clip(p, t) for p in pairs))
-
-
-def _boundaries(lengths: Sequence[int]) -> list[int | None]:
-    """``max_length`` of each length's entry: halfway (geometrically) to the next."""
-    return [round(math.sqrt(a * b)) for a, b in itertools.pairwise(lengths)] + [None]
 
 
 class _Progress:
@@ -304,7 +289,7 @@ def tune_case(
     progress = recorder.progress
 
     def with_args(t: int, fns: dict[str, Callable]) -> dict[str, tuple[Callable, tuple]]:
-        args = _inputs(grid.batch(t), t, grid.depth, dtype)
+        args = attention_inputs(grid.batch(t), t, grid.depth, dtype)
         return {label: (fn, args) for label, fn in fns.items()}
 
     def measure(t: int, fns: dict[str, Callable], what: str) -> dict[str, float]:
@@ -314,7 +299,8 @@ def tune_case(
         return recorder.choose(name, what, grid.batch(t), t, with_args(t, fns), shipped)
 
     entries: list[dict[str, Any]] = []
-    for t, max_length in zip(block_lengths, _boundaries(block_lengths), strict=True):
+    ranges = tuning.length_ranges(block_lengths)
+    for t, (min_length, max_length) in zip(block_lengths, ranges, strict=True):
         shipped = BlockSizes.default(score_mode, causal=causal, length=t)
         fwd = {
             f"{bq}x{bk}": _entry(
@@ -336,18 +322,14 @@ def tune_case(
         }
         shipped_bwd = "{}x{}".format(*_clip(shipped.backward, t))
         best = both(_pair(choose(t, bwd, "backward blocks", shipped_bwd)))
-        # From halfway to the previous length (to half the first: no extrapolation below).
-        low = entries[-1]["max_length"] + 1 if entries else round(t / math.sqrt(2))
-        entries.append({"min_length": low, "max_length": max_length, **best.to_dict()})
+        entries.append({"min_length": min_length, "max_length": max_length, **best.to_dict()})
         progress.log(f"{name}: T={t} blocks forward {best.forward}, backward {best.backward}")
 
     def blocks_for(t: int) -> BlockSizes:  # as tuning.lookup reads the entries
-        for entry in entries:
-            if entry.get("min_length", 0) <= t and (
-                entry["max_length"] is None or t <= entry["max_length"]
-            ):
-                return BlockSizes(**{k: v for k, v in entry.items() if not k.endswith("length")})
-        return BlockSizes.default(score_mode, causal=causal, length=t)
+        entry = tuning.entry_for_length(entries, t)
+        if entry is None:
+            return BlockSizes.default(score_mode, causal=causal, length=t)
+        return BlockSizes(**{k: v for k, v in entry.items() if not k.endswith("length")})
 
     per_score = grid.depth if score_mode == "concat" else 1
     itemsize = jnp.dtype(jnp.float32 if jnp.finfo(dtype).bits < 32 else dtype).itemsize

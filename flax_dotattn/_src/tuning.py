@@ -45,7 +45,9 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import itertools
 import json
+import math
 import os
 import pathlib
 import platform
@@ -53,7 +55,7 @@ import re
 import threading
 import types
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -213,6 +215,16 @@ def lookup(score_mode: str, causal: bool, dtype: Any, length: int) -> Tuned | No
     entry = entry_for_length(case.get("blocks") or (), length)
     blocks = None if entry is None else BlockSizes.coerce(_block_fields(entry))
     return Tuned(table["key"]["device_kind"], case.get("crossover_bytes"), blocks)
+
+
+def length_ranges(lengths: Sequence[int]) -> list[tuple[int, int | None]]:
+    """``(min_length, max_length)`` of the entries measured at increasing ``lengths``: each
+    reaches halfway (geometrically) to its neighbours, the first down to ``T / sqrt(2)``
+    (no extrapolation below) and the last without bound."""
+    highs: list[int | None] = [round(math.sqrt(a * b)) for a, b in itertools.pairwise(lengths)]
+    highs.append(None)
+    lows = [round(lengths[0] / math.sqrt(2))] + [h + 1 for h in highs[:-1] if h is not None]
+    return list(zip(lows, highs, strict=True))
 
 
 def entry_for_length(entries: Any, length: int) -> dict[str, Any] | None:
