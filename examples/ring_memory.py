@@ -10,7 +10,7 @@ temporaries (activations, the figure to compare), arguments and outputs, for
 
 Nothing runs for the memory figures (compilation only). Then it runs the ring's forward
 pass once per layout and counts the kernel blocks each device computes (see
-``flax_dotattn._src.ring.blocks_per_device``), and with ``--time`` times forward+backward
+``flax_dotattn._src.parallel.ring.blocks_per_device``), and with ``--time`` times forward+backward
 (wall time of simulated devices sharing this machine's cores says little about real
 speed-up).
 
@@ -55,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
     from flax_dotattn import dot_attention, ring_attention, sequence_parallel_attention
-    from flax_dotattn._src.ring import blocks_per_device
+    from flax_dotattn._src.parallel.ring import blocks_per_device
 
     cpus = jax.devices("cpu")
     if len(cpus) < args.devices:

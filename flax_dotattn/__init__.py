@@ -20,28 +20,30 @@ Public API:
 from flax_dotattn._src.attention import dot_attention as dot_attention
 from flax_dotattn._src.attention import which_implementation as which_implementation
 from flax_dotattn._src.blocks import BlockSizes as BlockSizes
-from flax_dotattn._src.config import DotAttentionConfig as DotAttentionConfig
-from flax_dotattn._src.config_files import load_config as load_config
-from flax_dotattn._src.config_files import save_config as save_config
-from flax_dotattn._src.keras_interop import params_from_keras as params_from_keras
-from flax_dotattn._src.keras_interop import params_to_keras as params_to_keras
-from flax_dotattn._src.linen import DotAttention as DotAttention
-from flax_dotattn._src.masks import make_causal_mask as make_causal_mask
-from flax_dotattn._src.multi_head_config import (
+from flax_dotattn._src.config.classes import DotAttentionConfig as DotAttentionConfig
+from flax_dotattn._src.config.classes import (
     MultiHeadDotAttentionConfig as MultiHeadDotAttentionConfig,
 )
-from flax_dotattn._src.multi_head_keras import (
+from flax_dotattn._src.config.files import load_config as load_config
+from flax_dotattn._src.config.files import save_config as save_config
+from flax_dotattn._src.config.keras import params_from_keras as params_from_keras
+from flax_dotattn._src.config.keras import params_to_keras as params_to_keras
+from flax_dotattn._src.config.multi_head_keras import (
     multi_head_params_from_keras as multi_head_params_from_keras,
 )
-from flax_dotattn._src.multi_head_keras import (
+from flax_dotattn._src.config.multi_head_keras import (
     multi_head_params_to_keras as multi_head_params_to_keras,
 )
-from flax_dotattn._src.multi_head_linen import MultiHeadDotAttention as MultiHeadDotAttention
-from flax_dotattn._src.ring import ring_attention as ring_attention
-from flax_dotattn._src.scores import attention_scores as attention_scores
-from flax_dotattn._src.sharding import (
+from flax_dotattn._src.masks import make_causal_mask as make_causal_mask
+from flax_dotattn._src.modules.linen import DotAttention as DotAttention
+from flax_dotattn._src.modules.multi_head_linen import (
+    MultiHeadDotAttention as MultiHeadDotAttention,
+)
+from flax_dotattn._src.parallel.key_sharded import (
     sequence_parallel_attention as sequence_parallel_attention,
 )
+from flax_dotattn._src.parallel.ring import ring_attention as ring_attention
+from flax_dotattn._src.scores import attention_scores as attention_scores
 
 __version__ = "0.2.0"
 

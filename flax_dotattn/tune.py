@@ -37,9 +37,10 @@ import os
 import sys
 from collections.abc import Sequence
 
-from flax_dotattn._src import tuner, tuning
-from flax_dotattn._src.tuning import cache_dir as cache_dir
-from flax_dotattn._src.tuning import status as status
+from flax_dotattn._src.tuning import table as tuning
+from flax_dotattn._src.tuning import tuner
+from flax_dotattn._src.tuning.table import cache_dir as cache_dir
+from flax_dotattn._src.tuning.table import status as status
 
 __all__ = ["cache_dir", "main", "status"]
 

@@ -15,8 +15,9 @@ import pytest
 from conftest import assert_close
 
 from flax_dotattn import dot_attention
-from flax_dotattn._src import cudnn, validation
-from flax_dotattn._src.fused_inputs import fold_scale
+from flax_dotattn._src import validation
+from flax_dotattn._src.kernels import cudnn
+from flax_dotattn._src.kernels.fused_inputs import fold_scale
 
 ON_GPU = jax.default_backend() == "gpu"
 

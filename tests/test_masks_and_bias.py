@@ -24,8 +24,9 @@ from flax_dotattn import (
     sequence_parallel_attention,
 )
 from flax_dotattn import nnx as fdnnx
-from flax_dotattn._src import chunked, validation
-from flax_dotattn._src.chunked import kernel, skipping
+from flax_dotattn._src import validation
+from flax_dotattn._src.kernels import chunked
+from flax_dotattn._src.kernels.chunked import kernel, skipping
 
 
 def dense_keep(batch, tq, tv, *, value_mask=None, attention_mask=None, segments=None,

@@ -1,6 +1,6 @@
 """The blockwise kernel's package is used only through its interface.
 
-``flax_dotattn._src.chunked`` lists its interface in ``__all__``; every other library
+``flax_dotattn._src.kernels.chunked`` lists its interface in ``__all__``; every other library
 module (``dot_attention``, ``sequence_parallel_attention``, ``ring_attention``, ...) may
 use those names and nothing else: no submodule imports, no private attribute.
 """
@@ -10,10 +10,10 @@ import inspect
 import pathlib
 
 import flax_dotattn
-from flax_dotattn._src import chunked
+from flax_dotattn._src.kernels import chunked
 
 _PACKAGE = pathlib.Path(flax_dotattn.__file__).parent
-_KERNEL = _PACKAGE / "_src" / "chunked"
+_KERNEL = _PACKAGE / "_src" / "kernels" / "chunked"
 
 
 def _outside_modules():
@@ -26,15 +26,15 @@ def _kernel_uses(tree: ast.AST) -> list[str]:
     used = []
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module:
-            if node.module.startswith("flax_dotattn._src.chunked."):
+            if node.module.startswith("flax_dotattn._src.kernels.chunked."):
                 used.append(f"module:{node.module}")
-            elif node.module == "flax_dotattn._src.chunked":
+            elif node.module == "flax_dotattn._src.kernels.chunked":
                 used += [alias.name for alias in node.names]
         elif isinstance(node, ast.Import):
             used += [
                 f"module:{a.name}"
                 for a in node.names
-                if a.name.startswith("flax_dotattn._src.chunked")
+                if a.name.startswith("flax_dotattn._src.kernels.chunked")
             ]
         elif (
             isinstance(node, ast.Attribute)
@@ -63,8 +63,8 @@ def test_no_module_outside_the_kernel_reads_its_private_names():
 def test_the_boundary_check_sees_a_private_use():
     tree = ast.parse(
         "from flax_dotattn._src import chunked\n"
-        "from flax_dotattn._src.chunked.layout import to_blocks\n"
+        "from flax_dotattn._src.kernels.chunked.layout import to_blocks\n"
         "chunked._forward(1)\n"
     )
     uses = _kernel_uses(tree)
-    assert "_forward" in uses and "module:flax_dotattn._src.chunked.layout" in uses
+    assert "_forward" in uses and "module:flax_dotattn._src.kernels.chunked.layout" in uses

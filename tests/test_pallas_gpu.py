@@ -14,7 +14,8 @@ import pytest
 from conftest import assert_close
 
 from flax_dotattn import dot_attention, which_implementation
-from flax_dotattn._src import pallas_gpu, validation
+from flax_dotattn._src import validation
+from flax_dotattn._src.kernels import pallas_gpu
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
 

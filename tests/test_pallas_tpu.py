@@ -184,7 +184,8 @@ def test_sequence_parallel_shards_on_the_kernel(rng, monkeypatch):
     from jax.sharding import Mesh
 
     from flax_dotattn import sequence_parallel_attention
-    from flax_dotattn._src import dispatch, pallas_tpu
+    from flax_dotattn._src import dispatch
+    from flax_dotattn._src.kernels import pallas_tpu
 
     planned, shard, traced = dispatch.sequence_parallel_plans, pallas_tpu.splash_shard, []
 

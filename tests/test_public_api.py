@@ -40,11 +40,13 @@ SRC = pathlib.Path(flax_dotattn.__file__).parent / "_src"
         "masks",
         "validation",
         "options",
-        "config",
-        "config_files",
-        "multi_head",
-        "multi_head_config",
-        "multi_head_keras",
+        "config/schema",
+        "config/classes",
+        "config/files",
+        "config/keras",
+        "modules/multi_head",
+        "config/multi_head_schema",
+        "config/multi_head_keras",
     ],
 )
 def test_pure_layers_import_neither_flax_nor_keras(module):
@@ -81,7 +83,7 @@ def _module_level_roots(path):
 def test_yaml_is_imported_only_to_read_or_write_yaml():
     for path in pathlib.Path(flax_dotattn.__file__).parent.rglob("*.py"):
         assert "yaml" not in _module_level_roots(path), path
-    assert "yaml" in _imported_roots(SRC / "config_files.py")
+    assert "yaml" in _imported_roots(SRC / "config" / "files.py")
 
 
 def test_library_never_imports_keras():

@@ -17,7 +17,7 @@ from conftest import assert_close
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from flax_dotattn import dot_attention, ring_attention
-from flax_dotattn._src.ring import blocks_per_device
+from flax_dotattn._src.parallel.ring import blocks_per_device
 
 CPUS = jax.devices("cpu")
 pytestmark = [

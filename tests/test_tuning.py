@@ -15,7 +15,10 @@ import pytest
 from conftest import assert_close
 
 from flax_dotattn import BlockSizes, dot_attention, tune, which_implementation
-from flax_dotattn._src import dispatch, pallas_gpu, pallas_tpu, tuner, tuning
+from flax_dotattn._src import dispatch
+from flax_dotattn._src.kernels import pallas_gpu, pallas_tpu
+from flax_dotattn._src.tuning import table as tuning
+from flax_dotattn._src.tuning import tuner
 from flax_dotattn.bench.cli import main as bench_main
 
 B, T, D = 2, 64, 8

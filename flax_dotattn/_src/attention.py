@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 from typing import Literal, TypedDict, Unpack, overload
 
-from flax_dotattn._src import dispatch, kernels, validation
+from flax_dotattn._src import dispatch, runner, validation
 from flax_dotattn._src.types import (
     Array,
     BlockSizeLike,
@@ -327,7 +327,7 @@ def which_implementation(
 
 def attend(call: validation.CheckedCall) -> Array | tuple[Array, Array]:
     """:func:`dot_attention` on checked arguments: plan, run, mask the queries, cast."""
-    output, weights = kernels.run_per_platform(call)
+    output, weights = runner.run_per_platform(call)
     output = validation.finish(output, call.inputs)  # [..., Tq, Dv]
     if weights is None or not call.options.return_attention_scores:
         return output

@@ -12,14 +12,14 @@ backend only matters for an explicit ``"cudnn"`` and for the default of
   materialised intermediate (its ``[Tq, Tv]`` scores; ``[Tq, Tv, D]`` in concat mode)
   reaches :data:`CHUNKED_CROSSOVER_BYTES`.
 * ``"tpu"``: ``"pallas_tpu"`` (splash attention) where it takes the inputs with Keras's
-  numbers (:func:`flax_dotattn._src.pallas_tpu.ineligibility`) and both lengths reach
+  numbers (:func:`flax_dotattn._src.kernels.pallas_tpu.ineligibility`) and both lengths reach
   one kernel block; otherwise the CPU rule.
 * ``"cuda"``: ``"cudnn"`` for float16/bfloat16 calls the fused kernel takes with Keras's
-  numbers (:func:`flax_dotattn._src.cudnn.ineligibility`) when a GPU is attached
+  numbers (:func:`flax_dotattn._src.kernels.cudnn.ineligibility`) when a GPU is attached
   (``jax.nn`` checks the installed cuDNN while tracing, so no cuDNN call can be traced on
   a host without one); else ``"pallas_gpu"`` from one kernel block of keys, unless
   padding the queries to the keys' padded length would more than double them (see
-  :func:`flax_dotattn._src.pallas_gpu.ineligibility`); otherwise the CPU rule.
+  :func:`flax_dotattn._src.kernels.pallas_gpu.ineligibility`); otherwise the CPU rule.
   ``"rocm"``: the CPU rule.
 
 The rule reads the size of *one* sequence, never the batch: under ``jax.vmap`` a call sees
@@ -28,7 +28,7 @@ kernel itself takes a vmapped axis into its batch, so both then cost the same). 
 crossovers were measured with ``python -m flax_dotattn.bench`` (see README); the time of
 either path is nearly proportional to the batch, so the batch does not move them. A table
 written by ``python -m flax_dotattn.tune`` for this device replaces them (see
-:mod:`flax_dotattn._src.tuning`); the reason then ends in "(tuned on <device kind>)".
+:mod:`flax_dotattn._src.tuning.table`); the reason then ends in "(tuned on <device kind>)".
 """
 
 from __future__ import annotations
@@ -37,8 +37,9 @@ from typing import NamedTuple
 
 import jax
 
-from flax_dotattn._src import cudnn, pallas_gpu, pallas_tpu, tuning
+from flax_dotattn._src.kernels import cudnn, pallas_gpu, pallas_tpu
 from flax_dotattn._src.options import AttentionOptions
+from flax_dotattn._src.tuning import table as tuning
 from flax_dotattn._src.validation import AttentionInputs
 
 #: Per sequence, by score mode. ``"dot"``: on a quiet 2-core AMD EPYC CPU, at

@@ -16,7 +16,7 @@ from typing import Any
 
 import jax
 
-from flax_dotattn._src.timing import time_interleaved
+from flax_dotattn._src.tuning.timing import time_interleaved
 from flax_dotattn.bench.entries import build_entry
 
 
