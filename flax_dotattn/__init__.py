@@ -44,8 +44,7 @@ from flax_dotattn._src.parallel.key_sharded import (
 )
 from flax_dotattn._src.parallel.ring import ring_attention as ring_attention
 from flax_dotattn._src.scores import attention_scores as attention_scores
-
-__version__ = "0.2.0"
+from flax_dotattn._src.version import __version__ as __version__
 
 __all__ = (
     "BlockSizes",

@@ -227,7 +227,10 @@ def test_dropout_gradients_are_consistent(rng):
 
 def test_chunked_cannot_return_weights():
     q = jnp.ones((4, 3))
-    with pytest.raises(ValueError, match="implementation='chunked' never forms"):
+    with pytest.raises(
+        ValueError,
+        match=r"'chunked' cannot run these inputs: the weights are requested \(it never forms",
+    ):
         dot_attention(None, q, q, implementation="chunked", return_attention_scores=True)
 
 

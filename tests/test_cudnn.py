@@ -15,7 +15,7 @@ import pytest
 from conftest import assert_close
 
 from flax_dotattn import dot_attention
-from flax_dotattn._src import validation
+from flax_dotattn._src import dispatch, runner, validation
 from flax_dotattn._src.kernels import cudnn
 from flax_dotattn._src.kernels.fused_inputs import fold_scale
 
@@ -146,9 +146,11 @@ def mapped(scale, query, value, key=None, masks=None, causal=False, **kwargs):
     call = validation.check_call(arguments)
     # The mapping is dtype-blind; float32 runs it here with tight tolerances.
     eligible = call.inputs._replace(dtype=jnp.dtype(jnp.bfloat16))
-    reason = cudnn.ineligibility(eligible, call.options)
+    reason = dispatch.ineligibility("cudnn", eligible, call.options)
     assert reason is None, reason
-    return validation.finish(cudnn.attention(call, jax_nn_implementation="xla"), call.inputs)
+    return validation.finish(
+        runner.run_fused(cudnn.attention, call, jax_nn_implementation="xla"), call.inputs
+    )
 
 
 def _mapping_cases(t=16):
@@ -253,10 +255,10 @@ def test_ineligible_calls_name_the_reason(kwargs, reason):
     q, kv = jnp.zeros((tq, d), dtype), jnp.zeros((16, d), dtype)
     params = {"concat_score_weight": 1.0} if kwargs.get("score_mode") == "concat" else None
     call = validation.check_call(dict(params=params, query=q, value=kv, **kwargs))
-    assert reason in cudnn.ineligibility(call.inputs, call.options)
+    assert reason in dispatch.ineligibility("cudnn", call.inputs, call.options)
     q, kv = jnp.zeros((16, 16), jnp.bfloat16), jnp.zeros((16, 16), jnp.bfloat16)
     ok = validation.check_call(dict(params=None, query=q, value=kv, causal=True))
-    assert cudnn.ineligibility(ok.inputs, ok.options) is None
+    assert dispatch.ineligibility("cudnn", ok.inputs, ok.options) is None
 
 
 @pytest.mark.slow
@@ -279,7 +281,7 @@ def test_export_for_cuda_holds_the_cudnn_call(monkeypatch):
                 dict(bias=bias, attention_mask=pad[..., None, :]),
             )
         ]
-        return sum(cudnn.attention(c).astype(jnp.float32).sum() for c in calls)
+        return sum(runner.run_fused(cudnn.attention, c).astype(jnp.float32).sum() for c in calls)
 
     names = {"__cudnn$fmhaSoftmax", "__cudnn$fmhaScaleBiasSoftmax"}
     names |= {n + "Backward" for n in names}

@@ -14,8 +14,7 @@ import pytest
 from conftest import assert_close
 
 from flax_dotattn import dot_attention, which_implementation
-from flax_dotattn._src import validation
-from flax_dotattn._src.kernels import pallas_gpu
+from flax_dotattn._src import dispatch, validation
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
 
@@ -155,7 +154,7 @@ def test_ineligible_calls_name_the_reason(kwargs, reason):
         params = {"concat_score_weight": 1.0} if kwargs.get("score_mode") == "concat" else None
         arguments = dict(params=params, query=q, value=v, key=k, dropout_rng=jax.random.key(0))
         call = validation.check_call(dict(arguments, **kwargs))
-        assert reason in pallas_gpu.ineligibility(call.inputs, call.options)
+        assert reason in dispatch.ineligibility("pallas_gpu", call.inputs, call.options)
 
 
 @pytest.mark.slow

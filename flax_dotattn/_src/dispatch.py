@@ -12,15 +12,19 @@ backend only matters for an explicit ``"cudnn"`` and for the default of
   materialised intermediate (its ``[Tq, Tv]`` scores; ``[Tq, Tv, D]`` in concat mode)
   reaches :data:`CHUNKED_CROSSOVER_BYTES`.
 * ``"tpu"``: ``"pallas_tpu"`` (splash attention) where it takes the inputs with Keras's
-  numbers (:func:`flax_dotattn._src.kernels.pallas_tpu.ineligibility`) and both lengths reach
-  one kernel block; otherwise the CPU rule.
-* ``"cuda"``: ``"cudnn"`` for float16/bfloat16 calls the fused kernel takes with Keras's
-  numbers (:func:`flax_dotattn._src.kernels.cudnn.ineligibility`) when a GPU is attached
-  (``jax.nn`` checks the installed cuDNN while tracing, so no cuDNN call can be traced on
-  a host without one); else ``"pallas_gpu"`` from one kernel block of keys, unless
-  padding the queries to the keys' padded length would more than double them (see
-  :func:`flax_dotattn._src.kernels.pallas_gpu.ineligibility`); otherwise the CPU rule.
+  numbers (:func:`ineligibility`) and both lengths reach one kernel block; otherwise the
+  CPU rule.
+* ``"cuda"``: ``"cudnn"`` for calls the fused kernel takes with Keras's numbers
+  (:func:`ineligibility`) when a GPU is attached (``jax.nn`` checks the installed cuDNN
+  while tracing, so no cuDNN call can be traced on a host without one); else
+  ``"pallas_gpu"`` from one kernel block of keys, unless padding the queries to the keys'
+  padded length would more than double them; otherwise the CPU rule.
   ``"rocm"``: the CPU rule.
+
+What each kernel takes is one table
+(:data:`flax_dotattn._src.kernels.capabilities.TABLE`): :func:`ineligibility` reads a
+kernel's row, then the kernel's own ``constraints()`` (head sizes, bands, ...), and the
+plans' reasons are its words.
 
 The rule reads the size of *one* sequence, never the batch: under ``jax.vmap`` a call sees
 only its own example, and the rule must choose what the batched call chooses (the chunked
@@ -33,11 +37,12 @@ written by ``python -m flax_dotattn.tune`` for this device replaces them (see
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
 
-from flax_dotattn._src.kernels import cudnn, pallas_gpu, pallas_tpu
+from flax_dotattn._src.kernels import capabilities, cudnn, pallas_gpu, pallas_tpu
 from flax_dotattn._src.options import AttentionOptions
 from flax_dotattn._src.tuning import table as tuning
 from flax_dotattn._src.validation import AttentionInputs
@@ -58,9 +63,36 @@ PLATFORMS = ("cpu", "tpu", "cuda", "rocm")
 _ALIASES = {"gpu": "cuda"}
 
 
-#: The Pallas kernels by implementation name: their module and the platform they compile
-#: for (anywhere else they run in interpret mode).
-PALLAS_KERNELS = {"pallas_tpu": (pallas_tpu, "tpu"), "pallas_gpu": (pallas_gpu, "cuda")}
+#: The Pallas kernels by implementation name (anywhere but the platform their row of the
+#: capability table names, they run in interpret mode).
+PALLAS_KERNELS = ("pallas_tpu", "pallas_gpu")
+#: The static checks each kernel makes beyond its row of the capability table.
+_CONSTRAINTS: dict[str, Callable[[AttentionInputs, AttentionOptions], str | None]] = {
+    "pallas_tpu": pallas_tpu.constraints,
+    "cudnn": cudnn.constraints,
+    "pallas_gpu": pallas_gpu.constraints,
+}
+
+
+def ineligibility(
+    implementation: str, inputs: AttentionInputs, options: AttentionOptions
+) -> str | None:
+    """Why ``implementation`` cannot run these (static) inputs with Keras's numbers, or
+    None when it can: its row of the capability table, then its own constraints."""
+    reason = capabilities.TABLE[implementation].missing(inputs, options)
+    if reason is None and implementation in _CONSTRAINTS:
+        reason = _CONSTRAINTS[implementation](inputs, options)
+    return reason
+
+
+def shard_ineligibility(inputs: AttentionInputs, options: AttentionOptions) -> str | None:
+    """Why one key shard of :func:`sequence_parallel_attention` cannot run on splash."""
+    if options.causal or options.window is not None:
+        return (
+            "causal/window on a key shard: rows may see none of the shard's keys, which "
+            "the kernel's backward pass cannot take"
+        )
+    return ineligibility("pallas_tpu", inputs, options)
 
 
 class Plan(NamedTuple):
@@ -125,23 +157,16 @@ def plan(inputs: AttentionInputs, options: AttentionOptions, platform: str | Non
         if fused_reason:
             raise ValueError(f"implementation='cudnn' cannot run these inputs: {fused_reason}.")
         return Plan("cudnn", reason="requested")
-    if implementation in PALLAS_KERNELS:
-        kernel, own_platform = PALLAS_KERNELS[implementation]
-        kernel_reason = kernel.ineligibility(inputs, options)
+    if implementation is not None:
+        kernel_reason = ineligibility(implementation, inputs, options)
         if kernel_reason:
             raise ValueError(
                 f"implementation={implementation!r} cannot run these inputs: {kernel_reason}."
             )
-        mode = "" if platform == own_platform else f" (Pallas interpret mode on {platform})"
+        own_platform = capabilities.TABLE[implementation].platform
+        interpreted = implementation in PALLAS_KERNELS and platform != own_platform
+        mode = f" (Pallas interpret mode on {platform})" if interpreted else ""
         return Plan(implementation, reason="requested" + mode)
-    if implementation == "chunked" and options.return_attention_scores:
-        raise ValueError(
-            "implementation='chunked' never forms the [..., Tq, Tv] weights, so it cannot "
-            "return them; received return_attention_scores=True (use implementation=None "
-            "or 'xla')."
-        )
-    if implementation is not None:
-        return Plan(implementation, reason="requested")
     if platform == "tpu":
         return _tpu_plan(inputs, options)
     if platform == "cuda":
@@ -177,7 +202,7 @@ def _mib(size: int, limit: int) -> tuple[str, str]:
 
 def _tpu_plan(inputs: AttentionInputs, options: AttentionOptions) -> Plan:
     """``"pallas_tpu"`` where splash takes the call, else the CPU rule (with why)."""
-    reason = pallas_tpu.ineligibility(inputs, options)
+    reason = ineligibility("pallas_tpu", inputs, options)
     tq, tv = inputs.query.shape[-2], inputs.key.shape[-2]
     if reason is None and min(tq, tv) < pallas_tpu.MIN_AUTOMATIC_LENGTH:
         reason = (
@@ -197,7 +222,7 @@ def _cuda_plan(inputs: AttentionInputs, options: AttentionOptions) -> Plan:
     fused_reason = _fused_reason(inputs, options)
     if fused_reason is None:
         return Plan("cudnn", reason="on GPU the fused kernel takes these inputs")
-    triton_reason = pallas_gpu.ineligibility(inputs, options)
+    triton_reason = ineligibility("pallas_gpu", inputs, options)
     tv = inputs.key.shape[-2]
     if triton_reason is None and tv < pallas_gpu.FORWARD_BLOCK:
         triton_reason = f"Tv={tv}: shorter than one kernel block ({pallas_gpu.FORWARD_BLOCK})"
@@ -226,7 +251,7 @@ def sequence_parallel_plans(
     """The kernel each key shard of :func:`sequence_parallel_attention` runs, per
     platform: ``"pallas_tpu"`` on TPU where splash takes a shard, else ``"chunked"`` (the
     merge needs each shard's softmax statistics, which only these two return)."""
-    reason = pallas_tpu.shard_ineligibility(inputs, options)
+    reason = shard_ineligibility(inputs, options)
     tq = inputs.query.shape[-2]
     if reason is None and min(tq, shard_length) < pallas_tpu.MIN_AUTOMATIC_LENGTH:
         reason = f"Tq={tq}, shard Tv={shard_length}: shorter than one kernel block"
@@ -244,4 +269,4 @@ def _fused_reason(inputs: AttentionInputs, options: AttentionOptions) -> str | N
     never traced without a GPU attached (``jax.nn`` checks cuDNN while tracing)."""
     if jax.default_backend() != "gpu":
         return f"the backend is {jax.default_backend()!r}, not 'gpu'"
-    return cudnn.ineligibility(inputs, options)
+    return ineligibility("cudnn", inputs, options)

@@ -3,7 +3,8 @@
 
 :func:`map_arguments` turns a checked call into the arguments of
 ``jax.nn.dot_product_attention`` (:class:`CudnnArguments`); :func:`attention` runs them,
-and :func:`ineligibility` says why a call cannot take this route. What maps where:
+and :func:`~flax_dotattn._src.dispatch.ineligibility` says why a call cannot take this
+route. What maps where:
 
 * Keras's logits are ``scale * (q @ k^T)`` with no ``1/sqrt(D)``: the learned scale is
   folded into query and key without overflow (see
@@ -21,8 +22,9 @@ and :func:`ineligibility` says why a call cannot take this route. What maps wher
 
 cuDNN replaces masked logits where Keras subtracts 1e9: the two agree except on a row that
 sees no key, where Keras averages over every key. So whenever some row that the query mask
-keeps sees no key, a mask is not a prefix, or the folded scale overflows, the chunked path
-runs instead (a ``lax.cond``; under ``jax.vmap`` both branches run).
+keeps sees no key, a mask is not a prefix, or the folded scale overflows, the kernel is not
+exact (:class:`~flax_dotattn._src.kernels.fused_inputs.Fused`'s ``exact``) and the runner
+runs the chunked path instead (a ``lax.cond``; under ``jax.vmap`` both branches run).
 
 Shape glossary: ``...`` batch dims, ``B`` their product, ``Tq``/``Tv`` query/key lengths,
 ``D`` depth.
@@ -30,15 +32,14 @@ Shape glossary: ``...`` batch dims, ``B`` their product, ``Tq``/``Tv`` query/key
 
 from __future__ import annotations
 
-import math
 from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
-from flax_dotattn._src.kernels.chunked import attention as blockwise_attention
 from flax_dotattn._src.kernels.fused_inputs import (
+    Fused,
+    Reference,
     dense_attention_mask,
     fold_scale,
     positions,
@@ -55,34 +56,20 @@ from flax_dotattn._src.validation import AttentionInputs, CheckedCall
 MAX_HEAD_SIZE = 128
 
 
-def ineligibility(inputs: AttentionInputs, options: AttentionOptions) -> str | None:
-    """Why cuDNN (through ``jax.nn.dot_product_attention``) cannot run this call with
-    Keras's numbers, or None when it can. Checks static properties only; the traced ones
-    (prefix masks, rows without keys) are :func:`map_arguments`'s fallback."""
-    batch, (tq, d) = inputs.query.shape[:-2], inputs.query.shape[-2:]
+def constraints(inputs: AttentionInputs, options: AttentionOptions) -> str | None:
+    """Why cuDNN (through ``jax.nn.dot_product_attention``) cannot run a call whose
+    features and dtype its row of the capability table
+    (:mod:`~flax_dotattn._src.kernels.capabilities`) takes, or None when it can. Static
+    properties only; the traced ones (prefix masks, rows without keys) are
+    :func:`map_arguments`'s run-time predicate."""
+    tq, d = inputs.query.shape[-2:]
     tv, dv = inputs.value.shape[-2:]
     right = options.window[1] if options.window is not None else None
     pair = dense_attention_mask(inputs) is not None or inputs.bias is not None
     reasons = [
         (
-            inputs.dtype not in (jnp.float16, jnp.bfloat16),
-            f"dtype {inputs.dtype} is not float16/bfloat16",
-        ),
-        (options.score_mode != "dot", "score_mode is not 'dot'"),
-        (options.dropout, "dropout is active"),
-        (options.return_attention_scores, "the weights are requested"),
-        (
             d != dv or d % 8 or d > MAX_HEAD_SIZE,
             f"head sizes D={d}, Dv={dv} (need D == Dv, a multiple of 8, <= {MAX_HEAD_SIZE})",
-        ),
-        (0 in (math.prod(batch), tq, tv), "a dimension is empty"),
-        (
-            inputs.masking.query_segment_ids is not None,
-            "segment_ids given (cuDNN takes packed sequences as offsets, not ids)",
-        ),
-        (
-            inputs.query_offset is not None,
-            "query_offset given (cuDNN's causal mask and window start at query 0)",
         ),
         (
             options.window is not None and not options.causal and right != 0,
@@ -239,20 +226,23 @@ def map_arguments(inputs: AttentionInputs, options: AttentionOptions) -> Mapping
 
 
 def attention(
-    call: CheckedCall, *, jax_nn_implementation: Literal["xla", "cudnn"] | None = "cudnn"
-) -> Array:
+    call: CheckedCall,
+    *,
+    reference: Reference | None = None,
+    jax_nn_implementation: Literal["xla", "cudnn"] | None = "cudnn",
+) -> Fused:
     """Keras attention through ``jax.nn.dot_product_attention``, before the query mask.
 
-    Where the kernel would give other numbers than Keras (see the module docstring), the
-    chunked path runs instead.
-
     Args:
-      call: a checked call that :func:`ineligibility` accepts.
+      call: a checked call that :func:`~flax_dotattn._src.dispatch.ineligibility` accepts.
+      reference: unused (cuDNN has no forward mode to route); taken like the other fused
+        kernels'.
       jax_nn_implementation: passed to ``jax.nn.dot_product_attention``: ``"cudnn"`` on a
         GPU; ``"xla"`` runs the same mapping anywhere (float16 read in float32 there).
 
     Returns:
-      ``[..., Tq, Dv]`` in the inputs' dtype.
+      The kernel's ``[..., Tq, Dv]`` output in the inputs' dtype, and when it gives
+      Keras's numbers (see the module docstring; the runner falls back elsewhere).
     """
     inputs = call.inputs
     batch, tq, dv = inputs.query.shape[:-2], inputs.query.shape[-2], inputs.value.shape[-1]
@@ -262,9 +252,4 @@ def attention(
         out = mapping.arguments.run(jax_nn_implementation)  # [B, Tq, 1, Dv]
         return out.reshape(batch + (tq, dv)).astype(inputs.dtype)
 
-    def keras() -> Array:
-        return blockwise_attention(call).astype(inputs.dtype)
-
-    if mapping.exact is None:
-        return fused()
-    return lax.cond(mapping.exact, fused, keras)
+    return Fused(fused, mapping.exact, inputs.dtype)

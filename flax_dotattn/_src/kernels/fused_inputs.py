@@ -12,10 +12,26 @@ Shape glossary: ``...`` batch dims, ``Tq``/``Tv`` query/key lengths, ``D`` depth
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
 import jax.numpy as jnp
 
 from flax_dotattn._src.types import Array
 from flax_dotattn._src.validation import AttentionInputs
+
+#: The chunked kernel's entry, ``reference(call, with_stats=False)``, as the runner hands it
+#: to a fused kernel: a fused kernel takes its forward-mode derivatives through it (the
+#: kernels never import each other; the runner composes them).
+Reference = Callable[..., Any]
+
+
+class Fused(NamedTuple):
+    """What a fused kernel returns for one call; the runner composes the fallback."""
+
+    run: Callable[[], Array]  # the kernel's output [..., Tq, Dv] before the query mask
+    exact: Array | None  # traced bool: the kernel gives Keras's numbers; None: always
+    dtype: Any  # the output's dtype (the fallback's output is cast to it)
 
 
 def fold_scale(query: Array, key: Array, scale: Array | None) -> tuple[Array, Array, Array]:

@@ -14,8 +14,8 @@ both queries and keys, a fused backward through its ``custom_vjp``). The mapping
   query mask keeps; such a row always sees at least its own key, so Keras's rule for rows
   without keys never applies. This holds for self-attention with the same padding on
   queries and keys (``masks=(m, m)``) and for packed rows (the same ids); it is checked
-  at run time, and the chunked path runs where it fails (a ``lax.cond``; under
-  ``jax.vmap`` both branches run).
+  at run time, and where it fails the kernel says it is not exact and the runner runs the
+  chunked path instead (a ``lax.cond``; under ``jax.vmap`` both branches run).
 * Lengths are padded to the kernel's blocks (a power of two up to 128, then a multiple
   of 128); padded keys take the padding id and padded query rows are dropped. ``Tq <= Tv``
   (queries are read against the ids of the first ``Tq`` keys).
@@ -29,10 +29,11 @@ Not taken (the reason is in the plan): ``bias``, a pair ``attention_mask``, ``wi
 sizes outside 16..256, float64, ``Tq > Tv``.
 
 Derivatives: a ``jax.custom_jvp`` whose tangent is a
-:func:`~flax_dotattn._src.kernels.linear_map.linear_map` with the chunked path's forward-mode
-tangent as the map and the kernel's own backward as its transpose: ``jax.grad`` runs the
-kernel's fused backward; ``jax.jvp``, ``jax.hessian`` and vmapped derivatives go through
-the chunked path (slower, never failing).
+:func:`~flax_dotattn._src.kernels.linear_map.linear_map` with the forward-mode tangent
+of the reference the runner hands over (the chunked kernel) as the map and the kernel's
+own backward as its transpose: ``jax.grad`` runs the kernel's fused backward;
+``jax.jvp``, ``jax.hessian`` and vmapped derivatives go through the chunked path
+(slower, never failing).
 
 **Interpret mode.** On any platform but ``cuda`` the same kernel runs in Pallas
 interpret mode (``interpret=True``; the dispatcher chooses per platform at lowering):
@@ -47,15 +48,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Final, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
-from flax_dotattn._src.kernels.chunked import attention as blockwise_attention
-from flax_dotattn._src.kernels.fused_inputs import dense_attention_mask, fold_scale, shown_keys
+from flax_dotattn._src.kernels.fused_inputs import (
+    Fused,
+    Reference,
+    fold_scale,
+    shown_keys,
+)
 from flax_dotattn._src.kernels.linear_map import linear_map
 from flax_dotattn._src.masks import Masking
 from flax_dotattn._src.options import AttentionOptions
@@ -72,35 +75,17 @@ NAME: Final = "pallas_gpu"
 FORWARD_BLOCK, BACKWARD_BLOCK = 128, 32
 
 
-def ineligibility(inputs: AttentionInputs, options: AttentionOptions) -> str | None:
-    """Why the Pallas GPU kernel cannot run this call with Keras's numbers, or None.
-    Static properties only; the traced ones are :func:`attention`'s fallback."""
-    batch, (tq, d) = inputs.query.shape[:-2], inputs.query.shape[-2:]
+def constraints(inputs: AttentionInputs, options: AttentionOptions) -> str | None:
+    """Why the Pallas GPU kernel cannot run a call whose features and dtype its row of
+    the capability table (:mod:`~flax_dotattn._src.kernels.capabilities`) takes, or None.
+    Static properties only; the traced ones are :func:`attention`'s run-time predicate."""
+    tq, d = inputs.query.shape[-2:]
     tv, dv = inputs.value.shape[-2:]
-    given = [
-        name
-        for name, x in (
-            ("bias", inputs.bias),
-            ("a pair attention_mask [..., Tq, Tv]", dense_attention_mask(inputs)),
-            ("window", options.window),
-            ("query_offset", inputs.query_offset),
-        )
-        if x is not None
-    ]
     reasons = [
-        (
-            inputs.dtype not in (jnp.float16, jnp.bfloat16, jnp.float32),
-            f"dtype {inputs.dtype} is not float16/bfloat16/float32",
-        ),
-        (options.score_mode != "dot", "score_mode is not 'dot'"),
-        (options.dropout, "dropout is active"),
-        (options.return_attention_scores, "the weights are requested"),
-        (bool(given), f"{', '.join(given)} given (the kernel masks by segment ids only)"),
         (
             d != dv or not MIN_HEAD_SIZE <= d <= MAX_HEAD_SIZE,
             f"head sizes D={d}, Dv={dv} (need D == Dv in {MIN_HEAD_SIZE}..{MAX_HEAD_SIZE})",
         ),
-        (0 in (math.prod(batch), tq, tv), "a dimension is empty"),
         (
             tq > tv,
             f"Tq={tq} > Tv={tv} (queries read the segment ids of the first Tq keys)",
@@ -230,6 +215,7 @@ class Static:
     causal: bool
     blocks: Blocks
     interpret: bool
+    reference: Reference  # the chunked kernel's entry (forward-mode derivatives)
 
 
 def _mha(static: Static, q: Array, k: Array, v: Array, ids: Array | None) -> Array:
@@ -277,7 +263,7 @@ def _reference(static: Static, q: Array, k: Array, v: Array, ids: Array | None) 
         compute_dtype=jnp.dtype(jnp.float32),
     )
     call = CheckedCall(AttentionOptions(causal=static.causal), inputs, None)
-    return blockwise_attention(call).astype(dtype)
+    return static.reference(call).astype(dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -339,35 +325,31 @@ def _attend_jvp(static: Static, primals: tuple, tangents: tuple):
     return _attend(static, *primals), d_out
 
 
-def attention(call: CheckedCall, *, interpret: bool) -> Array:
+def attention(call: CheckedCall, *, interpret: bool, reference: Reference) -> Fused:
     """Keras attention through the Pallas GPU kernel, before the query mask.
 
-    Where the kernel would give other numbers than Keras (see the module docstring), the
-    chunked path runs instead.
-
     Args:
-      call: a checked call that :func:`ineligibility` accepts.
+      call: a checked call that :func:`~flax_dotattn._src.dispatch.ineligibility` accepts.
       interpret: False: the Triton kernel (lowers for ``cuda`` only); True: Pallas
-        interpret mode (any platform; slow, for tests). The dispatcher passes False for
+        interpret mode (any platform; slow, for tests). The runner passes False for
         the ``cuda`` branch of ``jax.lax.platform_dependent`` and True elsewhere.
+      reference: the chunked kernel's entry, through which forward-mode derivatives go.
 
     Returns:
-      ``[..., Tq, Dv]`` in the inputs' dtype.
+      The kernel's ``[..., Tq, Dv]`` output in the inputs' dtype, and when it gives
+      Keras's numbers (see the module docstring; the runner falls back elsewhere).
     """
     inputs = call.inputs
     batch, tq, dv = inputs.query.shape[:-2], inputs.query.shape[-2], inputs.value.shape[-1]
     blocks = call_blocks(inputs, call.options)
     operands = map_operands(inputs, blocks.length)
-    static = Static(causal=call.options.causal, blocks=blocks, interpret=interpret)
+    static = Static(
+        causal=call.options.causal, blocks=blocks, interpret=interpret, reference=reference
+    )
 
     def fused() -> Array:
         args = operands.query, operands.key, operands.value, operands.segment_ids
         out = _attend(static, *args)  # [B, T, Dv]
         return out[:, :tq].reshape(batch + (tq, dv)).astype(inputs.dtype)
 
-    def keras() -> Array:
-        return blockwise_attention(call).astype(inputs.dtype)
-
-    if operands.exact is None:
-        return fused()
-    return lax.cond(operands.exact, fused, keras)
+    return Fused(fused, operands.exact, inputs.dtype)

@@ -20,14 +20,16 @@ Mapping a call onto ``jax.experimental.pallas.ops.tpu.splash_attention``:
 * A row that sees no key: Keras subtracts 1e9 and still averages over every key; the
   kernel would not. When any row sees no key (checked on the masks, an O(Tq · Tv)
   comparison with no matmul, skipped when no row can), or the scale cannot be folded,
-  the whole call runs the chunked path instead (a ``lax.cond``).
+  the kernel says it is not exact and the runner runs the chunked path for the whole
+  call instead (a ``lax.cond``).
 * The query mask zeroes output rows afterwards, as on every path.
 
 Derivatives: a ``jax.custom_jvp`` whose tangent is a
-:func:`~flax_dotattn._src.kernels.linear_map.linear_map` with the chunked kernel's forward-mode
-tangent as the map and splash's own backward kernel as its transpose. So ``jax.grad`` runs
-splash's backward, and ``jax.jvp``, ``jax.hessian`` and vmapped derivatives work through
-the chunked kernel (slower, never failing).
+:func:`~flax_dotattn._src.kernels.linear_map.linear_map` with the forward-mode tangent
+of the reference the runner hands over (the chunked kernel) as the map and splash's own
+backward kernel as its transpose. So ``jax.grad`` runs splash's backward, and
+``jax.jvp``, ``jax.hessian`` and vmapped derivatives work through the chunked kernel
+(slower, never failing).
 
 On a backend other than TPU the kernel runs in Pallas interpret mode: the same kernel,
 simulated with XLA operations. It is a testing mode and slow (a 2 x 512 x 128 call takes
@@ -47,11 +49,9 @@ from typing import Any, Final, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
-from flax_dotattn._src.kernels import chunked
-from flax_dotattn._src.kernels.fused_inputs import fold_scale
+from flax_dotattn._src.kernels.fused_inputs import Fused, Reference, fold_scale
 from flax_dotattn._src.kernels.linear_map import linear_map
 from flax_dotattn._src.masks import Masking, keep_mask
 from flax_dotattn._src.options import AttentionOptions
@@ -81,29 +81,19 @@ def _static_offset(query_offset: Array | None) -> int | str:
     return int(query_offset)
 
 
-def ineligibility(inputs: AttentionInputs, options: AttentionOptions) -> str | None:
-    """Why splash cannot run these inputs with Keras's numbers, or None when it can."""
-    query, key, value = inputs.query, inputs.key, inputs.value
-    features = {
-        "bias": inputs.bias,
-        "attention_mask": inputs.masking.attention_mask,
-    }
-    given = [name for name, x in features.items() if x is not None]
+def constraints(inputs: AttentionInputs, options: AttentionOptions) -> str | None:
+    """Why splash cannot run a call whose features and dtype its row of the capability
+    table (:mod:`~flax_dotattn._src.kernels.capabilities`) takes, or None when it can."""
+    query, key = inputs.query, inputs.key
     offset = _static_offset(inputs.query_offset)
     reasons = [
-        (options.score_mode != "dot", "score_mode is not 'dot'"),
-        (options.dropout, "dropout is active"),
-        (options.return_attention_scores, "the weights are requested"),
-        (bool(given), f"{', '.join(given)} given (the kernel takes no dense mask or bias)"),
         (isinstance(offset, str), str(offset)),
         (_grouped_reason(inputs) is not None, str(_grouped_reason(inputs))),
-        (inputs.dtype == jnp.float64, "dtype float64 (no float64 kernel on TPU)"),
         (
             inputs.masking.kv_segment_ids is not None
             and jnp.dtype(inputs.masking.kv_segment_ids.dtype).itemsize > 4,
             "segment ids wider than int32",
         ),
-        (0 in query.shape or 0 in key.shape or 0 in value.shape, "an empty dimension"),
     ]
     for failed, reason in reasons:
         if failed:
@@ -228,6 +218,7 @@ class Static:
     group: int  # query heads per key/value entry (splash's MQA form when > 1)
     options: AttentionOptions  # for the chunked reference (causal, window, precision)
     blocks: tuple[int, int, int, int]  # see kernel_blocks
+    reference: Reference  # the chunked kernel's entry (forward-mode derivatives)
 
     def kernel(self, save_residuals: bool) -> Any:
         """The splash kernel for one sequence (one head). Built in each trace: its mask
@@ -333,8 +324,8 @@ def _reference(static: Static, q: Array, k: Array, v: Array, q_ids: Array, kv_id
     )
     call = CheckedCall(static.options, inputs, None)
     if not static.stats:
-        return chunked.attention(call).astype(q.dtype)
-    out, (m, log_l) = chunked.attention(call, with_stats=True)
+        return static.reference(call).astype(q.dtype)
+    out, (m, log_l) = static.reference(call, with_stats=True)
     return out.astype(q.dtype), m + log_l  # the log-sum-exp's tangent is log_l's
 
 
@@ -446,10 +437,10 @@ def _ids(inputs: AttentionInputs) -> tuple[Array, Array, bool]:
 
 def some_row_sees_no_key(inputs: AttentionInputs, options: AttentionOptions) -> Array | bool:
     """Whether some query row sees no key (then Keras's numbers differ from the
-    kernel's), for a call :func:`ineligibility` accepts: False when only causal/window
-    mask (the band was checked statically), else a traced bool, from one comparison per
-    (query, key) pair that XLA fuses into the reduction (no ``[Tq, Tv]`` array, no
-    matmul)."""
+    kernel's), for a call :func:`~flax_dotattn._src.dispatch.ineligibility` accepts:
+    False when only causal/window mask (the band was checked statically), else a traced
+    bool, from one comparison per (query, key) pair that XLA fuses into the reduction (no
+    ``[Tq, Tv]`` array, no matmul)."""
     masking = inputs.masking
     if masking.value_mask is None and masking.query_segment_ids is None:
         return False
@@ -509,7 +500,7 @@ class _Prepared(NamedTuple):
     overflow: Array  # bool []: the scale could not be folded
 
 
-def _prepare(call: CheckedCall, *, interpret: bool, stats: bool) -> _Prepared:
+def _prepare(call: CheckedCall, *, interpret: bool, stats: bool, reference: Reference) -> _Prepared:
     inputs, options = call.inputs, call.options
     tq, tv = inputs.query.shape[-2], inputs.key.shape[-2]
     n, d, dv = math.prod(inputs.key.shape[:-2]), inputs.query.shape[-1], inputs.value.shape[-1]
@@ -534,53 +525,49 @@ def _prepare(call: CheckedCall, *, interpret: bool, stats: bool) -> _Prepared:
         group=math.prod(inputs.query.shape[:-2]) // max(n, 1),
         options=dataclasses.replace(options, implementation="chunked"),
         blocks=call_blocks(inputs, options),
+        reference=reference,
     )
     return _Prepared(static, (query, key, value), q_ids, kv_ids, overflow)
 
 
-def splash_attention(call: CheckedCall, *, interpret: bool) -> Array:
+def splash_attention(call: CheckedCall, *, interpret: bool, reference: Reference) -> Fused:
     """Keras attention through splash attention, before the query mask.
 
     Args:
-      call: a checked call :func:`ineligibility` accepts: ``query [..., Tq, D]``, ``key
-        [..., Tv, D]``, ``value [..., Tv, Dv]`` and their masks.
+      call: a checked call :func:`~flax_dotattn._src.dispatch.ineligibility` accepts:
+        ``query [..., Tq, D]``, ``key [..., Tv, D]``, ``value [..., Tv, Dv]`` and their
+        masks.
       interpret: run the kernel in Pallas interpret mode (any backend; slow).
+      reference: the chunked kernel's entry, through which forward-mode derivatives go.
 
     Returns:
-      ``[..., Tq, Dv]`` in the compute dtype (float32 for 16-bit inputs).
+      The kernel's ``[..., Tq, Dv]`` output in the compute dtype (float32 for 16-bit
+      inputs), and when it gives Keras's numbers: not when some row sees no key or the
+      scale cannot be folded (the runner falls back there).
     """
     inputs = call.inputs
     groups, batch = _group_dims(inputs), inputs.query.shape[:-2]
-    prepared = _prepare(call, interpret=interpret, stats=False)
+    prepared = _prepare(call, interpret=interpret, stats=False, reference=reference)
 
     def kernel(query, key, value):
         ids = prepared.q_ids, prepared.kv_ids
         out = _attend(prepared.static, query, key, value, *ids)  # [N, (G,) Tq, Dv]
         return _ungrouped(out.astype(inputs.compute_dtype), groups, batch)
 
-    def keras(query, key, value):
-        return chunked.attention(call).astype(inputs.compute_dtype)
-
     no_key = some_row_sees_no_key(inputs, call.options)
+    run = functools.partial(kernel, *prepared.operands)
     if no_key is False and inputs.scale is None:
-        return kernel(*prepared.operands)
-    return lax.cond(no_key | prepared.overflow, keras, kernel, *prepared.operands)
+        return Fused(run, None, inputs.compute_dtype)
+    return Fused(run, ~(no_key | prepared.overflow), inputs.compute_dtype)
 
 
-def shard_ineligibility(inputs: AttentionInputs, options: AttentionOptions) -> str | None:
-    """Why one key shard of :func:`sequence_parallel_attention` cannot run on splash."""
-    if options.causal or options.window is not None:
-        return (
-            "causal/window on a key shard: rows may see none of the shard's keys, which "
-            "the kernel's backward pass cannot take"
-        )
-    return ineligibility(inputs, options)
-
-
-def splash_shard(call: CheckedCall, *, interpret: bool) -> tuple[Array, Array, Array]:
+def splash_shard(
+    call: CheckedCall, *, interpret: bool, reference: Reference
+) -> tuple[Array, Array, Array]:
     """One key shard of sequence-parallel attention on splash (a call
-    :func:`shard_ineligibility` accepts; the caller checks that every row sees a key
-    somewhere, with :func:`some_row_sees_no_key` on the whole call).
+    :func:`~flax_dotattn._src.dispatch.shard_ineligibility` accepts; the caller checks
+    that every row sees a key somewhere, with :func:`some_row_sees_no_key` on the whole
+    call).
 
     Returns:
       ``(output [..., Tq, Dv], lse [..., Tq], overflow [])``: the output in the compute
@@ -590,7 +577,7 @@ def splash_shard(call: CheckedCall, *, interpret: bool) -> tuple[Array, Array, A
     """
     inputs = call.inputs
     groups, batch = _group_dims(inputs), inputs.query.shape[:-2]
-    prepared = _prepare(call, interpret=interpret, stats=True)
+    prepared = _prepare(call, interpret=interpret, stats=True, reference=reference)
     ids = prepared.q_ids, prepared.kv_ids
     out, lse = _attend(prepared.static, *prepared.operands, *ids)  # [N, (G,) Tq, (Dv)]
     out = _ungrouped(out.astype(inputs.compute_dtype), groups, batch)

@@ -172,7 +172,7 @@ def sequence_parallel_attention(
         def kernel(platform: str) -> Callable[[], tuple[Array, Array, Array]]:
             def run() -> tuple[Array, Array, Array]:
                 out, lse, overflow = pallas_tpu.splash_shard(
-                    local_call, interpret=platform != "tpu"
+                    local_call, interpret=platform != "tpu", reference=chunked.attention
                 )
                 m = lax.stop_gradient(lse)
                 splash = (out, m, lse - m)  # log_l carries the derivative, as chunked's

@@ -64,6 +64,7 @@ import numpy as np
 from flax_dotattn._src.blocks import BlockSizes
 from flax_dotattn._src.options import AttentionOptions
 from flax_dotattn._src.validation import AttentionInputs
+from flax_dotattn._src.version import __version__
 
 #: The format version this library reads and writes.
 TABLE_VERSION = 1
@@ -98,7 +99,6 @@ def cache_dir() -> pathlib.Path:
 
 def device_key() -> dict[str, str]:
     """What a table must match: backend, device kind, jax and library versions."""
-    from flax_dotattn import __version__  # the package is imported by the time this runs
 
     device = jax.devices()[0]
     kind = str(getattr(device, "device_kind", device.platform))
