@@ -15,6 +15,8 @@ from conftest import assert_close
 
 from flax_dotattn import dot_attention, which_implementation
 from flax_dotattn._src import dispatch, validation
+from flax_dotattn._src.kernels import pallas_gpu
+from flax_dotattn._src.kernels.fused_inputs import fold_scale
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
 
@@ -68,6 +70,35 @@ def test_values_and_gradients_equal_xla_in_float32(rng):
     assert_close(out, expected)
     for name, a, b in zip(("query", "key", "value", "scale"), ours, ref, strict=True):
         assert_close(a, b, factor=4), name
+
+
+def test_segment_ids_without_causal_at_a_length_the_blocks_pad(rng):
+    """Non-causal packed segments at T = 40 (padded to 64): the padded keys take an id
+    below every segment's, so no row sees them (causal masking would hide them anyway)."""
+    q, k, v = _qkv(rng, jnp.float32, (1, 40, 16))
+    ids = jnp.asarray([[3] * 17 + [5] * 23], jnp.int32)  # the lowest id is not 0
+    params = {"scale": jnp.float32(0.7)}
+    out = jax.jit(lambda q, k, v: pallas(params, q, v, k, segment_ids=(ids, ids)))(q, k, v)
+    assert_close(out, xla(params, q, v, k, segment_ids=(ids, ids)))
+
+
+def test_a_learned_scale_runs_the_kernel_unless_it_cannot_be_folded(rng):
+    """The run-time predicate for the kernel's numbers is that the learned scale folds
+    into query and key (``fold_scale`` reports no overflow): true for an ordinary scale,
+    false for one that overflows float16 even when balanced between them (then the
+    chunked path runs). Both give equal numbers where both are finite, so only the
+    predicate shows which runs."""
+    q, k, v = _qkv(rng, jnp.float16, (1, 16, 16))
+
+    def exact_and_overflow(scale):
+        arguments = dict(params={"scale": jnp.float32(scale)}, query=q, value=v, key=k)
+        inputs = validation.check_call(arguments).inputs
+        operands = pallas_gpu.map_operands(inputs, pallas_gpu.shipped_blocks(16).length)
+        assert operands.exact is not None  # a learned scale is checked at run time
+        return bool(operands.exact), bool(fold_scale(q, k, inputs.scale)[2])
+
+    assert exact_and_overflow(0.7) == (True, False)
+    assert exact_and_overflow(1e12) == (False, True)  # |q * scale| / 2**20 ~ 1e6 > 65504
 
 
 @pytest.mark.slow

@@ -90,6 +90,26 @@ def test_causal_window_offset_rectangular_float16(rng):
     _check({"causal": True, "window": (40, 0), "query_offset": 130}, jnp.float16, [args], 2.0)
 
 
+def test_causal_query_offset_rectangular_values_and_forward_mode(rng):
+    """Plain causal (no window) with a host ``query_offset`` and ``Tq != Tv`` (a prefill
+    chunk after 128 cached keys): splash's causal mask takes the offset, and so does the
+    chunked reference that ``jax.jvp`` goes through."""
+    q, k, v, _, _ = _inputs(rng, jnp.float32, 1, 128, 256, 16)
+    dq = _normal(rng, q.shape, jnp.float32)
+
+    def jvp(implementation):
+        def attention(query):
+            return dot_attention(
+                None, query, v, k, causal=True, query_offset=128, implementation=implementation
+            )
+
+        return jax.jit(lambda q, dq: jax.jvp(attention, (q,), (dq,)))
+
+    (out, tangent), (want, want_tangent) = jvp("pallas_tpu")(q, dq), jvp("xla")(q, dq)
+    assert_close(out, want)
+    assert_close(tangent, want_tangent)
+
+
 @pytest.mark.slow
 def test_vmap_of_grouped_query_calls_takes_the_kernel(rng):
     """``jax.vmap`` of per-example calls takes the kernel, here in splash's MQA form (two

@@ -5,7 +5,9 @@ call means: outputs with and without it equal ``jax.nn.dot_product_attention`` (
 float32 rounding where the path or the blocks differ, bitwise where they are the same).
 """
 
+import itertools
 import json
+import math
 import warnings
 
 import jax
@@ -13,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import assert_close
+from hypothesis import given
+from hypothesis import strategies as st
 
 from flax_dotattn import BlockSizes, dot_attention, tune, which_implementation
 from flax_dotattn._src import dispatch
@@ -239,6 +243,41 @@ def test_blocks_apply_within_their_lengths_and_the_shipped_ones_elsewhere(cache)
     assert blocks[32] is None  # shorter than measured: BlockSizes.default applies
     assert blocks[64] == BlockSizes(block_q=32, block_k=16)
     assert blocks[128].backward == (128, 32)
+
+
+def _covering(entries, length: int) -> int | None:
+    """The ``"i"`` of the entry ``entry_for_length`` picks for ``length``, or None."""
+    entry = tuning.entry_for_length(entries, length)
+    return None if entry is None else entry["i"]
+
+
+def test_an_entry_covers_both_of_its_bounds():
+    entries = [{"min_length": 45, "max_length": 90, "i": 0}, {"min_length": 91, "i": 1}]
+    assert _covering(entries, 44) is None  # below the first entry: the shipped blocks apply
+    assert [_covering(entries, t) for t in (45, 90, 91, 10**6)] == [0, 0, 1, 1]
+
+
+def test_length_ranges_meet_halfway_between_measured_lengths():
+    """The first range reaches down to ``T / sqrt(2)``, neighbours meet at the geometric
+    midpoint (``sqrt(256 * 1024) = 512``), and the last has no upper bound."""
+    assert tuning.length_ranges([256, 1024, 4096]) == [(181, 512), (513, 2048), (2049, None)]
+    assert tuning.length_ranges([128]) == [(91, None)]
+
+
+@given(st.lists(st.integers(1, 1 << 20), min_size=1, max_size=6, unique=True).map(sorted))
+def test_each_measured_length_and_each_bound_finds_its_own_entry(lengths):
+    """Entries laid out by ``length_ranges`` and read by ``entry_for_length``: each holds
+    its measured length and both of its bounds, neighbours meet at the geometric midpoint
+    with no gap, and nothing shorter than the first range is covered."""
+    ranges = tuning.length_ranges(lengths)
+    entries = [{"min_length": lo, "max_length": hi, "i": i} for i, (lo, hi) in enumerate(ranges)]
+    assert ranges[-1][1] is None
+    for (a, (_, high)), (b, (low, _)) in itertools.pairwise(zip(lengths, ranges, strict=True)):
+        assert high == round(math.sqrt(a * b)) and low == high + 1
+    for i, (length, (low, high)) in enumerate(zip(lengths, ranges, strict=True)):
+        probes = [t for t in (low, length, high) if t is not None]
+        assert [_covering(entries, t) for t in probes] == [i] * len(probes), ranges
+    assert _covering(entries, ranges[0][0] - 1) is None
 
 
 def test_the_kernels_take_tuned_blocks_that_fit_and_their_own_elsewhere(cache, monkeypatch):
