@@ -62,7 +62,10 @@ nitpick_ignore_regex = [
     (r"py:.*", r"(Array|Params|Masks)"),  # flax_dotattn's private type aliases
     # Literal aliases of the choices (flax_dotattn/_src/types.py), and the dispatcher's
     # Plan (a NamedTuple whose fields which_implementation documents).
-    (r"py:.*", r"(ScoreMode|FloatDtypeName|PrecisionName|Implementation)"),
+    (r"py:.*", r"(ScoreMode|FloatDtypeName|PrecisionName|Implementation|Window)"),
+    # The public config classes' private bases: their schemas (fields and checks, with no
+    # Keras), whose fields the classes' own docstrings document.
+    (r"py:.*", r"flax_dotattn\._src\.config\.(multi_head_schema|schema)\.\w+Fields"),
     (r"py:.*", r"(flax_dotattn\._src\.dispatch\.)?Plan"),
     # The TypedDicts of dot_attention's keyword arguments (its overloads and
     # which_implementation); the functions' Args sections document each argument.
