@@ -35,16 +35,7 @@ V = jnp.ones((2, 5, 4))
 #: why); everything else it takes is dot_attention's parameter, unchanged.
 LEFT_OUT = {
     sequence_parallel_attention: {"return_attention_scores", "implementation"},
-    ring_attention: {
-        "return_attention_scores",
-        "implementation",
-        "attention_mask",
-        "bias",
-        "segment_ids",
-        "window",
-        "query_offset",
-        "kv_length",
-    },
+    ring_attention: {"return_attention_scores", "implementation"},
 }
 #: Parameters of their own (not options).
 OWN = {

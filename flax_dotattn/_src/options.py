@@ -213,8 +213,8 @@ class AttentionOptions:
     """The options of one attention call, checked once: what the internals pass around.
 
     Built by every entry point from its keyword arguments (:meth:`from_arguments`); an
-    entry point that lacks an option (``ring_attention`` has no ``window``) gets its
-    default. Frozen and hashable, so it can be a static argument under ``jax.jit``.
+    entry point that lacks an option (``ring_attention`` has no ``implementation``) gets
+    its default. Frozen and hashable, so it can be a static argument under ``jax.jit``.
     ``precision`` is held by name and ``block_size`` as a :class:`BlockSizes` (or None).
 
     Raises:

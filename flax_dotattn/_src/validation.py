@@ -60,7 +60,8 @@ def check_call(arguments: Mapping[str, Any]) -> CheckedCall:
     its arguments here as a mapping of its parameter names (its ``locals()`` on entry, or
     a bound signature's ``arguments``): the options build an :class:`AttentionOptions`
     and the arrays are checked by :func:`check_inputs`. Names an entry point does not
-    take (``ring_attention`` has no ``bias``) are absent and take their defaults.
+    take (``ring_attention`` has no ``implementation``) are absent and take their
+    defaults.
     """
     options = AttentionOptions.from_arguments(arguments)
     dropout_rng = options.dropout_key(arguments.get("dropout_rng"))
