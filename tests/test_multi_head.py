@@ -380,3 +380,204 @@ def test_both_modules_declare_the_config_fields_with_its_defaults():
         assert linen[name].default == field.default, name
         if name not in ("num_heads", "key_dim"):  # NNX: key_dim=None is in_features // H
             assert nnx_parameters[name].default == field.default, name
+
+
+# -- rows that see no key (Keras's two paths) ---------------------------------------------
+
+
+def _uniform_rows(layer, query, value, key=None):
+    """Keras's fused path on a row that sees no key: every value weighted alike, by hand
+    with NumPy from the layer's weights."""
+    w = layer.get_weights()
+    key = value if key is None else key
+    v = np.einsum("btf,fhd->bthd", value, w[4]) + w[5]  # [B, Tv, H, Dv]
+    heads = np.broadcast_to(
+        v.mean(axis=1, keepdims=True), (query.shape[0], query.shape[1], *v.shape[2:])
+    )
+    return np.einsum("bqhd,hdo->bqo", heads, w[6]) + w[7]
+
+
+@pytest.mark.parametrize("case", ["attention-mask-row", "window-on-padding"])
+def test_keras_parity_on_rows_that_see_no_key(rng, case):
+    q, v = _normal(rng, 2, 5, 6), _normal(rng, 2, 5, 4)
+    if case == "attention-mask-row":
+        keras_kwargs, hidden = dict(num_heads=2, key_dim=3), 1
+        attention_mask = np.ones((2, 5, 5), bool)
+        attention_mask[:, hidden] = False
+        call, keras_call = dict(attention_mask=attention_mask), dict(attention_mask=attention_mask)
+    else:  # query 4's window (|i - j| < 2: keys 3 and 4) falls on padding
+        keras_kwargs, hidden = dict(num_heads=2, key_dim=3, sliding_window=2), 4
+        value_mask = np.array([[1, 1, 1, 0, 0]] * 2, bool)
+        call, keras_call = dict(masks=(None, value_mask)), dict(value_mask=value_mask)
+    layer = _keras_layer(q, v, **keras_kwargs)
+    layer.set_weights([w + 0.1 * _normal(rng, *w.shape) for w in layer.get_weights()])
+    # Keras's masked softmax (the path that returns weights): zero weights, the output
+    # projection's bias as the output.
+    expected, expected_w = _keras_call(layer, q, v, **keras_call)
+    np.testing.assert_array_equal(np.asarray(expected_w)[:, :, hidden], 0.0)
+    assert_close(np.asarray(expected)[:, hidden], np.broadcast_to(layer.get_weights()[7], (2, 6)))
+    cfg = MultiHeadDotAttentionConfig.from_keras(layer.get_config())
+    params = multi_head_params_from_keras(layer.get_weights(), cfg)
+    out, w = MultiHeadDotAttention.from_config(cfg).apply(
+        {"params": params}, q, v, return_attention_scores=True, **call
+    )
+    assert_close(out, expected)
+    assert_close(w, expected_w)
+    model = fdnnx.MultiHeadDotAttention.from_config(cfg, 6, in_kv_features=4, rngs=nnx.Rngs(0))
+    _load_nnx(model, params)
+    assert_close(model(q, v, **call), expected)
+    # Keras's fused path (no weights returned, no dropout, rank-3 inputs) spreads such a
+    # row over every key instead (jax.nn.dot_product_attention's rule); the other rows
+    # agree.
+    with jax.numpy_rank_promotion("allow"):
+        fused = np.asarray(layer(q, v, **keras_call))
+    seen = [i for i in range(5) if i != hidden]
+    assert_close(fused[:, seen], np.asarray(out)[:, seen])
+    assert_close(fused[:, hidden], _uniform_rows(layer, q, v)[:, hidden])
+    assert np.abs(fused[:, hidden] - np.asarray(out)[:, hidden]).max() > 0.05
+
+
+def _load_nnx(model, params):
+    for name in ("query", "key", "value", "out"):
+        projection = getattr(model, name)
+        projection.kernel[...] = params[name]["kernel"]
+        if "bias" in params[name]:
+            projection.bias[...] = params[name]["bias"]
+
+
+# -- attention_axes ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("axes", [(1,), (2,), (-2,), (-3,)], ids=lambda a: f"axes{a}")
+def test_keras_parity_with_a_single_attention_axis_on_rank_4_inputs(rng, axes):
+    q, v = _normal(rng, 2, 3, 5, 6), _normal(rng, 2, 3, 5, 4)  # [B, A, T, F]
+    layer = _keras_layer(q, v, num_heads=2, key_dim=3, attention_axes=axes)
+    layer.set_weights([w + 0.1 * _normal(rng, *w.shape) for w in layer.get_weights()])
+    expected, expected_w = _keras_call(layer, q, v)
+    cfg = MultiHeadDotAttentionConfig.from_keras(layer.get_config())
+    params = multi_head_params_from_keras(layer.get_weights(), cfg)
+    out, w = MultiHeadDotAttention.from_config(cfg).apply(
+        {"params": params}, q, v, return_attention_scores=True
+    )
+    assert_close(out, expected)
+    assert w.shape == expected_w.shape
+    assert_close(w, expected_w)
+    if axes in ((2,), (-2,)):  # the sequence axis before the features: the default layout
+        default = MultiHeadDotAttention.from_config(
+            dataclasses.replace(cfg, attention_axes=(-2,))
+        ).apply({"params": params}, q, v)
+        assert_close(default, out)
+
+
+def test_an_unbuilt_keras_config_attends_over_every_middle_axis_or_refuses(rng):
+    unbuilt = keras.layers.MultiHeadAttention(num_heads=2, key_dim=3).get_config()
+    assert unbuilt["attention_axes"] is None
+    cfg = MultiHeadDotAttentionConfig.from_keras(unbuilt)
+    assert cfg.attention_axes is None
+    layer = MultiHeadDotAttention.from_config(cfg)
+    q3 = _normal(rng, 2, 5, 6)
+    params = layer.init(jax.random.key(0), q3, q3)["params"]
+    q4 = _normal(rng, 2, 3, 5, 6)
+    with pytest.raises(ValueError, match=r"attention_axes=None.*axes \(1, 2\).*several axes"):
+        layer.apply({"params": params}, q4, q4)
+    keras_layer = _keras_layer(q3, q3, **unbuilt)
+    keras_layer.set_weights(multi_head_params_to_keras({"params": params}, cfg))
+    assert_close(layer.apply({"params": params}, q3, q3), _keras_call(keras_layer, q3, q3)[0])
+
+
+# -- NNX: separate key and value features -------------------------------------------------
+
+
+def test_nnx_loads_a_keras_layer_whose_key_and_value_features_differ(rng):
+    q, v, k = _normal(rng, 2, 5, 6), _normal(rng, 2, 7, 5), _normal(rng, 2, 7, 4)
+    layer = keras.layers.MultiHeadAttention(num_heads=2, key_dim=3, value_dim=2)
+    layer.build(q.shape, v.shape, k.shape)
+    layer.set_weights([w + 0.1 * _normal(rng, *w.shape) for w in layer.get_weights()])
+    with jax.numpy_rank_promotion("allow"):
+        expected = layer(q, v, k, return_attention_scores=True)[0]
+    cfg = MultiHeadDotAttentionConfig.from_keras(layer.get_config())
+    params = multi_head_params_from_keras(layer.get_weights(), cfg)
+    model = fdnnx.MultiHeadDotAttention.from_config(
+        cfg, 6, in_kv_features=4, in_value_features=5, rngs=nnx.Rngs(0)
+    )
+    assert model.key.kernel.shape == (4, 2, 3) and model.value.kernel.shape == (5, 2, 2)
+    _load_nnx(model, params)
+    assert_close(model(q, v, k), expected)
+    linen = MultiHeadDotAttention.from_config(cfg).apply({"params": params}, q, v, k)
+    assert_close(linen, expected)
+
+
+# -- decoding: masks of the new positions, writing past the cache --------------------------
+
+
+@pytest.mark.parametrize("module", ["linen", "nnx"])
+def test_a_value_mask_of_the_new_positions_masks_only_them(rng, module):
+    x = _normal(rng, 2, 6, 8)
+    value_mask = np.ones((2, 6), bool)
+    value_mask[0, 2] = False  # one padded token in sequence 0's history
+    value_mask[1, 4] = False
+    layer = MultiHeadDotAttention(num_heads=2, key_dim=4, causal=True)
+    params = layer.init(jax.random.key(1), x, x)["params"]
+    full = layer.apply({"params": params}, x, x, masks=(None, value_mask))
+    if module == "linen":
+        decoder = layer.clone(decode=True)
+        cache = decoder.init(jax.random.key(0), x, x)["cache"]
+        step = jax.jit(
+            lambda cache, x_t, m_t: decoder.apply(
+                {"params": params, "cache": cache}, x_t, x_t, masks=(None, m_t), mutable=["cache"]
+            )
+        )
+        outputs = []
+        for t in range(6):
+            out, variables = step(cache, x[:, t : t + 1], value_mask[:, t : t + 1])
+            cache = variables["cache"]
+            outputs.append(out)
+    else:
+        model = fdnnx.MultiHeadDotAttention(2, 8, key_dim=4, causal=True, rngs=nnx.Rngs(0))
+        _load_nnx(model, params)
+        model.init_cache(x.shape)
+        outputs = [
+            model(x[:, a:b], x[:, a:b], masks=(None, value_mask[:, a:b]), decode=True)
+            for a, b in ((0, 3), (3, 4), (4, 6))
+        ]
+    assert_close(jnp.concatenate(outputs, axis=1), full)
+
+
+def test_decode_masks_that_would_broadcast_over_the_cache_are_refused(rng):
+    model = _with_cache(fdnnx.MultiHeadDotAttention(2, 8, rngs=nnx.Rngs(0)))
+    x = jnp.ones((1, 2, 8))
+    with pytest.raises(
+        ValueError, match=r"value_mask of the 2 new positions.*\[..., 2\].*\(1, 1\)"
+    ):
+        model(x, x, masks=(None, jnp.ones((1, 1), bool)), decode=True)
+    with pytest.raises(
+        ValueError, match=r"attention_mask.*\[..., Tn, Tmax\] = \[..., 2, 6\].*\(1, 2, 2\)"
+    ):
+        model(x, x, attention_mask=jnp.ones((1, 2, 2), bool), decode=True)
+    with pytest.raises(
+        ValueError, match=r"segment_ids.*kv ids \[..., Tmax\] = \[..., 6\].*\(1, 1\)"
+    ):
+        model(x, x, segment_ids=(jnp.zeros((1, 2), int), jnp.zeros((1, 1), int)), decode=True)
+
+
+def test_writing_past_the_cache_raises_and_is_caught_under_checkify(rng):
+    from jax.experimental import checkify
+
+    model = fdnnx.MultiHeadDotAttention(2, 8, key_dim=4, causal=True, rngs=nnx.Rngs(0))
+    model.init_cache((1, 4, 8))
+    x = _normal(rng, 1, 5, 8)
+    model(x[:, :3], x[:, :3], decode=True)
+    with pytest.raises(ValueError, match=r"cache_index 3 \+ 2 new positions > the cache's 4"):
+        model(x[:, 3:5], x[:, 3:5], decode=True)
+    layer = MultiHeadDotAttention(num_heads=2, key_dim=4, causal=True, decode=True)
+    variables = layer.init(jax.random.key(0), x[:, :4], x[:, :4])
+    cache = dict(variables["cache"], cache_index=jnp.int32(3))
+
+    @jax.jit
+    def step(cache, chunk):
+        return layer.apply({**variables, "cache": cache}, chunk, chunk, mutable=["cache"])
+
+    error, _ = checkify.checkify(step, errors=checkify.user_checks)(cache, x[:, 3:5])
+    assert error.get() is not None and "the cache's 4" in error.get()
+    error, _ = checkify.checkify(step, errors=checkify.user_checks)(cache, x[:, 3:4])
+    assert error.get() is None
