@@ -344,7 +344,7 @@ def _with_cache(layer):
             lambda: fdnnx.MultiHeadDotAttention(
                 2, 8, query_key_transform=lambda x, positions: x, rngs=nnx.Rngs(0)
             )(jnp.ones((1, 1, 8)), jnp.ones((1, 4, 8)), positions=jnp.array([[3]])),
-            r"same positions to the queries and the keys.*Tq=1, Tv=4",
+            r"a key transform takes the queries' positions.*Tq=1, Tv=4",
         ),
         (
             lambda: fdnnx.MultiHeadDotAttention(2, 8, rngs=nnx.Rngs(0))(
