@@ -448,7 +448,11 @@ def _load_nnx(model, params):
 # -- attention_axes ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("axes", [(1,), (2,), (-2,), (-3,)], ids=lambda a: f"axes{a}")
+@pytest.mark.parametrize(
+    "axes",
+    [(1,), (-2,), *(pytest.param(a, marks=pytest.mark.slow) for a in [(2,), (-3,)])],
+    ids=lambda a: f"axes{a}",
+)
 def test_keras_parity_with_a_single_attention_axis_on_rank_4_inputs(rng, axes):
     q, v = _normal(rng, 2, 3, 5, 6), _normal(rng, 2, 3, 5, 4)  # [B, A, T, F]
     layer = _keras_layer(q, v, num_heads=2, key_dim=3, attention_axes=axes)
@@ -510,7 +514,7 @@ def test_nnx_loads_a_keras_layer_whose_key_and_value_features_differ(rng):
 # -- decoding: masks of the new positions, writing past the cache --------------------------
 
 
-@pytest.mark.parametrize("module", ["linen", "nnx"])
+@pytest.mark.parametrize("module", [pytest.param("linen", marks=pytest.mark.slow), "nnx"])
 def test_a_value_mask_of_the_new_positions_masks_only_them(rng, module):
     x = _normal(rng, 2, 6, 8)
     value_mask = np.ones((2, 6), bool)
@@ -581,3 +585,170 @@ def test_writing_past_the_cache_raises_and_is_caught_under_checkify(rng):
     assert error.get() is not None and "the cache's 4" in error.get()
     error, _ = checkify.checkify(step, errors=checkify.user_checks)(cache, x[:, 3:4])
     assert error.get() is None
+
+
+# -- query_scale ---------------------------------------------------------------------------
+
+
+def test_query_scale_is_the_fixed_query_factor_in_both_modules(rng):
+    x, kv = _normal(rng, 2, 5, 8), _normal(rng, 2, 6, 8)
+    layer = MultiHeadDotAttention(num_heads=2, key_dim=4, query_scale=0.3)
+    params = layer.init(jax.random.key(0), x, kv)["params"]
+    params = jax.tree.map(lambda p: p + 0.1 * _normal(rng, *p.shape), params)
+    host = jax.tree.map(np.asarray, params)
+    proj = lambda x, p: np.einsum("btf,fhd->bthd", x, p["kernel"]) + p["bias"]  # noqa: E731
+    q, k, v = proj(x, host["query"]), proj(kv, host["key"]), proj(kv, host["value"])
+    heads = jax.nn.dot_product_attention(q, k, v, scale=0.3)  # [B, Tq, H, Dv]
+    expected = np.einsum("bthv,hvo->bto", heads, host["out"]["kernel"]) + host["out"]["bias"]
+    assert_close(layer.apply({"params": params}, x, kv), expected)
+    model = fdnnx.MultiHeadDotAttention(2, 8, key_dim=4, query_scale=0.3, rngs=nnx.Rngs(0))
+    _load_nnx(model, params)
+    assert_close(model(x, kv), expected)
+    cfg = layer.config
+    assert cfg.query_scale == 0.3 and cfg.query_factor == 0.3
+    assert MultiHeadDotAttentionConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert (
+        MultiHeadDotAttentionConfig.from_dict(yaml.safe_load(yaml.safe_dump(cfg.to_dict()))) == cfg
+    )
+    assert model.config.query_scale == 0.3
+    with pytest.raises(ValueError, match=r"to_keras: .*1 / sqrt\(key_dim\) = 0.5.*query_scale=0.3"):
+        cfg.to_keras()
+    with pytest.raises(ValueError, match=r"to_keras: .*query_scale=0.3"):
+        multi_head_params_to_keras({"params": params}, cfg)
+    keras_factor = dataclasses.replace(cfg, query_scale=0.5)  # Keras's own: exported
+    assert keras_factor.to_keras()["key_dim"] == 4
+    with pytest.raises(ValueError, match=r"query_scale=0.3 with use_scale=True"):
+        dataclasses.replace(cfg, use_scale=True)
+
+
+# -- query and key transforms --------------------------------------------------------------
+
+
+def _rope_rows(x, positions):
+    """Rotary embeddings on ``x [..., T, heads, D]`` at ``positions [T]`` or ``[..., T]``."""
+    half = x.shape[-1] // 2
+    freq = 1.0 / 10000 ** (jnp.arange(half) / half)
+    positions = positions[..., :, None, None]  # [(...,) T, 1, 1]
+    angle = positions * freq.reshape((1,) * (positions.ndim - 1) + (half,))  # [(...,) T, 1, D/2]
+    angle = angle.reshape((1,) * (x.ndim - angle.ndim) + angle.shape)
+    cos, sin = jnp.cos(angle), jnp.sin(angle)
+    x1, x2 = x[..., :half], x[..., half:]
+    return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
+
+
+def _norm(weight):
+    def f(x, positions):
+        del positions
+        scale = weight.reshape((1,) * (x.ndim - 1) + weight.shape)
+        return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6) * scale
+
+    return f
+
+
+def test_query_and_key_transforms_apply_to_their_side_only(rng):
+    x = _normal(rng, 2, 6, 8)
+    w_q, w_k = jnp.asarray(_normal(rng, 4) + 1.0), jnp.asarray(_normal(rng, 4) + 1.0)
+    q_side = lambda x, p: _rope_rows(_norm(w_q)(x, p), p)  # noqa: E731
+    k_side = lambda x, p: _rope_rows(_norm(w_k)(x, p), p)  # noqa: E731
+    layer = MultiHeadDotAttention(
+        num_heads=2, key_dim=4, causal=True, query_transform=q_side, key_transform=k_side
+    )
+    params = layer.init(jax.random.key(0), x, x)["params"]
+    out = layer.apply({"params": params}, x, x)
+    host = jax.tree.map(np.asarray, params)
+    q, k, v = _numpy_projections(host, x, x)
+    positions = jnp.arange(6)
+    heads = jax.nn.dot_product_attention(
+        q_side(jnp.asarray(q), positions), k_side(jnp.asarray(k), positions), v, is_causal=True
+    )
+    expected = np.einsum("bthv,hvo->bto", heads, host["out"]["kernel"]) + host["out"]["bias"]
+    assert_close(out, expected)
+    # Decoding with the per-side transforms equals the full forward (NNX).
+    model = fdnnx.MultiHeadDotAttention(
+        2, 8, key_dim=4, causal=True, query_transform=q_side, key_transform=k_side,
+        rngs=nnx.Rngs(0),
+    )  # fmt: skip
+    _load_nnx(model, params)
+    model.init_cache(x.shape)
+    steps = [model(x[:, a:b], x[:, a:b], decode=True) for a, b in ((0, 4), (4, 5), (5, 6))]
+    assert_close(jnp.concatenate(steps, axis=1), expected)
+    # The shortcut is both sides.
+    both = MultiHeadDotAttention(num_heads=2, key_dim=4, causal=True, query_key_transform=q_side)
+    same = both.clone(query_key_transform=None, query_transform=q_side, key_transform=q_side)
+    assert_close(both.apply({"params": params}, x, x), same.apply({"params": params}, x, x))
+    same_twice = both.clone(query_transform=q_side)  # consistent: accepted
+    assert_close(same_twice.apply({"params": params}, x, x), both.apply({"params": params}, x, x))
+    with pytest.raises(ValueError, match=r"query_key_transform is the shortcut.*key_transform="):
+        both.clone(key_transform=k_side).apply({"params": params}, x, x)
+    with pytest.raises(ValueError, match=r"query_key_transform is the shortcut.*query_transform="):
+        fdnnx.MultiHeadDotAttention(
+            2, 8, query_key_transform=q_side, query_transform=k_side, rngs=nnx.Rngs(0)
+        )
+
+
+# -- a ragged batch: one cache_index per sequence ---------------------------------------------
+
+
+@pytest.mark.parametrize("module", [pytest.param("linen", marks=pytest.mark.slow), "nnx"])
+def test_a_ragged_batch_decodes_each_sequence_as_alone_and_as_the_full_forward(rng, module):
+    lengths, steps, tmax = np.array([5, 2, 3]), 3, 10
+    x = _normal(rng, 3, tmax, 8)
+    layer = MultiHeadDotAttention(
+        num_heads=4, key_dim=4, num_kv_heads=2, causal=True, query_key_transform=_rope_rows
+    )
+    params = layer.init(jax.random.key(0), x, x)["params"]
+    prompt = np.zeros((3, 5, 8), np.float32)  # prompts padded to the longest
+    for i, n in enumerate(lengths):
+        prompt[i, :n] = x[i, :n]
+
+    def tokens(t):  # each sequence's token t after its prompt: [3, 1, 8]
+        return jnp.stack([x[i, n + t] for i, n in enumerate(lengths)])[:, None]
+
+    if module == "linen":
+        decoder = layer.clone(decode=True, per_sequence_cache=True)
+        cache = decoder.init(jax.random.key(0), x, x)["cache"]
+        assert cache["cache_index"].shape == (3,)
+
+        @jax.jit
+        def step(cache, chunk, new_length):
+            return decoder.apply(
+                {"params": params, "cache": cache}, chunk, chunk, new_length=new_length,
+                mutable=["cache"],
+            )  # fmt: skip
+
+        first, variables = step(cache, prompt, jnp.asarray(lengths, jnp.int32))
+        outs = [first]
+        for t in range(steps):
+            out, variables = step(variables["cache"], tokens(t), jnp.ones(3, jnp.int32))
+            outs.append(out)
+        assert step._cache_size() == 2  # one program for the prefill, one for the steps
+        index = variables["cache"]["cache_index"]
+    else:
+        model = fdnnx.MultiHeadDotAttention(
+            4, 8, key_dim=4, num_kv_heads=2, causal=True, query_key_transform=_rope_rows,
+            rngs=nnx.Rngs(0),
+        )  # fmt: skip
+        _load_nnx(model, params)
+        model.init_cache(x.shape, per_sequence=True)
+        step = nnx.jit(lambda m, chunk, n: m(chunk, chunk, new_length=n, decode=True))
+        outs = [step(model, prompt, jnp.asarray(lengths, jnp.int32))]
+        outs += [step(model, tokens(t), jnp.ones(3, jnp.int32)) for t in range(steps)]
+        index = model.cache_index[...]
+    np.testing.assert_array_equal(index, lengths + steps)
+    for i, n in enumerate(lengths):
+        decoded = jnp.concatenate([outs[0][i, :n], *(o[i] for o in outs[1:])])  # [n + steps, F]
+        alone = x[i : i + 1, : n + steps]
+        assert_close(decoded, layer.apply({"params": params}, alone, alone)[0])
+        single = layer.clone(decode=True)  # this sequence alone, one cache_index
+        cache = single.init(jax.random.key(0), x[i : i + 1], x[i : i + 1])["cache"]
+        out, variables = single.apply(
+            {"params": params, "cache": cache}, alone[:, :n], alone[:, :n], mutable=["cache"]
+        )
+        outs_alone = [out[0]]
+        for t in range(steps):
+            token = alone[:, n + t : n + t + 1]
+            out, variables = single.apply(
+                {"params": params, **variables}, token, token, mutable=["cache"]
+            )
+            outs_alone.append(out[0])
+        assert_close(decoded, jnp.concatenate(outs_alone))

@@ -387,7 +387,10 @@ def multi_head_attention(
         positions = arguments.get("positions")
         if positions is None:
             arange = jnp.arange(tq, dtype=jnp.int32)  # [Tq]
-            positions = arange if index is None else index[..., None] + arange  # [(...,) Tq]
+            if index is None:
+                positions = arange
+            else:  # [(...,) Tq]
+                positions = index[..., None] + arange.reshape((1,) * index.ndim + (tq,))
         if key_transform is not None and tq != tv:  # positions [..., Tq] for keys of Tv
             fail(
                 "a key transform takes the queries' positions, so the keys need their length "
@@ -439,7 +442,8 @@ def multi_head_attention(
         query_mask, value_mask = (None, None) if masks is None else masks
         new_valid = _decode_value_mask(value_mask, batch, tq)  # [..., Tn]
         if count.ndim or arguments.get("new_length") is not None:  # padding past each count
-            filled = jnp.arange(tq, dtype=jnp.int32) < jnp.asarray(count)[..., None]
+            arange = jnp.arange(tq, dtype=jnp.int32)
+            filled = arange.reshape((1,) * count.ndim + (tq,)) < count[..., None]
             new_valid = new_valid & filled
         for name in ("attention_mask", "bias"):
             _check_decode_pair(name, call.get(name), tq, tmax)
