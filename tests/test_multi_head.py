@@ -752,3 +752,61 @@ def test_a_ragged_batch_decodes_each_sequence_as_alone_and_as_the_full_forward(r
             )
             outs_alone.append(out[0])
         assert_close(decoded, jnp.concatenate(outs_alone))
+
+
+# -- a rolling cache for windowed layers -----------------------------------------------------
+
+
+def test_a_rolling_cache_of_the_window_equals_the_linear_cache_linen(rng):
+    w, t = 3, 11
+    x = _normal(rng, 2, t, 8)
+    layer = MultiHeadDotAttention(
+        num_heads=2, key_dim=4, causal=True, window=(w, 0), query_key_transform=_rope_rows
+    )
+    params = layer.init(jax.random.key(0), x, x)["params"]
+    full = layer.apply({"params": params}, x, x)
+    decoder = layer.clone(decode=True, rolling_cache=True)
+    cache = decoder.init(jax.random.key(0), x[:, : w + 1], x[:, : w + 1])["cache"]  # w + 1 slots
+    assert cache["cached_key"].shape == (2, 2, w + 1, 4)
+    step = jax.jit(
+        lambda cache, x_t: decoder.apply(
+            {"params": params, "cache": cache}, x_t, x_t, mutable=["cache"]
+        )
+    )
+    outs = []
+    for i in range(t):
+        out, variables = step(cache, x[:, i : i + 1])
+        cache = variables["cache"]
+        outs.append(out)
+    assert step._cache_size() == 1
+    assert_close(jnp.concatenate(outs, axis=1), full)
+    with pytest.raises(ValueError, match=r"rolling cache of 4 slots with window \(3, 0\) takes "
+                       r"at most 4 - 3 = 1 new positions.*Tn=2"):  # fmt: skip
+        step(cache, x[:, :2])
+    plain = layer.clone(decode=True, rolling_cache=True, window=None)
+    with pytest.raises(ValueError, match=r"rolling cache .* needs causal=True and a bounded"):
+        plain.apply({"params": params, "cache": cache}, x[:, :1], x[:, :1], mutable=["cache"])
+
+
+def test_a_rolling_cache_decodes_a_ragged_batch_in_chunks_nnx(rng):
+    w, t = 2, 9
+    lengths = np.array([3, 1])
+    x = _normal(rng, 2, t, 8)
+    model = fdnnx.MultiHeadDotAttention(
+        2, 8, key_dim=4, num_kv_heads=1, causal=True, window=(w, 0), rngs=nnx.Rngs(0)
+    )
+    model.init_cache((2, w + 3, 8), per_sequence=True, rolling=True)  # chunks of <= 3
+    prompt = np.zeros((2, 3, 8), np.float32)
+    for i, n in enumerate(lengths):
+        prompt[i, :n] = x[i, :n]
+    step = nnx.jit(lambda m, chunk, n: m(chunk, chunk, new_length=n, decode=True))
+    outs = [step(model, prompt, jnp.asarray(lengths, jnp.int32))]
+    position = lengths.copy()
+    for n_new in (2, 3, 1):  # chunks of 2, 3 and 1 new tokens per sequence
+        chunk = jnp.stack([x[i, p : p + n_new] for i, p in enumerate(position)])
+        outs.append(step(model, chunk, jnp.full(2, n_new, jnp.int32)))
+        position += n_new
+    for i, n in enumerate(lengths):
+        decoded = jnp.concatenate([outs[0][i, :n], *(o[i] for o in outs[1:])])
+        alone = x[i : i + 1, : position[i]]
+        assert_close(decoded, model(alone, alone)[0])

@@ -251,38 +251,80 @@ def _check_decode_pair(name: str, x: Any, tn: int, tmax: int) -> None:
         )
 
 
-def _write(cache: Array, new: Array, index: Array, batch_rank: int) -> Array:
+def _slots(index: Array, tn: int, rolling: int | None) -> Array:
+    """The slots of positions ``index + arange(Tn)``: themselves in a linear cache, modulo
+    the cache's size in a rolling one."""
+    slots = index + jnp.arange(tn, dtype=jnp.int32)
+    return slots if rolling is None else slots % rolling
+
+
+def _write(
+    cache: Array, new: Array, index: Array, batch_rank: int, rolling: int | None = None
+) -> Array:
     """``cache [..., Hkv, Tmax, D]`` with ``new [..., Hkv, Tn, D]`` at slots
-    ``index + arange(Tn)`` (``index`` ``[]`` or ``[...]`` per sequence); slots past
-    ``Tmax`` are dropped (they are checked before)."""
+    ``index + arange(Tn)`` (``index`` ``[]`` or ``[...]`` per sequence; modulo
+    ``rolling`` in a rolling cache); slots past ``Tmax`` are dropped (they are checked
+    before)."""
     tn = new.shape[-2]
     new = new.astype(cache.dtype)
     if index.ndim == 0:
-        slots = index + jnp.arange(tn, dtype=jnp.int32)  # [Tn]
-        return cache.at[..., slots, :].set(new, mode="drop")
+        return cache.at[..., _slots(index, tn, rolling), :].set(new, mode="drop")
     batch = cache.shape[:batch_rank]
     flat = lambda x: x.reshape(-1, *x.shape[batch_rank:])  # noqa: E731
 
     def one(c: Array, n: Array, i: Array) -> Array:  # [Hkv, Tmax, D], [Hkv, Tn, D], []
-        return c.at[:, i + jnp.arange(tn, dtype=jnp.int32), :].set(n, mode="drop")
+        return c.at[:, _slots(i, tn, rolling), :].set(n, mode="drop")
 
     written = jax.vmap(one)(flat(cache), flat(new), jnp.broadcast_to(index, batch).reshape(-1))
     return written.reshape(cache.shape)
 
 
-def _write_mask(mask: Array, new: Array, index: Array) -> Array:
+def _write_mask(mask: Array, new: Array, index: Array, rolling: int | None = None) -> Array:
     """``mask [..., Tmax]`` with ``new [..., Tn]`` at slots ``index + arange(Tn)``."""
     tn = new.shape[-1]
     if index.ndim == 0:
-        return mask.at[..., index + jnp.arange(tn, dtype=jnp.int32)].set(new, mode="drop")
+        return mask.at[..., _slots(index, tn, rolling)].set(new, mode="drop")
     batch = mask.shape[:-1]
 
     def one(m: Array, n: Array, i: Array) -> Array:
-        return m.at[i + jnp.arange(tn, dtype=jnp.int32)].set(n, mode="drop")
+        return m.at[_slots(i, tn, rolling)].set(n, mode="drop")
 
     flat_index = jnp.broadcast_to(index, batch).reshape(-1)
     written = jax.vmap(one)(mask.reshape(-1, mask.shape[-1]), new.reshape(-1, tn), flat_index)
     return written.reshape(mask.shape)
+
+
+def _rolling_window(config: MultiHeadDotAttentionConfig, arguments: Mapping[str, Any]) -> int:
+    """The left window ``w`` of a layer whose cache rolls (``causal`` with ``window=(w,
+    ...)``, as the call resolves them)."""
+    causal = config.causal if arguments.get("causal") is None else arguments["causal"]
+    window = config.window if arguments.get("window") is None else arguments["window"]
+    left = None if window is None else window[0]
+    if not causal or left is None or left >= 2**30:
+        fail(
+            "a rolling cache keeps the last slots only, so it needs causal=True and a "
+            f"bounded left window (window=(w, 0)); received causal={causal}, window={window}."
+        )
+    return int(left)
+
+
+def _rolling_mask(
+    index: Array, end: Array, mask: Array, tn: int, left: int, batch: tuple[int, ...]
+) -> Array:
+    """``bool [..., Tn, S]``: which slots of a rolling cache of ``S`` slots the new
+    queries (positions ``index + arange(Tn)``) see, once the positions below ``end`` are
+    written: slot ``s`` holds the latest position ``p = s (mod S)`` below ``end``; it is
+    seen when ``q - left <= p <= q``, ``p >= 0`` and ``mask`` (the value mask) keeps it."""
+    size = mask.shape[-1]
+    lead = (1,) * len(batch)
+    slots = jnp.arange(size, dtype=jnp.int32).reshape(lead + (size,))  # [(1...) S]
+    end = jnp.broadcast_to(end, batch)[..., None]  # [..., 1]
+    held = slots + size * jnp.floor_divide(end - 1 - slots, size)  # [..., S] positions
+    queries = jnp.broadcast_to(index, batch)[..., None] + jnp.arange(tn, dtype=jnp.int32).reshape(
+        lead + (tn,)
+    )  # [..., Tn]
+    p, q = held[..., None, :], queries[..., :, None]  # [..., 1, S], [..., Tn, 1]
+    return (p <= q) & (p >= q - left) & (p >= 0) & mask[..., None, :]  # [..., Tn, S]
 
 
 def _check_room(index: Array, count: Array, tmax: int) -> None:
@@ -317,6 +359,7 @@ def multi_head_attention(
     arguments: Mapping[str, Any],
     *,
     cache: KVCache | None = None,
+    rolling: bool = False,
     query_transform: QueryKeyTransform | None = None,
     key_transform: QueryKeyTransform | None = None,
     dropout_rng: Callable[[], Array],
@@ -337,6 +380,9 @@ def multi_head_attention(
         positions per sequence).
       cache: decode with this cache (the keys and values come from it after the new ones
         are written); None: attend over ``key``/``value`` as given.
+      rolling: the cache rolls: its ``S`` slots hold the last ``S`` positions, written at
+        ``position % S`` (a causal sliding window ``(w, ...)`` with ``S >= w + Tn``); the
+        attention reads the slots through a ``[..., Tn, S]`` mask of their positions.
       query_transform, key_transform: applied to the projected queries / keys with their
         positions.
       dropout_rng: returns the dropout key; called only when dropout is active.
@@ -435,7 +481,16 @@ def multi_head_attention(
                 )
         if index.ndim:
             index = jnp.broadcast_to(index, batch)
-        _check_room(index, count, tmax)
+        left = _rolling_window(config, arguments) if rolling else 0
+        if rolling and tq > tmax - left:
+            fail(
+                f"a rolling cache of {tmax} slots with window ({left}, 0) takes at most "
+                f"{tmax} - {left} = {tmax - left} new positions per call (the keys of the "
+                f"chunk's first query must stay); received Tn={tq}: prefill in chunks of at "
+                "most that, or give the cache more slots."
+            )
+        if not rolling:
+            _check_room(index, count, tmax)
         masks = call.get("masks")
         if masks is not None and (not isinstance(masks, (tuple, list)) or len(masks) != 2):
             fail(f"masks must be None or a pair (query_mask, value_mask); received {masks!r}.")
@@ -457,14 +512,24 @@ def multi_head_attention(
                     "decode=True: segment_ids must be (query ids [..., Tn], kv ids [..., Tmax] "
                     f"= [..., {tmax}]) over the cache's slots; received kv ids shape {kv_shape}."
                 )
-        k = _write(cache.key, k, index, batch_rank)
-        v = _write(cache.value, v, index, batch_rank)
-        mask = _write_mask(cache.mask, new_valid, index)
+        size = tmax if rolling else None
+        k = _write(cache.key, k, index, batch_rank, size)
+        v = _write(cache.value, v, index, batch_rank, size)
+        mask = _write_mask(cache.mask, new_valid, index, size)
         new_cache = KVCache(k, v, index + count, mask)
-        call["masks"] = (query_mask, mask)  # the cached keys' value mask [..., Tmax]
-        # A sequence with nothing cached yet and no valid new position (an idle row of a
-        # server's batch) reads slot 0, hidden by the mask: its row sees no key.
-        call["query_offset"], call["kv_length"] = index, jnp.maximum(index + count, 1)
+        if rolling:  # the slots' positions give causal, window and validity
+            seen = _rolling_mask(index, index + count, mask, tq, left, batch)  # [..., Tn, S]
+            given = call.get("attention_mask")
+            if given is not None:
+                given = jnp.asarray(given).astype(bool)
+                seen = seen & given.reshape((1,) * (seen.ndim - given.ndim) + given.shape)
+            call["attention_mask"], call["masks"] = seen, (query_mask, None)
+            call["causal"], call["window"] = False, (None, None)
+        else:
+            call["masks"] = (query_mask, mask)  # the cached keys' value mask [..., Tmax]
+            # A sequence with nothing cached yet and no valid new position (an idle row
+            # of a server's batch) reads slot 0, hidden by the mask: it sees no key.
+            call["query_offset"], call["kv_length"] = index, jnp.maximum(index + count, 1)
 
     q = jnp.swapaxes(q, -3, -2)  # [..., H, Tq, Dk]
     n = 1 if config.groups == 1 else 2

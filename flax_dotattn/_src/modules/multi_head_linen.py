@@ -109,7 +109,7 @@ class MultiHeadDotAttention(nn.Module):
     ``jax.experimental.checkify`` (``errors=checkify.user_checks``) under ``jit``.
 
     The fields ``num_heads`` to ``block_size`` are those of
-    :class:`MultiHeadDotAttentionConfig` (same names, defaults and checks); seven more are
+    :class:`MultiHeadDotAttentionConfig` (same names, defaults and checks); eight more are
     not part of the config:
 
     Attributes:
@@ -126,6 +126,12 @@ class MultiHeadDotAttention(nn.Module):
       decode: the default of the call's ``decode``.
       per_sequence_cache: the cache holds one ``cache_index`` per sequence (a ragged
         batch: prompts of different lengths, sequences that finish at different steps).
+      rolling_cache: for a causal sliding window ``window=(w, 0)``: the cache holds
+        ``S`` slots (the key/value length given at ``init``, ``S >= w + 1``) and writes
+        position ``p`` at slot ``p % S``, so it takes O(window) memory instead of O(T);
+        a call takes at most ``S - w`` new positions, and the numbers equal the linear
+        cache's. The attention reads the slots through a ``[..., Tn, S]`` mask built from
+        their positions (the slots hold only the window: there are no blocks to skip).
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -166,6 +172,7 @@ class MultiHeadDotAttention(nn.Module):
     key_transform: Callable[[Array, Array], Array] | None = None
     decode: bool = False
     per_sequence_cache: bool = False
+    rolling_cache: bool = False
 
     @classmethod
     def from_config(
@@ -265,6 +272,7 @@ class MultiHeadDotAttention(nn.Module):
             params,
             arguments,
             cache=cache,
+            rolling=self.rolling_cache,
             query_transform=query_transform,
             key_transform=key_transform,
             dropout_rng=lambda: self.make_rng("dropout"),

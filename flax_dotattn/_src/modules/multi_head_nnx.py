@@ -196,6 +196,7 @@ class MultiHeadDotAttention(nnx.Module):
         self.cached_value: nnx.Cache | None = nnx.data(None)
         self.cache_index: nnx.Cache | None = nnx.data(None)
         self.cached_mask: nnx.Cache | None = nnx.data(None)
+        self.rolling_cache = False
 
     @classmethod
     def from_config(
@@ -243,11 +244,13 @@ class MultiHeadDotAttention(nnx.Module):
         dtype: Any = jnp.float32,
         *,
         per_sequence: bool = False,
+        rolling: bool = False,
     ) -> None:
         """Allocates an empty decoding cache for inputs of shape ``[..., Tmax, features]``
         (the batch dims and the longest sequence to decode), in ``dtype``;
         ``per_sequence``: one ``cache_index`` per sequence (``int32 [...]``), for a
-        ragged batch."""
+        ragged batch; ``rolling``: ``Tmax`` is the number of slots of a rolling cache
+        (the Linen module's ``rolling_cache``), for a causal sliding window."""
         config = MultiHeadDotAttentionConfig.of(self)
         input_shape = tuple(input_shape)
         if len(input_shape) < 2:
@@ -262,6 +265,7 @@ class MultiHeadDotAttention(nnx.Module):
         self.cached_value = nnx.Cache(empty.value)
         self.cache_index = nnx.Cache(empty.cache_index)
         self.cached_mask = nnx.Cache(empty.mask)
+        self.rolling_cache = rolling
 
     def __call__(
         self,
@@ -312,6 +316,7 @@ class MultiHeadDotAttention(nnx.Module):
             self.params(),
             arguments,
             cache=cache,
+            rolling=self.rolling_cache,
             query_transform=query_transform,
             key_transform=key_transform,
             dropout_rng=lambda: self._dropout_key(rngs),
