@@ -222,7 +222,7 @@ def test_chunked_equals_xla_with_random_offsets_lengths_and_blocks(seed):
     r = np.random.default_rng(100 + seed)
     b, tq, tv = 2, int(r.integers(1, 20)), int(r.integers(1, 60))
     q, k, v = _normal(r, b, tq, 4), _normal(r, b, tv, 4), _normal(r, b, tv, 3)
-    offsets = jnp.asarray(r.integers(-3, tv, size=b))
+    offsets = jnp.asarray(r.integers(0, tv, size=b))  # query_offset >= 0
     lengths = jnp.asarray(r.integers(1, tv + 1, size=b))
     window = None if r.random() < 0.3 else (int(r.integers(0, 9)), int(r.integers(0, 4)))
     blocks = tuple(int(x) for x in r.integers(1, 12, size=2))
@@ -243,3 +243,52 @@ def test_chunked_equals_xla_with_random_offsets_lengths_and_blocks(seed):
     grad = lambda impl: jax.jit(jax.grad(lambda *a: jnp.sum(jnp.sin(run(impl, *a))), (0, 1, 2)))  # noqa: E731
     for g, e in zip(grad("chunked")(q, k, v), grad("xla")(q, k, v), strict=True):
         assert_close(g, e, factor=5)
+
+
+@pytest.mark.parametrize(
+    "kwargs,pattern",
+    [
+        (dict(kv_length=0), r"kv_length must be in \[1, Tv\] = \[1, 6\]; received kv_length=0"),
+        (dict(kv_length=7), r"kv_length must be in \[1, Tv\] = \[1, 6\]; received kv_length=7"),
+        (
+            dict(kv_length=np.array([3, 7])),
+            r"kv_length must be in \[1, Tv\] = \[1, 6\]; received values in 3..7",
+        ),
+        (dict(query_offset=-1), r"query_offset must be >= 0; received query_offset=-1"),
+        (
+            dict(query_offset=np.array([0, -2], np.int32)),
+            r"query_offset must be >= 0; received values in -2..0",
+        ),
+    ],
+    ids=["length-zero", "length-beyond-tv", "lengths-array", "negative-offset", "offsets-array"],
+)
+def test_out_of_range_host_positions_raise_naming_the_argument(kwargs, pattern):
+    q, kv = jnp.ones((2, 3, 4)), jnp.ones((2, 6, 4))
+    with pytest.raises(ValueError, match=pattern):
+        dot_attention(None, q, kv, causal=True, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "offset, length, message",
+    [
+        (-1, 6, r"query_offset must be >= 0; received -1"),
+        (0, 0, r"kv_length must be in \[1, 6\]; received 0"),
+        (0, 7, r"kv_length must be in \[1, 6\]; received 7"),
+        (2, 4, None),
+    ],
+    ids=["negative-offset", "length-zero", "length-beyond-tv", "in-range"],
+)
+def test_traced_positions_are_checked_under_checkify(offset, length, message):
+    from jax.experimental import checkify
+
+    q, kv = _normal(np.random.default_rng(3), 2, 3, 4), _normal(np.random.default_rng(4), 2, 6, 4)
+    run = jax.jit(lambda o, n: dot_attention(None, q, kv, causal=True, query_offset=o, kv_length=n))
+    plain = run(jnp.int32(offset), jnp.int32(length))  # without checkify: no check, no cost
+    error, out = checkify.checkify(run, errors=checkify.user_checks)(
+        jnp.int32(offset), jnp.int32(length)
+    )
+    np.testing.assert_array_equal(out, plain)
+    if message is None:
+        assert error.get() is None
+    else:
+        assert error.get() is not None and __import__("re").search(message, error.get())

@@ -344,7 +344,7 @@ def _with_cache(layer):
             lambda: fdnnx.MultiHeadDotAttention(
                 2, 8, query_key_transform=lambda x, positions: x, rngs=nnx.Rngs(0)
             )(jnp.ones((1, 1, 8)), jnp.ones((1, 4, 8)), positions=jnp.array([[3]])),
-            r"same positions to the queries and the keys.*Tq=1, Tv=4",
+            r"a key transform takes the queries' positions.*Tq=1, Tv=4",
         ),
         (
             lambda: fdnnx.MultiHeadDotAttention(2, 8, rngs=nnx.Rngs(0))(
@@ -380,3 +380,433 @@ def test_both_modules_declare_the_config_fields_with_its_defaults():
         assert linen[name].default == field.default, name
         if name not in ("num_heads", "key_dim"):  # NNX: key_dim=None is in_features // H
             assert nnx_parameters[name].default == field.default, name
+
+
+# -- rows that see no key (Keras's two paths) ---------------------------------------------
+
+
+def _uniform_rows(layer, query, value, key=None):
+    """Keras's fused path on a row that sees no key: every value weighted alike, by hand
+    with NumPy from the layer's weights."""
+    w = layer.get_weights()
+    key = value if key is None else key
+    v = np.einsum("btf,fhd->bthd", value, w[4]) + w[5]  # [B, Tv, H, Dv]
+    heads = np.broadcast_to(
+        v.mean(axis=1, keepdims=True), (query.shape[0], query.shape[1], *v.shape[2:])
+    )
+    return np.einsum("bqhd,hdo->bqo", heads, w[6]) + w[7]
+
+
+@pytest.mark.parametrize("case", ["attention-mask-row", "window-on-padding"])
+def test_keras_parity_on_rows_that_see_no_key(rng, case):
+    q, v = _normal(rng, 2, 5, 6), _normal(rng, 2, 5, 4)
+    if case == "attention-mask-row":
+        keras_kwargs, hidden = dict(num_heads=2, key_dim=3), 1
+        attention_mask = np.ones((2, 5, 5), bool)
+        attention_mask[:, hidden] = False
+        call, keras_call = dict(attention_mask=attention_mask), dict(attention_mask=attention_mask)
+    else:  # query 4's window (|i - j| < 2: keys 3 and 4) falls on padding
+        keras_kwargs, hidden = dict(num_heads=2, key_dim=3, sliding_window=2), 4
+        value_mask = np.array([[1, 1, 1, 0, 0]] * 2, bool)
+        call, keras_call = dict(masks=(None, value_mask)), dict(value_mask=value_mask)
+    layer = _keras_layer(q, v, **keras_kwargs)
+    layer.set_weights([w + 0.1 * _normal(rng, *w.shape) for w in layer.get_weights()])
+    # Keras's masked softmax (the path that returns weights): zero weights, the output
+    # projection's bias as the output.
+    expected, expected_w = _keras_call(layer, q, v, **keras_call)
+    np.testing.assert_array_equal(np.asarray(expected_w)[:, :, hidden], 0.0)
+    assert_close(np.asarray(expected)[:, hidden], np.broadcast_to(layer.get_weights()[7], (2, 6)))
+    cfg = MultiHeadDotAttentionConfig.from_keras(layer.get_config())
+    params = multi_head_params_from_keras(layer.get_weights(), cfg)
+    out, w = MultiHeadDotAttention.from_config(cfg).apply(
+        {"params": params}, q, v, return_attention_scores=True, **call
+    )
+    assert_close(out, expected)
+    assert_close(w, expected_w)
+    model = fdnnx.MultiHeadDotAttention.from_config(cfg, 6, in_kv_features=4, rngs=nnx.Rngs(0))
+    _load_nnx(model, params)
+    assert_close(model(q, v, **call), expected)
+    # Keras's fused path (no weights returned, no dropout, rank-3 inputs) spreads such a
+    # row over every key instead (jax.nn.dot_product_attention's rule); the other rows
+    # agree.
+    with jax.numpy_rank_promotion("allow"):
+        fused = np.asarray(layer(q, v, **keras_call))
+    seen = [i for i in range(5) if i != hidden]
+    assert_close(fused[:, seen], np.asarray(out)[:, seen])
+    assert_close(fused[:, hidden], _uniform_rows(layer, q, v)[:, hidden])
+    assert np.abs(fused[:, hidden] - np.asarray(out)[:, hidden]).max() > 0.05
+
+
+def _load_nnx(model, params):
+    for name in ("query", "key", "value", "out"):
+        projection = getattr(model, name)
+        projection.kernel[...] = params[name]["kernel"]
+        if "bias" in params[name]:
+            projection.bias[...] = params[name]["bias"]
+
+
+# -- attention_axes ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "axes",
+    [(1,), (-2,), *(pytest.param(a, marks=pytest.mark.slow) for a in [(2,), (-3,)])],
+    ids=lambda a: f"axes{a}",
+)
+def test_keras_parity_with_a_single_attention_axis_on_rank_4_inputs(rng, axes):
+    q, v = _normal(rng, 2, 3, 5, 6), _normal(rng, 2, 3, 5, 4)  # [B, A, T, F]
+    layer = _keras_layer(q, v, num_heads=2, key_dim=3, attention_axes=axes)
+    layer.set_weights([w + 0.1 * _normal(rng, *w.shape) for w in layer.get_weights()])
+    expected, expected_w = _keras_call(layer, q, v)
+    cfg = MultiHeadDotAttentionConfig.from_keras(layer.get_config())
+    params = multi_head_params_from_keras(layer.get_weights(), cfg)
+    out, w = MultiHeadDotAttention.from_config(cfg).apply(
+        {"params": params}, q, v, return_attention_scores=True
+    )
+    assert_close(out, expected)
+    assert w.shape == expected_w.shape
+    assert_close(w, expected_w)
+    if axes in ((2,), (-2,)):  # the sequence axis before the features: the default layout
+        default = MultiHeadDotAttention.from_config(
+            dataclasses.replace(cfg, attention_axes=(-2,))
+        ).apply({"params": params}, q, v)
+        assert_close(default, out)
+
+
+def test_an_unbuilt_keras_config_attends_over_every_middle_axis_or_refuses(rng):
+    unbuilt = keras.layers.MultiHeadAttention(num_heads=2, key_dim=3).get_config()
+    assert unbuilt["attention_axes"] is None
+    cfg = MultiHeadDotAttentionConfig.from_keras(unbuilt)
+    assert cfg.attention_axes is None
+    layer = MultiHeadDotAttention.from_config(cfg)
+    q3 = _normal(rng, 2, 5, 6)
+    params = layer.init(jax.random.key(0), q3, q3)["params"]
+    q4 = _normal(rng, 2, 3, 5, 6)
+    with pytest.raises(ValueError, match=r"attention_axes=None.*axes \(1, 2\).*several axes"):
+        layer.apply({"params": params}, q4, q4)
+    keras_layer = _keras_layer(q3, q3, **unbuilt)
+    keras_layer.set_weights(multi_head_params_to_keras({"params": params}, cfg))
+    assert_close(layer.apply({"params": params}, q3, q3), _keras_call(keras_layer, q3, q3)[0])
+
+
+# -- NNX: separate key and value features -------------------------------------------------
+
+
+def test_nnx_loads_a_keras_layer_whose_key_and_value_features_differ(rng):
+    q, v, k = _normal(rng, 2, 5, 6), _normal(rng, 2, 7, 5), _normal(rng, 2, 7, 4)
+    layer = keras.layers.MultiHeadAttention(num_heads=2, key_dim=3, value_dim=2)
+    layer.build(q.shape, v.shape, k.shape)
+    layer.set_weights([w + 0.1 * _normal(rng, *w.shape) for w in layer.get_weights()])
+    with jax.numpy_rank_promotion("allow"):
+        expected = layer(q, v, k, return_attention_scores=True)[0]
+    cfg = MultiHeadDotAttentionConfig.from_keras(layer.get_config())
+    params = multi_head_params_from_keras(layer.get_weights(), cfg)
+    model = fdnnx.MultiHeadDotAttention.from_config(
+        cfg, 6, in_kv_features=4, in_value_features=5, rngs=nnx.Rngs(0)
+    )
+    assert model.key.kernel.shape == (4, 2, 3) and model.value.kernel.shape == (5, 2, 2)
+    _load_nnx(model, params)
+    assert_close(model(q, v, k), expected)
+    linen = MultiHeadDotAttention.from_config(cfg).apply({"params": params}, q, v, k)
+    assert_close(linen, expected)
+
+
+# -- decoding: masks of the new positions, writing past the cache --------------------------
+
+
+@pytest.mark.parametrize("module", [pytest.param("linen", marks=pytest.mark.slow), "nnx"])
+def test_a_value_mask_of_the_new_positions_masks_only_them(rng, module):
+    x = _normal(rng, 2, 6, 8)
+    value_mask = np.ones((2, 6), bool)
+    value_mask[0, 2] = False  # one padded token in sequence 0's history
+    value_mask[1, 4] = False
+    layer = MultiHeadDotAttention(num_heads=2, key_dim=4, causal=True)
+    params = layer.init(jax.random.key(1), x, x)["params"]
+    full = layer.apply({"params": params}, x, x, masks=(None, value_mask))
+    if module == "linen":
+        decoder = layer.clone(decode=True)
+        cache = decoder.init(jax.random.key(0), x, x)["cache"]
+        step = jax.jit(
+            lambda cache, x_t, m_t: decoder.apply(
+                {"params": params, "cache": cache}, x_t, x_t, masks=(None, m_t), mutable=["cache"]
+            )
+        )
+        outputs = []
+        for t in range(6):
+            out, variables = step(cache, x[:, t : t + 1], value_mask[:, t : t + 1])
+            cache = variables["cache"]
+            outputs.append(out)
+    else:
+        model = fdnnx.MultiHeadDotAttention(2, 8, key_dim=4, causal=True, rngs=nnx.Rngs(0))
+        _load_nnx(model, params)
+        model.init_cache(x.shape)
+        outputs = [
+            model(x[:, a:b], x[:, a:b], masks=(None, value_mask[:, a:b]), decode=True)
+            for a, b in ((0, 3), (3, 4), (4, 6))
+        ]
+    assert_close(jnp.concatenate(outputs, axis=1), full)
+
+
+def test_decode_masks_that_would_broadcast_over_the_cache_are_refused(rng):
+    model = _with_cache(fdnnx.MultiHeadDotAttention(2, 8, rngs=nnx.Rngs(0)))
+    x = jnp.ones((1, 2, 8))
+    with pytest.raises(
+        ValueError, match=r"value_mask of the 2 new positions.*\[..., 2\].*\(1, 1\)"
+    ):
+        model(x, x, masks=(None, jnp.ones((1, 1), bool)), decode=True)
+    with pytest.raises(
+        ValueError, match=r"attention_mask.*\[..., Tn, Tmax\] = \[..., 2, 6\].*\(1, 2, 2\)"
+    ):
+        model(x, x, attention_mask=jnp.ones((1, 2, 2), bool), decode=True)
+    with pytest.raises(
+        ValueError, match=r"segment_ids.*kv ids \[..., Tmax\] = \[..., 6\].*\(1, 1\)"
+    ):
+        model(x, x, segment_ids=(jnp.zeros((1, 2), int), jnp.zeros((1, 1), int)), decode=True)
+
+
+def test_writing_past_the_cache_raises_and_is_caught_under_checkify(rng):
+    from jax.experimental import checkify
+
+    model = fdnnx.MultiHeadDotAttention(2, 8, key_dim=4, causal=True, rngs=nnx.Rngs(0))
+    model.init_cache((1, 4, 8))
+    x = _normal(rng, 1, 5, 8)
+    model(x[:, :3], x[:, :3], decode=True)
+    with pytest.raises(ValueError, match=r"cache_index 3 \+ 2 new positions > the cache's 4"):
+        model(x[:, 3:5], x[:, 3:5], decode=True)
+    layer = MultiHeadDotAttention(num_heads=2, key_dim=4, causal=True, decode=True)
+    variables = layer.init(jax.random.key(0), x[:, :4], x[:, :4])
+    cache = dict(variables["cache"], cache_index=jnp.int32(3))
+
+    @jax.jit
+    def step(cache, chunk):
+        return layer.apply({**variables, "cache": cache}, chunk, chunk, mutable=["cache"])
+
+    error, _ = checkify.checkify(step, errors=checkify.user_checks)(cache, x[:, 3:5])
+    assert error.get() is not None and "the cache's 4" in error.get()
+    error, _ = checkify.checkify(step, errors=checkify.user_checks)(cache, x[:, 3:4])
+    assert error.get() is None
+
+
+# -- query_scale ---------------------------------------------------------------------------
+
+
+def test_query_scale_is_the_fixed_query_factor_in_both_modules(rng):
+    x, kv = _normal(rng, 2, 5, 8), _normal(rng, 2, 6, 8)
+    layer = MultiHeadDotAttention(num_heads=2, key_dim=4, query_scale=0.3)
+    params = layer.init(jax.random.key(0), x, kv)["params"]
+    params = jax.tree.map(lambda p: p + 0.1 * _normal(rng, *p.shape), params)
+    host = jax.tree.map(np.asarray, params)
+    proj = lambda x, p: np.einsum("btf,fhd->bthd", x, p["kernel"]) + p["bias"]  # noqa: E731
+    q, k, v = proj(x, host["query"]), proj(kv, host["key"]), proj(kv, host["value"])
+    heads = jax.nn.dot_product_attention(q, k, v, scale=0.3)  # [B, Tq, H, Dv]
+    expected = np.einsum("bthv,hvo->bto", heads, host["out"]["kernel"]) + host["out"]["bias"]
+    assert_close(layer.apply({"params": params}, x, kv), expected)
+    model = fdnnx.MultiHeadDotAttention(2, 8, key_dim=4, query_scale=0.3, rngs=nnx.Rngs(0))
+    _load_nnx(model, params)
+    assert_close(model(x, kv), expected)
+    cfg = layer.config
+    assert cfg.query_scale == 0.3 and cfg.query_factor == 0.3
+    assert MultiHeadDotAttentionConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert (
+        MultiHeadDotAttentionConfig.from_dict(yaml.safe_load(yaml.safe_dump(cfg.to_dict()))) == cfg
+    )
+    assert model.config.query_scale == 0.3
+    with pytest.raises(ValueError, match=r"to_keras: .*1 / sqrt\(key_dim\) = 0.5.*query_scale=0.3"):
+        cfg.to_keras()
+    with pytest.raises(ValueError, match=r"to_keras: .*query_scale=0.3"):
+        multi_head_params_to_keras({"params": params}, cfg)
+    keras_factor = dataclasses.replace(cfg, query_scale=0.5)  # Keras's own: exported
+    assert keras_factor.to_keras()["key_dim"] == 4
+    with pytest.raises(ValueError, match=r"query_scale=0.3 with use_scale=True"):
+        dataclasses.replace(cfg, use_scale=True)
+
+
+# -- query and key transforms --------------------------------------------------------------
+
+
+def _rope_rows(x, positions):
+    """Rotary embeddings on ``x [..., T, heads, D]`` at ``positions [T]`` or ``[..., T]``."""
+    half = x.shape[-1] // 2
+    freq = 1.0 / 10000 ** (jnp.arange(half) / half)
+    positions = positions[..., :, None, None]  # [(...,) T, 1, 1]
+    angle = positions * freq.reshape((1,) * (positions.ndim - 1) + (half,))  # [(...,) T, 1, D/2]
+    angle = angle.reshape((1,) * (x.ndim - angle.ndim) + angle.shape)
+    cos, sin = jnp.cos(angle), jnp.sin(angle)
+    x1, x2 = x[..., :half], x[..., half:]
+    return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
+
+
+def _norm(weight):
+    def f(x, positions):
+        del positions
+        scale = weight.reshape((1,) * (x.ndim - 1) + weight.shape)
+        return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6) * scale
+
+    return f
+
+
+def test_query_and_key_transforms_apply_to_their_side_only(rng):
+    x = _normal(rng, 2, 6, 8)
+    w_q, w_k = jnp.asarray(_normal(rng, 4) + 1.0), jnp.asarray(_normal(rng, 4) + 1.0)
+    q_side = lambda x, p: _rope_rows(_norm(w_q)(x, p), p)  # noqa: E731
+    k_side = lambda x, p: _rope_rows(_norm(w_k)(x, p), p)  # noqa: E731
+    layer = MultiHeadDotAttention(
+        num_heads=2, key_dim=4, causal=True, query_transform=q_side, key_transform=k_side
+    )
+    params = layer.init(jax.random.key(0), x, x)["params"]
+    out = layer.apply({"params": params}, x, x)
+    host = jax.tree.map(np.asarray, params)
+    q, k, v = _numpy_projections(host, x, x)
+    positions = jnp.arange(6)
+    heads = jax.nn.dot_product_attention(
+        q_side(jnp.asarray(q), positions), k_side(jnp.asarray(k), positions), v, is_causal=True
+    )
+    expected = np.einsum("bthv,hvo->bto", heads, host["out"]["kernel"]) + host["out"]["bias"]
+    assert_close(out, expected)
+    # Decoding with the per-side transforms equals the full forward (NNX).
+    model = fdnnx.MultiHeadDotAttention(
+        2, 8, key_dim=4, causal=True, query_transform=q_side, key_transform=k_side,
+        rngs=nnx.Rngs(0),
+    )  # fmt: skip
+    _load_nnx(model, params)
+    model.init_cache(x.shape)
+    steps = [model(x[:, a:b], x[:, a:b], decode=True) for a, b in ((0, 4), (4, 5), (5, 6))]
+    assert_close(jnp.concatenate(steps, axis=1), expected)
+    # The shortcut is both sides.
+    both = MultiHeadDotAttention(num_heads=2, key_dim=4, causal=True, query_key_transform=q_side)
+    same = both.clone(query_key_transform=None, query_transform=q_side, key_transform=q_side)
+    assert_close(both.apply({"params": params}, x, x), same.apply({"params": params}, x, x))
+    same_twice = both.clone(query_transform=q_side)  # consistent: accepted
+    assert_close(same_twice.apply({"params": params}, x, x), both.apply({"params": params}, x, x))
+    with pytest.raises(ValueError, match=r"query_key_transform is the shortcut.*key_transform="):
+        both.clone(key_transform=k_side).apply({"params": params}, x, x)
+    with pytest.raises(ValueError, match=r"query_key_transform is the shortcut.*query_transform="):
+        fdnnx.MultiHeadDotAttention(
+            2, 8, query_key_transform=q_side, query_transform=k_side, rngs=nnx.Rngs(0)
+        )
+
+
+# -- a ragged batch: one cache_index per sequence ---------------------------------------------
+
+
+@pytest.mark.parametrize("module", [pytest.param("linen", marks=pytest.mark.slow), "nnx"])
+def test_a_ragged_batch_decodes_each_sequence_as_alone_and_as_the_full_forward(rng, module):
+    lengths, steps, tmax = np.array([5, 2, 3]), 3, 10
+    x = _normal(rng, 3, tmax, 8)
+    layer = MultiHeadDotAttention(
+        num_heads=4, key_dim=4, num_kv_heads=2, causal=True, query_key_transform=_rope_rows
+    )
+    params = layer.init(jax.random.key(0), x, x)["params"]
+    prompt = np.zeros((3, 5, 8), np.float32)  # prompts padded to the longest
+    for i, n in enumerate(lengths):
+        prompt[i, :n] = x[i, :n]
+
+    def tokens(t):  # each sequence's token t after its prompt: [3, 1, 8]
+        return jnp.stack([x[i, n + t] for i, n in enumerate(lengths)])[:, None]
+
+    if module == "linen":
+        decoder = layer.clone(decode=True, per_sequence_cache=True)
+        cache = decoder.init(jax.random.key(0), x, x)["cache"]
+        assert cache["cache_index"].shape == (3,)
+
+        @jax.jit
+        def step(cache, chunk, new_length):
+            return decoder.apply(
+                {"params": params, "cache": cache}, chunk, chunk, new_length=new_length,
+                mutable=["cache"],
+            )  # fmt: skip
+
+        first, variables = step(cache, prompt, jnp.asarray(lengths, jnp.int32))
+        outs = [first]
+        for t in range(steps):
+            out, variables = step(variables["cache"], tokens(t), jnp.ones(3, jnp.int32))
+            outs.append(out)
+        assert step._cache_size() == 2  # one program for the prefill, one for the steps
+        index = variables["cache"]["cache_index"]
+    else:
+        model = fdnnx.MultiHeadDotAttention(
+            4, 8, key_dim=4, num_kv_heads=2, causal=True, query_key_transform=_rope_rows,
+            rngs=nnx.Rngs(0),
+        )  # fmt: skip
+        _load_nnx(model, params)
+        model.init_cache(x.shape, per_sequence=True)
+        step = nnx.jit(lambda m, chunk, n: m(chunk, chunk, new_length=n, decode=True))
+        outs = [step(model, prompt, jnp.asarray(lengths, jnp.int32))]
+        outs += [step(model, tokens(t), jnp.ones(3, jnp.int32)) for t in range(steps)]
+        index = model.cache_index[...]
+    np.testing.assert_array_equal(index, lengths + steps)
+    for i, n in enumerate(lengths):
+        decoded = jnp.concatenate([outs[0][i, :n], *(o[i] for o in outs[1:])])  # [n + steps, F]
+        alone = x[i : i + 1, : n + steps]
+        assert_close(decoded, layer.apply({"params": params}, alone, alone)[0])
+        single = layer.clone(decode=True)  # this sequence alone, one cache_index
+        cache = single.init(jax.random.key(0), x[i : i + 1], x[i : i + 1])["cache"]
+        out, variables = single.apply(
+            {"params": params, "cache": cache}, alone[:, :n], alone[:, :n], mutable=["cache"]
+        )
+        outs_alone = [out[0]]
+        for t in range(steps):
+            token = alone[:, n + t : n + t + 1]
+            out, variables = single.apply(
+                {"params": params, **variables}, token, token, mutable=["cache"]
+            )
+            outs_alone.append(out[0])
+        assert_close(decoded, jnp.concatenate(outs_alone))
+
+
+# -- a rolling cache for windowed layers -----------------------------------------------------
+
+
+def test_a_rolling_cache_of_the_window_equals_the_linear_cache_linen(rng):
+    w, t = 3, 11
+    x = _normal(rng, 2, t, 8)
+    layer = MultiHeadDotAttention(
+        num_heads=2, key_dim=4, causal=True, window=(w, 0), query_key_transform=_rope_rows
+    )
+    params = layer.init(jax.random.key(0), x, x)["params"]
+    full = layer.apply({"params": params}, x, x)
+    decoder = layer.clone(decode=True, rolling_cache=True)
+    cache = decoder.init(jax.random.key(0), x[:, : w + 1], x[:, : w + 1])["cache"]  # w + 1 slots
+    assert cache["cached_key"].shape == (2, 2, w + 1, 4)
+    step = jax.jit(
+        lambda cache, x_t: decoder.apply(
+            {"params": params, "cache": cache}, x_t, x_t, mutable=["cache"]
+        )
+    )
+    outs = []
+    for i in range(t):
+        out, variables = step(cache, x[:, i : i + 1])
+        cache = variables["cache"]
+        outs.append(out)
+    assert step._cache_size() == 1
+    assert_close(jnp.concatenate(outs, axis=1), full)
+    with pytest.raises(ValueError, match=r"rolling cache of 4 slots with window \(3, 0\) takes "
+                       r"at most 4 - 3 = 1 new positions.*Tn=2"):  # fmt: skip
+        step(cache, x[:, :2])
+    plain = layer.clone(decode=True, rolling_cache=True, window=None)
+    with pytest.raises(ValueError, match=r"rolling cache .* needs causal=True and a bounded"):
+        plain.apply({"params": params, "cache": cache}, x[:, :1], x[:, :1], mutable=["cache"])
+
+
+def test_a_rolling_cache_decodes_a_ragged_batch_in_chunks_nnx(rng):
+    w, t = 2, 9
+    lengths = np.array([3, 1])
+    x = _normal(rng, 2, t, 8)
+    model = fdnnx.MultiHeadDotAttention(
+        2, 8, key_dim=4, num_kv_heads=1, causal=True, window=(w, 0), rngs=nnx.Rngs(0)
+    )
+    model.init_cache((2, w + 3, 8), per_sequence=True, rolling=True)  # chunks of <= 3
+    prompt = np.zeros((2, 3, 8), np.float32)
+    for i, n in enumerate(lengths):
+        prompt[i, :n] = x[i, :n]
+    step = nnx.jit(lambda m, chunk, n: m(chunk, chunk, new_length=n, decode=True))
+    outs = [step(model, prompt, jnp.asarray(lengths, jnp.int32))]
+    position = lengths.copy()
+    for n_new in (2, 3, 1):  # chunks of 2, 3 and 1 new tokens per sequence
+        chunk = jnp.stack([x[i, p : p + n_new] for i, p in enumerate(position)])
+        outs.append(step(model, chunk, jnp.full(2, n_new, jnp.int32)))
+        position += n_new
+    for i, n in enumerate(lengths):
+        decoded = jnp.concatenate([outs[0][i, :n], *(o[i] for o in outs[1:])])
+        alone = x[i : i + 1, : position[i]]
+        assert_close(decoded, model(alone, alone)[0])

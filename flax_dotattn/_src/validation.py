@@ -21,6 +21,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import checkify
 
 from flax_dotattn._src.masks import Masking
 from flax_dotattn._src.options import OPTIONS, AttentionOptions, fail
@@ -451,8 +452,8 @@ def check_inputs(
     value_mask = None if value_mask is None else kv_side(value_mask, kv_batch, tv)
     kv_seg = None if kv_seg is None else kv_side(kv_seg, kv_batch, tv)
     scale, concat_score_weight = check_params(params, score_mode)
-    query_offset = check_position("query_offset", query_offset, batch)
-    kv_length = check_position("kv_length", kv_length, batch)
+    query_offset = check_position("query_offset", query_offset, batch, low=0)
+    kv_length = check_position("kv_length", kv_length, batch, low=1, high=tv)
     if kv_length is not None:  # cache slots at or beyond the filled length are masked
         slots = jnp.arange(value.shape[-2])
         filled = slots.reshape((1,) * kv_length.ndim + slots.shape) < kv_length[..., None]
@@ -482,10 +483,16 @@ def check_inputs(
     )
 
 
-def check_position(name: str, x: Any, batch: tuple[int, ...]) -> Array | None:
+def check_position(
+    name: str, x: Any, batch: tuple[int, ...], *, low: int | None = None, high: int | None = None
+) -> Array | None:
     """A position or length per sequence: None, a Python int or an integer array that
     broadcasts to the batch dims ``batch`` (NumPy rules). Returns int32, ``[]`` for a
-    scalar, else at the batch's rank (size-1 dims kept); values beyond int32 raise."""
+    scalar, else at the batch's rank (size-1 dims kept); values beyond int32 raise.
+
+    ``low``/``high`` bound the values (inclusive): a value given on the host outside them
+    raises a ValueError; a traced one is checked by :func:`check_range` when the caller
+    runs under ``jax.experimental.checkify`` (and costs nothing otherwise)."""
     if x is None:
         return None
     if isinstance(x, (bool, np.bool_)) or not (
@@ -509,10 +516,47 @@ def check_position(name: str, x: Any, batch: tuple[int, ...]) -> Array | None:
             f"{name} must broadcast to the batch dims {batch} (NumPy rules); received "
             f"shape {tuple(jnp.shape(x))}."
         )
+    rule = _range_rule(low, high)
+    if host is not None and host.size and rule is not None:
+        lo, hi = int(host.min()), int(host.max())
+        if (low is not None and lo < low) or (high is not None and hi > high):
+            received = f"{name}={lo}" if host.ndim == 0 else f"values in {lo}..{hi}"
+            fail(f"{name} must be {rule}; received {received}.")
     # A value given on the host stays a NumPy array, so that kernels whose masks take a
     # static position (splash's offset) can read it under jit.
     x = host.astype(np.int32) if host is not None else jnp.asarray(x).astype(jnp.int32)
+    if host is None and rule is not None:
+        check_range(name, x, low, high)
     return x if x.ndim == 0 else x.reshape((1,) * (len(batch) - x.ndim) + x.shape)
+
+
+def _range_rule(low: int | None, high: int | None) -> str | None:
+    if low is not None and high is not None:
+        return f"in [{low}, {high}]" if low != 1 else f"in [1, Tv] = [1, {high}]"
+    if low is not None:
+        return f">= {low}"
+    if high is not None:
+        return f"<= {high}"
+    return None
+
+
+def check_range(name: str, x: Array, low: int | None, high: int | None) -> None:
+    """The checked mode for traced positions: under ``checkify.checkify(f,
+    errors=checkify.user_checks)`` a value of ``x`` outside ``[low, high]`` is reported
+    as ``"{name} must be ...; received v"``; without checkify this adds nothing to the
+    program (``checkify.debug_check``)."""
+    x = jnp.asarray(x)
+    if x.size == 0:
+        return
+    lo, hi = jnp.min(x), jnp.max(x)
+    if low is not None and high is not None:
+        ok = (lo >= low) & (hi <= high)
+        shown = jnp.where(lo < low, lo, hi)
+        checkify.debug_check(ok, f"{name} must be in [{low}, {high}]; received {{v}}", v=shown)
+    elif low is not None:
+        checkify.debug_check(lo >= low, f"{name} must be >= {low}; received {{v}}", v=lo)
+    elif high is not None:
+        checkify.debug_check(hi <= high, f"{name} must be <= {high}; received {{v}}", v=hi)
 
 
 def hide_non_finite(key: Array, value: Array, value_mask: Array) -> tuple[Array, Array]:

@@ -146,6 +146,16 @@ class MultiHeadDotAttentionConfig(MultiHeadDotAttentionFields):
       scale_init: the learned ``scale``'s initial value; None (the default) is
         ``1 / sqrt(key_dim)``, so that both settings start from Keras's logits (in
         ``"dot"`` mode; with ``"concat"`` the learned scale multiplies ``q + k``).
+      query_scale: the fixed factor of the projected queries with ``use_scale=False``
+        (Gemma's ``query_pre_attn_scalar ** -0.5``, say); None (the default) is Keras's
+        ``1 / sqrt(key_dim)``. Keras export refuses other values.
+      attention_axes: the axis attended over, in Keras's numbers: ``(-2,)`` (the default)
+        is the axis before the features, for any number of batch dims; ``(a,)`` moves
+        axis ``a`` of the inputs there (the other axes become batch dims, in order, for
+        the masks and the returned weights ``[..., H, Tq, Tv]``) and back; None is
+        Keras's default (every axis between the batch axis and the features), which is
+        one axis on rank-3 inputs only: higher ranks raise (attention over several axes
+        has no equivalent here).
 
     The other fields (``score_mode``, ``dropout_rate``, ``causal``, ``deterministic``,
     ``dtype``, ``param_dtype``, ``precision``, ``window``, ``implementation``,
@@ -170,14 +180,16 @@ class MultiHeadDotAttentionConfig(MultiHeadDotAttentionFields):
         ``sliding_window=w`` (Keras: ``|i - j| < w``) -> ``window=(w - 1, w - 1)``; the
         dtype policy as in :meth:`DotAttentionConfig.from_keras`. ``use_scale`` stays
         False, which multiplies the queries by ``1 / sqrt(key_dim)`` as Keras does.
-        Dropped: ``name``, ``trainable``, ``seed``, ``flash_attention`` (a kernel
-        choice), the initializers (the weights travel with
-        :func:`multi_head_params_from_keras`). Raises for what has no equivalent:
-        ``attention_axes`` other than the sequence axis, ``use_gate=True``, an
-        ``output_shape`` of several dims, regularizers and constraints. A Keras layer built
-        on ``[B, T, F]`` inputs records ``attention_axes=(1,)``, read here as the sequence
-        axis; on inputs with more batch dims Keras attends over axis 1 with it, while
-        this module attends over the axis before the features (Keras's ``(-2,)``).
+        ``attention_axes`` as it is (Keras's numbers: None or one axis). Dropped:
+        ``name``, ``trainable``, ``seed``, ``flash_attention`` (a kernel choice), the
+        initializers (the weights travel with :func:`multi_head_params_from_keras`).
+        Raises for what has no equivalent: ``attention_axes`` of several axes,
+        ``use_gate=True``, an ``output_shape`` of several dims, regularizers and
+        constraints. A Keras layer built on ``[B, T, F]`` inputs records
+        ``attention_axes=(1,)``: on inputs with more axes Keras attends over axis 1 with
+        it, and so does this module. An unbuilt layer's ``attention_axes=None`` attends
+        over every axis between the batch axis and the features, one axis on rank-3
+        inputs only: the module refuses inputs of higher rank with it.
         """
 
         return cls(**multi_head_fields_from_keras(keras_config))
@@ -187,7 +199,8 @@ class MultiHeadDotAttentionConfig(MultiHeadDotAttentionFields):
 
         Raises a ValueError for what Keras cannot express: ``num_kv_heads`` fewer than
         ``num_heads``, ``score_mode="concat"``, a window that is not Keras's symmetric
-        ``sliding_window``, ``output_shape=None`` is exported as None (Keras reads it
+        ``sliding_window``, a ``query_scale`` other than ``1 / sqrt(key_dim)``;
+        ``output_shape=None`` is exported as None (Keras reads it
         as the query's last dim too). ``causal`` is a call argument in Keras
         (``use_causal_mask=True``) and is not exported; the learned scale travels with
         the weights (:func:`multi_head_params_to_keras` folds it into the query kernel).

@@ -63,11 +63,14 @@ def multi_head_fields_from_keras(keras_config: Mapping[str, Any]) -> dict[str, A
                 f"(expected {default!r})."
             )
     axes = keras_config.get("attention_axes")
-    if axes is not None and tuple(np.atleast_1d(axes).tolist()) not in ((1,), (-2,)):
-        fail(
-            f"from_keras: attention_axes={axes!r} (attention over other axes than the "
-            "sequence) has no equivalent here; expected None."
-        )
+    if axes is not None:
+        listed = np.atleast_1d(axes).tolist()
+        if len(listed) != 1:
+            fail(
+                f"from_keras: attention_axes={axes!r} (attention over several axes) has no "
+                "equivalent here; expected None or one axis."
+            )
+        axes = tuple(listed)
     output_shape = keras_config.get("output_shape")
     if isinstance(output_shape, (list, tuple)):
         if len(output_shape) != 1:
@@ -88,6 +91,7 @@ def multi_head_fields_from_keras(keras_config: Mapping[str, Any]) -> dict[str, A
         "value_dim": keras_config.get("value_dim"),
         "output_shape": output_shape,
         "use_bias": keras_config.get("use_bias", True),
+        "attention_axes": axes,
         "dropout_rate": keras_config.get("dropout", 0.0),
         "window": window,
         "dtype": shared["dtype"],
@@ -108,6 +112,12 @@ def multi_head_config_to_keras(config: MultiHeadDotAttentionFields) -> dict[str,
         fail(
             "to_keras: Keras's MultiHeadAttention has dot scores only; received "
             f"score_mode={config.score_mode!r}."
+        )
+    if config.query_scale is not None and config.query_scale != config.key_dim**-0.5:
+        fail(
+            "to_keras: Keras's MultiHeadAttention multiplies the queries by "
+            f"1 / sqrt(key_dim) = {config.key_dim**-0.5!r} and has no other factor; received "
+            f"query_scale={config.query_scale!r}."
         )
     sliding_window = None
     if config.window is not None:
@@ -130,7 +140,7 @@ def multi_head_config_to_keras(config: MultiHeadDotAttentionFields) -> dict[str,
         "dropout": config.dropout_rate,
         "use_bias": config.use_bias,
         "output_shape": None if config.output_shape is None else (config.output_shape,),
-        "attention_axes": None,
+        "attention_axes": None if config.attention_axes is None else list(config.attention_axes),
         "sliding_window": sliding_window,
         "seed": None,
     }

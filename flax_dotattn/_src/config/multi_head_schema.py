@@ -41,6 +41,7 @@ HEAD_FIELDS: tuple[str, ...] = (
     "output_shape",
     "use_bias",
     "num_kv_heads",
+    "attention_axes",
 )
 
 
@@ -57,6 +58,39 @@ def _positive_int(name: str, value: Any, *, optional: bool) -> int | None:
     return int(value)
 
 
+def _attention_axes(value: Any) -> tuple[int, ...] | None:
+    """Keras's ``attention_axes``: None (Keras's default, every axis between the batch
+    axis and the features) or one axis, an int or a 1-sequence (Keras's numbers: from
+    the front with the batch axis 0, or from the back with the features -1)."""
+    if value is None:
+        return None
+    axes = (value,) if isinstance(value, (int, np.integer)) else value
+    if (
+        not isinstance(axes, (tuple, list))
+        or not axes
+        or any(
+            isinstance(a, (bool, np.bool_)) or not isinstance(a, (int, np.integer)) for a in axes
+        )
+    ):
+        fail(
+            "attention_axes must be None, an int or a tuple of ints (Keras's axis numbers); "
+            f"received attention_axes={value!r}."
+        )
+    checked: tuple[int, ...] = tuple(int(a) for a in axes)
+    if len(checked) != 1:
+        fail(
+            "attention_axes must name one axis: attention over several axes (Keras's "
+            f"attention_axes={list(checked)}) has no equivalent here; received "
+            f"attention_axes={value!r}."
+        )
+    if checked[0] in (0, -1):
+        fail(
+            "attention_axes cannot be the batch axis 0 or the features -1; received "
+            f"attention_axes={value!r}."
+        )
+    return checked
+
+
 _Config = TypeVar("_Config")
 
 
@@ -71,8 +105,10 @@ class MultiHeadDotAttentionFields:
     output_shape: int | None = None
     use_bias: bool = True
     num_kv_heads: int | None = None
+    attention_axes: tuple[int, ...] | None = (-2,)
     use_scale: bool = False
     scale_init: float | None = None
+    query_scale: float | None = None
     score_mode: ScoreMode = "dot"
     dropout_rate: float = 0.0
     causal: bool = False
@@ -101,6 +137,15 @@ class MultiHeadDotAttentionFields:
             )
         if self.scale_init is not None:
             set_("scale_init", check_finite_float("scale_init", self.scale_init))
+        set_("attention_axes", _attention_axes(self.attention_axes))
+        if self.query_scale is not None:
+            set_("query_scale", check_finite_float("query_scale", self.query_scale))
+            if self.use_scale:
+                fail(
+                    "query_scale is the fixed query factor of use_scale=False; with "
+                    "use_scale=True the learned scale (scale_init) takes its place; received "
+                    f"query_scale={self.query_scale!r} with use_scale=True."
+                )
         for name in ATTENTION_FIELDS:
             set_(name, OPTIONS[name].check(name, getattr(self, name)))
 
@@ -120,6 +165,12 @@ class MultiHeadDotAttentionFields:
     def groups(self) -> int:
         """``G = H // Hkv``: query heads per key/value head."""
         return self.num_heads // self.kv_heads
+
+    @property
+    def query_factor(self) -> float:
+        """The fixed factor of the projected queries when ``use_scale=False``:
+        ``query_scale``, or Keras's ``1 / sqrt(key_dim)`` when it is None."""
+        return self.key_dim**-0.5 if self.query_scale is None else self.query_scale
 
     @property
     def initial_scale(self) -> float:
@@ -142,7 +193,10 @@ class MultiHeadDotAttentionFields:
 
     def to_dict(self) -> dict[str, Any]:
         """Returns a plain ``dict`` of the fields (JSON/YAML-serialisable)."""
-        return plain_dict(self)
+        data = plain_dict(self)
+        if self.attention_axes is not None:
+            data["attention_axes"] = list(self.attention_axes)
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Self:

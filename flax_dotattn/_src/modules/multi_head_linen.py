@@ -74,30 +74,42 @@ class MultiHeadDotAttention(nn.Module):
     ``concat_score_weight`` (concat mode). Dropout draws from the ``"dropout"`` stream.
 
     Keras ``MultiHeadAttention`` parity: with ``use_scale=False`` the projected queries
-    are multiplied by ``1 / sqrt(key_dim)``, exactly as Keras does, so Keras's weights
-    (:func:`multi_head_params_from_keras`) give Keras's numbers for value masks,
-    ``attention_mask``, ``causal`` (``use_causal_mask``), ``sliding_window`` (``window``)
-    and the returned scores. With ``use_scale=True`` the learned ``scale`` multiplies the
-    logits instead, starting at ``scale_init`` (None: ``1 / sqrt(key_dim)``, Keras's
-    logits). Where the two differ: a masked *query* gets a zero attention row here
-    (Keras's ``Attention`` rule; Keras's ``MultiHeadAttention`` spreads it uniformly); no
-    Keras equivalent exists for ``score_mode="concat"``, ``num_kv_heads``, one-sided
-    windows, ``segment_ids``, ``bias``, ``query_offset``/``kv_length``, decoding and the
-    learned scale; and Keras's ``attention_axes`` (attention over several axes) and
-    ``use_gate`` have none here.
+    are multiplied by ``1 / sqrt(key_dim)`` (or ``query_scale``), exactly as Keras does,
+    so Keras's weights (:func:`multi_head_params_from_keras`) give Keras's numbers for
+    value masks, ``attention_mask``, ``causal`` (``use_causal_mask``), ``sliding_window``
+    (``window``), ``attention_axes`` (one axis) and the returned scores. With
+    ``use_scale=True`` the learned ``scale`` multiplies the logits instead, starting at
+    ``scale_init`` (None: ``1 / sqrt(key_dim)``, Keras's logits). A query row that sees
+    no key (every key masked, or a masked query) gets zero weights and a zero output
+    before the output projection, so the output is the projection's bias: the rule of
+    Keras's masked softmax, the path that returns the scores (and runs with dropout or
+    inputs of rank other than 3). Keras's other path (``ops.dot_product_attention``,
+    taken without ``return_attention_scores``, without dropout, on rank-3 inputs) spreads
+    such a row evenly over every key instead; the rows that see a key agree on both.
+    No Keras equivalent exists for ``score_mode="concat"``, ``num_kv_heads``, one-sided
+    windows, ``segment_ids``, ``bias``, ``query_offset``/``kv_length``, decoding, the
+    learned scale and a ``query_scale`` other than ``1 / sqrt(key_dim)``; and Keras's
+    attention over several axes and ``use_gate`` have none here.
 
     Decoding (``decode=True``, Flax's convention): the first call, at ``init``, creates
     the ``"cache"`` collection (``cached_key [..., Hkv, Tmax, Dk]``, ``cached_value [...,
-    Hkv, Tmax, Dv]``, ``cache_index int32[]``) sized by the key/value length ``Tmax``
-    given, and computes ordinary attention. Later calls with ``mutable=["cache"]`` take
-    ``Tn >= 1`` new positions (query, key and value ``[..., Tn, ...]``), write them at
-    ``cache_index`` and attend over the cache with ``query_offset=cache_index`` and
-    ``kv_length=cache_index + Tn`` (traced: one compiled step serves every position and
-    chunked prefill). With ``causal=True`` the logits equal the full sequence's. Writing
-    past ``Tmax`` is not detected (as in Flax).
+    Hkv, Tmax, Dv]``, ``cache_index`` (``int32[]``, or ``int32[...]`` one per sequence
+    with ``per_sequence_cache=True``) and ``cached_mask bool [..., Tmax]``) sized by the
+    key/value length ``Tmax`` given, and computes ordinary attention. Later calls with
+    ``mutable=["cache"]`` take ``Tn >= 1`` new positions (query, key and value
+    ``[..., Tn, ...]``), write them at each sequence's ``cache_index`` and attend over the
+    cache with ``query_offset=cache_index`` and ``kv_length=cache_index + new_length``
+    (traced: one compiled step serves every position, chunked prefill and a batch of
+    sequences at different positions). With ``causal=True`` the logits equal the full
+    sequence's. A value mask given in decode mode is the mask of the ``Tn`` new positions
+    (``[..., Tn]``), kept in ``cached_mask`` beside their keys; an ``attention_mask``,
+    ``bias`` or kv ``segment_ids`` must cover the cache's slots (``[..., Tn, Tmax]``,
+    ``[..., Tmax]``), and shapes that would broadcast over the cache raise. Writing past
+    ``Tmax`` raises when ``cache_index`` is known (eager calls), and is reported by
+    ``jax.experimental.checkify`` (``errors=checkify.user_checks``) under ``jit``.
 
     The fields ``num_heads`` to ``block_size`` are those of
-    :class:`MultiHeadDotAttentionConfig` (same names, defaults and checks); four more are
+    :class:`MultiHeadDotAttentionConfig` (same names, defaults and checks); eight more are
     not part of the config:
 
     Attributes:
@@ -106,8 +118,20 @@ class MultiHeadDotAttention(nn.Module):
       bias_init: initializer of the biases (Keras's zeros).
       query_key_transform: None or ``f(x [..., T, heads, Dk], positions [..., T])``
         applied to the projected queries and keys (rotary embeddings); positions default
-        to ``cache_index + arange(Tn)`` when decoding, else ``arange(Tq)``.
+        to ``cache_index + arange(Tn)`` when decoding, else ``arange(Tq)``. The shortcut
+        for ``query_transform = key_transform = f``.
+      query_transform, key_transform: the same, for one side each (Gemma 3's query and
+        key norms with their own weights, then RoPE); giving ``query_key_transform`` with
+        a different per-side one raises.
       decode: the default of the call's ``decode``.
+      per_sequence_cache: the cache holds one ``cache_index`` per sequence (a ragged
+        batch: prompts of different lengths, sequences that finish at different steps).
+      rolling_cache: for a causal sliding window ``window=(w, 0)``: the cache holds
+        ``S`` slots (the key/value length given at ``init``, ``S >= w + 1``) and writes
+        position ``p`` at slot ``p % S``, so it takes O(window) memory instead of O(T);
+        a call takes at most ``S - w`` new positions, and the numbers equal the linear
+        cache's. The attention reads the slots through a ``[..., Tn, S]`` mask built from
+        their positions (the slots hold only the window: there are no blocks to skip).
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -127,8 +151,10 @@ class MultiHeadDotAttention(nn.Module):
     output_shape: int | None = None
     use_bias: bool = True
     num_kv_heads: int | None = None
+    attention_axes: tuple[int, ...] | None = (-2,)
     use_scale: bool = False
     scale_init: float | None = None
+    query_scale: float | None = None
     score_mode: ScoreMode = "dot"
     dropout_rate: float = 0.0
     causal: bool = False
@@ -142,7 +168,11 @@ class MultiHeadDotAttention(nn.Module):
     kernel_init: Initializer | None = None
     bias_init: Initializer = jax.nn.initializers.zeros
     query_key_transform: Callable[[Array, Array], Array] | None = None
+    query_transform: Callable[[Array, Array], Array] | None = None
+    key_transform: Callable[[Array, Array], Array] | None = None
     decode: bool = False
+    per_sequence_cache: bool = False
+    rolling_cache: bool = False
 
     @classmethod
     def from_config(
@@ -178,6 +208,7 @@ class MultiHeadDotAttention(nn.Module):
         return_attention_scores: bool = False,
         positions: Array | None = None,
         decode: bool | None = None,
+        new_length: int | Array | None = None,
     ) -> Array | tuple[Array, Array]:
         """Applies multi-head attention; call arguments override the module's fields.
 
@@ -196,8 +227,15 @@ class MultiHeadDotAttention(nn.Module):
           window: overrides the ``window`` field when not None.
           deterministic: overrides the ``deterministic`` field when not None.
           return_attention_scores: also return the weights ``[..., H, Tq, Tv]``.
-          positions: ``[..., Tq]`` integer positions for ``query_key_transform``.
+          positions: ``[..., Tq]`` integer positions for the transforms (default:
+            ``cache_index + arange(Tn)`` when decoding, per sequence with a per-sequence
+            cache, else ``arange(Tq)``).
           decode: overrides the ``decode`` field when not None.
+          new_length: decoding only: how many of the ``Tn`` new positions are valid, an
+            int or one per sequence (``[...]``, with ``per_sequence_cache``); each
+            sequence's ``cache_index`` advances by its count, and the positions past it
+            are padding (written, hidden, and overwritten by the next call). None: all
+            ``Tn``.
 
         Returns:
           ``[..., Tq, Dout]``, or ``(output, weights [..., H, Tq, Tv])``.
@@ -226,12 +264,17 @@ class MultiHeadDotAttention(nn.Module):
         cache = None
         if self.decode if decode is None else decode:
             cache = self._cache(config, query, value)
+        query_transform, key_transform = multi_head.resolve_transforms(
+            self.query_key_transform, self.query_transform, self.key_transform
+        )
         result, new_cache = multi_head.multi_head_attention(
             config,
             params,
             arguments,
             cache=cache,
-            transform=self.query_key_transform,
+            rolling=self.rolling_cache,
+            query_transform=query_transform,
+            key_transform=key_transform,
             dropout_rng=lambda: self.make_rng("dropout"),
             where_deterministic="as a module field or a call argument",
         )
@@ -239,6 +282,7 @@ class MultiHeadDotAttention(nn.Module):
             self.put_variable("cache", "cached_key", new_cache.key)
             self.put_variable("cache", "cached_value", new_cache.value)
             self.put_variable("cache", "cache_index", new_cache.cache_index)
+            self.put_variable("cache", "cached_mask", new_cache.mask)
         return result
 
     def _cache(
@@ -247,12 +291,27 @@ class MultiHeadDotAttention(nn.Module):
         """The cache to decode with; None on the call that creates it (at ``init``)."""
         initialized = self.has_variable("cache", "cached_key")
         dtype = config.dtype or jnp.result_type(query, value, config.param_dtype)
-        key_shape, value_shape = multi_head.cache_shapes(
-            config, jnp.shape(value)[:-2], jnp.shape(value)[-2]
+        empty = multi_head.empty_cache(
+            config,
+            tuple(jnp.shape(value)[:-2]),
+            jnp.shape(value)[-2],
+            dtype,
+            per_sequence=self.per_sequence_cache,
         )
-        cached_key = self.variable("cache", "cached_key", jnp.zeros, key_shape, dtype)
-        cached_value = self.variable("cache", "cached_value", jnp.zeros, value_shape, dtype)
-        index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
+        cached = {
+            name: self.variable("cache", name, lambda x=x: x)
+            for name, x in (
+                ("cached_key", empty.key),
+                ("cached_value", empty.value),
+                ("cache_index", empty.cache_index),
+                ("cached_mask", empty.mask),
+            )
+        }
         if not initialized:
             return None
-        return multi_head.KVCache(cached_key.value, cached_value.value, index.value)
+        return multi_head.KVCache(
+            cached["cached_key"].value,
+            cached["cached_value"].value,
+            cached["cache_index"].value,
+            cached["cached_mask"].value,
+        )

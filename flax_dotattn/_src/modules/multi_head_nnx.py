@@ -73,15 +73,21 @@ class MultiHeadDotAttention(nnx.Module):
       num_heads: ``H``.
       in_features: ``Din``, the query's features.
       key_dim: ``Dk`` (None: ``in_features // num_heads``, as ``nnx.MultiHeadAttention``).
-      in_kv_features: the key's and value's features (None: ``in_features``).
-      kernel_init, bias_init, query_key_transform, decode: as in the Linen module.
+      in_kv_features: the key's features, and the value's unless ``in_value_features``
+        is given (None: ``in_features``).
+      in_value_features: the value's features (None: ``in_kv_features``), for layers
+        whose key and value features differ (Keras's ``MultiHeadAttention`` allows it).
+      kernel_init, bias_init, query_key_transform, query_transform, key_transform,
+        decode: as in the Linen module.
       rngs: an ``nnx.Rngs`` whose ``"params"`` stream initialises the kernels and whose
         ``"dropout"`` stream feeds dropout (forked only when ``dropout_rate > 0``).
 
     Decoding: :meth:`init_cache` allocates ``cached_key [..., Hkv, Tmax, Dk]``,
-    ``cached_value [..., Hkv, Tmax, Dv]`` and ``cache_index`` (``nnx.Cache``); each call
-    with ``decode=True`` writes its ``Tn`` new positions at ``cache_index`` and attends
-    over the cache (one compiled step serves every position and chunked prefill).
+    ``cached_value [..., Hkv, Tmax, Dv]``, ``cache_index`` (one, or one per sequence)
+    and ``cached_mask [..., Tmax]`` (``nnx.Cache``); each call with ``decode=True`` writes
+    its ``Tn`` new positions at each sequence's ``cache_index`` and attends over the cache
+    (one compiled step serves every position, chunked prefill and ragged batches; the
+    Linen module's docstring gives the rules for masks, ``new_length`` and the checks).
 
     Examples:
       >>> import jax.numpy as jnp
@@ -109,9 +115,12 @@ class MultiHeadDotAttention(nnx.Module):
         output_shape: int | None = None,
         use_bias: bool = True,
         num_kv_heads: int | None = None,
+        attention_axes: tuple[int, ...] | None = (-2,),
         in_kv_features: int | None = None,
+        in_value_features: int | None = None,
         use_scale: bool = False,
         scale_init: float | None = None,
+        query_scale: float | None = None,
         score_mode: ScoreMode = "dot",
         dropout_rate: float = 0.0,
         causal: bool = False,
@@ -125,10 +134,16 @@ class MultiHeadDotAttention(nnx.Module):
         kernel_init: Initializer | None = None,
         bias_init: Initializer = jax.nn.initializers.zeros,
         query_key_transform: Callable[[Array, Array], Array] | None = None,
+        query_transform: Callable[[Array, Array], Array] | None = None,
+        key_transform: Callable[[Array, Array], Array] | None = None,
         decode: bool = False,
         rngs: nnx.Rngs,
     ):
-        for name, n in (("in_features", in_features), ("in_kv_features", in_kv_features)):
+        for name, n in (
+            ("in_features", in_features),
+            ("in_kv_features", in_kv_features),
+            ("in_value_features", in_value_features),
+        ):
             if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n <= 0):
                 fail(f"{name} must be a positive int; received {name}={n!r}.")
         if key_dim is None:
@@ -149,12 +164,18 @@ class MultiHeadDotAttention(nnx.Module):
             setattr(self, name, value)
         self.in_features = in_features
         self.in_kv_features = in_features if in_kv_features is None else in_kv_features
+        self.in_value_features = (
+            self.in_kv_features if in_value_features is None else in_value_features
+        )
         self.kernel_init = kernel_init
         self.bias_init = bias_init
+        multi_head.resolve_transforms(query_key_transform, query_transform, key_transform)
         self.query_key_transform = query_key_transform
+        self.query_transform = query_transform
+        self.key_transform = key_transform
         self.decode = decode
         shapes = multi_head.param_shapes(
-            config, in_features, self.in_kv_features, self.in_kv_features
+            config, in_features, self.in_kv_features, self.in_value_features
         )
         for name in ("query", "key", "value", "out"):
             inits = {"kernel": kernel_init or default_kernel_init(name), "bias": bias_init}
@@ -174,6 +195,8 @@ class MultiHeadDotAttention(nnx.Module):
         self.cached_key: nnx.Cache | None = nnx.data(None)
         self.cached_value: nnx.Cache | None = nnx.data(None)
         self.cache_index: nnx.Cache | None = nnx.data(None)
+        self.cached_mask: nnx.Cache | None = nnx.data(None)
+        self.rolling_cache = False
 
     @classmethod
     def from_config(
@@ -185,7 +208,7 @@ class MultiHeadDotAttention(nnx.Module):
         **kwargs: Any,
     ) -> MultiHeadDotAttention:
         """Builds the module from a :class:`MultiHeadDotAttentionConfig` (kwargs:
-        ``in_kv_features`` and the options outside the config)."""
+        ``in_kv_features``, ``in_value_features`` and the options outside the config)."""
         config = check_multi_head_config(config, "MultiHeadDotAttention.from_config")
         fields = field_values(config)
         heads = {name: fields.pop(name) for name in HEAD_FIELDS}
@@ -215,9 +238,19 @@ class MultiHeadDotAttention(nnx.Module):
             out[name] = getattr(self, name)[...]
         return out
 
-    def init_cache(self, input_shape: tuple[int, ...], dtype: Any = jnp.float32) -> None:
+    def init_cache(
+        self,
+        input_shape: tuple[int, ...],
+        dtype: Any = jnp.float32,
+        *,
+        per_sequence: bool = False,
+        rolling: bool = False,
+    ) -> None:
         """Allocates an empty decoding cache for inputs of shape ``[..., Tmax, features]``
-        (the batch dims and the longest sequence to decode), in ``dtype``."""
+        (the batch dims and the longest sequence to decode), in ``dtype``;
+        ``per_sequence``: one ``cache_index`` per sequence (``int32 [...]``), for a
+        ragged batch; ``rolling``: ``Tmax`` is the number of slots of a rolling cache
+        (the Linen module's ``rolling_cache``), for a causal sliding window."""
         config = MultiHeadDotAttentionConfig.of(self)
         input_shape = tuple(input_shape)
         if len(input_shape) < 2:
@@ -225,10 +258,14 @@ class MultiHeadDotAttention(nnx.Module):
                 "init_cache expects input_shape [..., Tmax, features]; received "
                 f"input_shape={input_shape}."
             )
-        key_shape, value_shape = multi_head.cache_shapes(config, input_shape[:-2], input_shape[-2])
-        self.cached_key = nnx.Cache(jnp.zeros(key_shape, dtype))
-        self.cached_value = nnx.Cache(jnp.zeros(value_shape, dtype))
-        self.cache_index = nnx.Cache(jnp.zeros((), jnp.int32))
+        empty = multi_head.empty_cache(
+            config, input_shape[:-2], input_shape[-2], dtype, per_sequence=per_sequence
+        )
+        self.cached_key = nnx.Cache(empty.key)
+        self.cached_value = nnx.Cache(empty.value)
+        self.cache_index = nnx.Cache(empty.cache_index)
+        self.cached_mask = nnx.Cache(empty.mask)
+        self.rolling_cache = rolling
 
     def __call__(
         self,
@@ -248,6 +285,7 @@ class MultiHeadDotAttention(nnx.Module):
         return_attention_scores: bool = False,
         positions: Array | None = None,
         decode: bool | None = None,
+        new_length: int | Array | None = None,
         rngs: nnx.Rngs | Array | None = None,
     ) -> Array | tuple[Array, Array]:
         """Applies multi-head attention; see :class:`flax_dotattn.MultiHeadDotAttention`
@@ -257,26 +295,40 @@ class MultiHeadDotAttention(nnx.Module):
         del arguments["self"], arguments["rngs"]
         cache = None
         if self.decode if decode is None else decode:
-            if self.cached_key is None or self.cached_value is None or self.cache_index is None:
+            if (
+                self.cached_key is None
+                or self.cached_value is None
+                or self.cache_index is None
+                or self.cached_mask is None
+            ):
                 fail("decode=True needs a cache: call init_cache(input_shape) first.")
             cache = multi_head.KVCache(
-                self.cached_key[...], self.cached_value[...], self.cache_index[...]
+                self.cached_key[...],
+                self.cached_value[...],
+                self.cache_index[...],
+                self.cached_mask[...],
             )
+        query_transform, key_transform = multi_head.resolve_transforms(
+            self.query_key_transform, self.query_transform, self.key_transform
+        )
         result, new_cache = multi_head.multi_head_attention(
             MultiHeadDotAttentionConfig.of(self),  # deterministic as train()/eval() left it
             self.params(),
             arguments,
             cache=cache,
-            transform=self.query_key_transform,
+            rolling=self.rolling_cache,
+            query_transform=query_transform,
+            key_transform=key_transform,
             dropout_rng=lambda: self._dropout_key(rngs),
             where_deterministic="constructor, call argument, or model.train()/model.eval()",
         )
         if new_cache is not None:
             assert self.cached_key is not None and self.cached_value is not None
-            assert self.cache_index is not None
+            assert self.cache_index is not None and self.cached_mask is not None
             self.cached_key[...] = new_cache.key
             self.cached_value[...] = new_cache.value
             self.cache_index[...] = new_cache.cache_index
+            self.cached_mask[...] = new_cache.mask
         return result
 
     def _dropout_key(self, rngs: nnx.Rngs | Array | None) -> Array:
