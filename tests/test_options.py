@@ -44,6 +44,7 @@ LEFT_OUT = {
         "window",
         "query_offset",
         "kv_length",
+        "logits_soft_cap",
     },
 }
 #: Parameters of their own (not options).

@@ -90,6 +90,16 @@ def check_finite_float(name: str, value: Any) -> float:
     return number
 
 
+def check_soft_cap(name: str, value: Any) -> float | None:
+    """None, or a finite real number > 0 (the cap of ``cap * tanh(logits / cap)``)."""
+    if value is None:
+        return None
+    cap = _real_number(name, value, "None or a finite Python float > 0")
+    if not (np.isfinite(cap) and cap > 0.0):
+        fail(f"{name} must be None or a finite float > 0; received {name}={cap!r}.")
+    return cap
+
+
 def check_dropout_rate(name: str, value: Any) -> float:
     """A real number in ``[0, 1)``, as a Python float."""
     rate = _real_number(name, value, "a Python float in [0, 1)")
@@ -195,6 +205,7 @@ OPTIONS: Mapping[str, Option] = MappingProxyType(
         "param_dtype": Option("float32", float_dtype_name),
         "precision": Option(None, check_precision),
         "window": Option(None, check_window),
+        "logits_soft_cap": Option(None, check_soft_cap),
         "implementation": Option(None, check_choice(IMPLEMENTATIONS)),
         "block_size": Option(None, check_block_size),
         "return_attention_scores": Option(False, check_bool),
@@ -224,6 +235,7 @@ class AttentionOptions:
 
     causal: bool = False
     window: Window = None
+    logits_soft_cap: float | None = None
     score_mode: ScoreMode = "dot"
     dropout_rate: float = 0.0
     deterministic: bool | None = None

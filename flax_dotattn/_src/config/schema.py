@@ -40,6 +40,7 @@ class DotAttentionFields:
     param_dtype: FloatDtypeName = "float32"
     precision: PrecisionName | None = None
     window: Window = None
+    logits_soft_cap: float | None = None
     implementation: Implementation | None = None
     block_size: BlockSizes | None = None
 

@@ -71,6 +71,7 @@ def ineligibility(inputs: AttentionInputs, options: AttentionOptions) -> str | N
         (options.score_mode != "dot", "score_mode is not 'dot'"),
         (options.dropout, "dropout is active"),
         (options.return_attention_scores, "the weights are requested"),
+        (options.logits_soft_cap is not None, "logits_soft_cap given (the kernel has no soft-cap)"),
         (
             d != dv or d % 8 or d > MAX_HEAD_SIZE,
             f"head sizes D={d}, Dv={dv} (need D == Dv, a multiple of 8, <= {MAX_HEAD_SIZE})",

@@ -95,6 +95,7 @@ def ineligibility(inputs: AttentionInputs, options: AttentionOptions) -> str | N
         (options.score_mode != "dot", "score_mode is not 'dot'"),
         (options.dropout, "dropout is active"),
         (options.return_attention_scores, "the weights are requested"),
+        (options.logits_soft_cap is not None, "logits_soft_cap given (the kernel has no soft-cap)"),
         (bool(given), f"{', '.join(given)} given (the kernel masks by segment ids only)"),
         (
             d != dv or not MIN_HEAD_SIZE <= d <= MAX_HEAD_SIZE,

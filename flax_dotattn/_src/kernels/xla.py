@@ -78,6 +78,7 @@ def materialised_attention(
         key,
         keep,
         inputs.bias,
+        logits_soft_cap=options.logits_soft_cap,
         score_mode=options.score_mode,
         scale=inputs.scale,
         concat_score_weight=inputs.concat_score_weight,

@@ -137,6 +137,7 @@ class MultiHeadDotAttention(nn.Module):
     param_dtype: DTypeLike = "float32"
     precision: PrecisionLike = None
     window: Window = None
+    logits_soft_cap: float | None = None
     implementation: Implementation | None = None
     block_size: BlockSizeLike = None
     kernel_init: Initializer | None = None

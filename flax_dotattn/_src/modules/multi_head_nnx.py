@@ -120,6 +120,7 @@ class MultiHeadDotAttention(nnx.Module):
         param_dtype: DTypeLike = "float32",
         precision: PrecisionLike = None,
         window: Window = None,
+        logits_soft_cap: float | None = None,
         implementation: Implementation | None = None,
         block_size: BlockSizeLike = None,
         kernel_init: Initializer | None = None,

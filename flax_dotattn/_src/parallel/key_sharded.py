@@ -66,6 +66,7 @@ def sequence_parallel_attention(
     query_offset: int | Array | None = None,
     kv_length: int | Array | None = None,
     window: Window = None,
+    logits_soft_cap: float | None = None,
     score_mode: ScoreMode = "dot",
     dropout_rate: float = 0.0,
     dropout_rng: Array | None = None,
@@ -89,7 +90,8 @@ def sequence_parallel_attention(
       key: ``[..., Tv, D]`` or None.
       masks: None or ``(query_mask [..., Tq], value_mask [..., Tv])``.
       causal: Python bool; the mask compares global positions.
-      attention_mask, bias, segment_ids, query_offset, kv_length, window: see
+      attention_mask, bias, segment_ids, query_offset, kv_length, window,
+        logits_soft_cap: see
         :func:`dot_attention` (global positions; a full mask or bias is split along ``Tv``
         unless broadcast there).
       mesh: the device mesh.

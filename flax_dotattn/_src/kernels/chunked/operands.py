@@ -32,6 +32,7 @@ class Static(NamedTuple):
     backward_blocks: tuple[int, int]  # (Bq, Bk) of the derivative pass
     precision: Any
     groups: int = 1  # G: query batch entries that share one key/value entry
+    logits_soft_cap: float | None = None  # cap * tanh(logits / cap) before the masks
 
     @property
     def derivative_blocks(self) -> tuple[int, int]:
@@ -233,6 +234,7 @@ def prepare_grouped(
         backward_blocks=rows(blocks.backward),
         precision=options.lax_precision,
         groups=g,
+        logits_soft_cap=options.logits_soft_cap,
     )
     cdt = jnp.dtype(inputs.compute_dtype)
     nb = len(batch)

@@ -23,6 +23,7 @@ from flax_dotattn._src.kernels.chunked.bounds import negligible
 from flax_dotattn._src.kernels.chunked.layout import Blocked, Blocks, pair_slice
 from flax_dotattn._src.kernels.chunked.operands import Static, pair_blocks
 from flax_dotattn._src.masks import MASK_PENALTY
+from flax_dotattn._src.scores import soft_cap
 from flax_dotattn._src.types import Array
 
 # compute(j, run, carry) -> carry: one key block's step; ``run`` is Python True or a
@@ -71,9 +72,12 @@ def may_see(static: Static, cut: Blocked, i: Any, j: Any) -> Any:
 
 def masked_is_negligible(static: Static, cut: Blocked, i: Any, k_bound: Array, row_max: Array):
     """Whether masked logits bounded by ``q_bound * k_bound + max(bias) - 1e9`` have
-    softmax weight exactly 0 in every real row of query block i (``row_max [B, Bq]``)."""
+    softmax weight exactly 0 in every real row of query block i (``row_max [B, Bq]``).
+
+    A soft-cap is increasing, so the capped bound bounds the capped logits."""
     block_q = cut.q.shape[2]
-    top = cut.q_bound[i] * k_bound + cut.bias_max - MASK_PENALTY  # [B, Bq]
+    top = soft_cap(cut.q_bound[i] * k_bound + cut.bias_max, static.logits_soft_cap)
+    top = top - MASK_PENALTY  # [B, Bq]
     real_row = (i * block_q + jnp.arange(block_q) < static.tq)[None, :]  # [1, Bq]
     return jnp.all(negligible(top, row_max) | ~real_row)
 

@@ -44,6 +44,7 @@ def block_logits(
         k_blk,
         keep,
         bias_blk,
+        logits_soft_cap=static.logits_soft_cap,
         score_mode=static.score_mode,
         scale=scale,
         concat_score_weight=weight,
