@@ -16,9 +16,11 @@ from flax_dotattn._src.types import (
     Array,
     BlockSizeLike,
     Implementation,
+    MaskMod,
     Masks,
     Params,
     PrecisionLike,
+    ScoreMod,
     ScoreMode,
     Window,
 )
@@ -37,6 +39,8 @@ class DotAttentionKeywords(TypedDict, total=False):
     kv_length: int | Array | None
     window: Window
     logits_soft_cap: float | None
+    score_mod: ScoreMod | None
+    mask_mod: MaskMod | None
     score_mode: ScoreMode
     dropout_rate: float
     dropout_rng: Array | None
@@ -109,6 +113,8 @@ def dot_attention(
     kv_length: int | Array | None = None,
     window: Window = None,
     logits_soft_cap: float | None = None,
+    score_mod: ScoreMod | None = None,
+    mask_mod: MaskMod | None = None,
     score_mode: ScoreMode = "dot",
     dropout_rate: float = 0.0,
     dropout_rng: Array | None = None,

@@ -23,13 +23,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_dotattn._src.blocks import BlockSizes
+from flax_dotattn._src.mods import check_function
 from flax_dotattn._src.types import (
     FLOAT_DTYPES,
     IMPLEMENTATIONS,
     PRECISIONS,
     SCORE_MODES,
     Implementation,
+    MaskMod,
     PrecisionName,
+    ScoreMod,
     ScoreMode,
     Window,
 )
@@ -206,6 +209,8 @@ OPTIONS: Mapping[str, Option] = MappingProxyType(
         "precision": Option(None, check_precision),
         "window": Option(None, check_window),
         "logits_soft_cap": Option(None, check_soft_cap),
+        "score_mod": Option(None, check_function),
+        "mask_mod": Option(None, check_function),
         "implementation": Option(None, check_choice(IMPLEMENTATIONS)),
         "block_size": Option(None, check_block_size),
         "return_attention_scores": Option(False, check_bool),
@@ -236,6 +241,8 @@ class AttentionOptions:
     causal: bool = False
     window: Window = None
     logits_soft_cap: float | None = None
+    score_mod: ScoreMod | None = None
+    mask_mod: MaskMod | None = None
     score_mode: ScoreMode = "dot"
     dropout_rate: float = 0.0
     deterministic: bool | None = None

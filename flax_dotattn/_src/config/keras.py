@@ -101,12 +101,19 @@ def _from_keras_dtype(policy: Any) -> tuple[str | None, str | None]:
 
 
 def refuse_soft_cap(config: Any) -> None:
-    """Raises a ValueError when ``config`` soft-caps the logits, which Keras cannot."""
+    """Raises a ValueError when ``config`` soft-caps the logits or holds a score or mask
+    function, which Keras's layers cannot express."""
     if config.logits_soft_cap is not None:
         fail(
             "to_keras: Keras's attention layers have no soft-cap; received "
             f"logits_soft_cap={config.logits_soft_cap} (set it to None to export)."
         )
+    for name in ("score_mod", "mask_mod"):
+        if getattr(config, name) is not None:
+            fail(
+                f"to_keras: Keras's attention layers take no {name}; received "
+                f"{name}={getattr(config, name)!r} (set it to None to export)."
+            )
 
 
 def config_to_keras(config: DotAttentionFields, *, legacy: bool = False) -> dict[str, Any]:

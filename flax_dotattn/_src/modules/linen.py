@@ -18,8 +18,10 @@ from flax_dotattn._src.types import (
     BlockSizeLike,
     DTypeLike,
     Implementation,
+    MaskMod,
     Masks,
     PrecisionLike,
+    ScoreMod,
     ScoreMode,
     Window,
 )
@@ -80,6 +82,8 @@ class DotAttention(nn.Module):
     precision: PrecisionLike = None
     window: Window = None
     logits_soft_cap: float | None = None
+    score_mod: ScoreMod | None = None
+    mask_mod: MaskMod | None = None
     implementation: Implementation | None = None
     block_size: BlockSizeLike = None
 

@@ -24,8 +24,10 @@ from flax_dotattn._src.types import (
     BlockSizeLike,
     DTypeLike,
     Implementation,
+    MaskMod,
     Masks,
     PrecisionLike,
+    ScoreMod,
     ScoreMode,
     Window,
 )
@@ -138,6 +140,8 @@ class MultiHeadDotAttention(nn.Module):
     precision: PrecisionLike = None
     window: Window = None
     logits_soft_cap: float | None = None
+    score_mod: ScoreMod | None = None
+    mask_mod: MaskMod | None = None
     implementation: Implementation | None = None
     block_size: BlockSizeLike = None
     kernel_init: Initializer | None = None

@@ -26,8 +26,10 @@ from flax_dotattn._src.types import (
     BlockSizeLike,
     DTypeLike,
     Implementation,
+    MaskMod,
     Masks,
     PrecisionLike,
+    ScoreMod,
     ScoreMode,
     Window,
 )
@@ -76,6 +78,8 @@ class DotAttention(nnx.Module):
         precision: PrecisionLike = None,
         window: Window = None,
         logits_soft_cap: float | None = None,
+        score_mod: ScoreMod | None = None,
+        mask_mod: MaskMod | None = None,
         implementation: Implementation | None = None,
         block_size: BlockSizeLike = None,
         rngs: nnx.Rngs | None = None,
@@ -95,6 +99,8 @@ class DotAttention(nnx.Module):
                 precision=precision,
                 window=window,
                 logits_soft_cap=logits_soft_cap,
+                score_mod=score_mod,
+                mask_mod=mask_mod,
                 implementation=implementation,
                 block_size=block_size,
             )
@@ -110,6 +116,8 @@ class DotAttention(nnx.Module):
         self.precision = config.precision
         self.window = config.window
         self.logits_soft_cap = config.logits_soft_cap
+        self.score_mod = config.score_mod
+        self.mask_mod = config.mask_mod
         self.implementation = config.implementation
         self.block_size = config.block_size
         for name in config.param_names:
