@@ -16,9 +16,11 @@ from flax_dotattn._src.types import (
     Array,
     BlockSizeLike,
     Implementation,
+    MaskMod,
     Masks,
     Params,
     PrecisionLike,
+    ScoreMod,
     ScoreMode,
     Window,
 )
@@ -36,6 +38,9 @@ class DotAttentionKeywords(TypedDict, total=False):
     query_offset: int | Array | None
     kv_length: int | Array | None
     window: Window
+    logits_soft_cap: float | None
+    score_mod: ScoreMod | None
+    mask_mod: MaskMod | None
     score_mode: ScoreMode
     dropout_rate: float
     dropout_rng: Array | None
@@ -107,6 +112,9 @@ def dot_attention(
     query_offset: int | Array | None = None,
     kv_length: int | Array | None = None,
     window: Window = None,
+    logits_soft_cap: float | None = None,
+    score_mod: ScoreMod | None = None,
+    mask_mod: MaskMod | None = None,
     score_mode: ScoreMode = "dot",
     dropout_rate: float = 0.0,
     dropout_rng: Array | None = None,
@@ -122,6 +130,8 @@ def dot_attention(
 
         scores  = query @ key^T               # "dot"; times params["scale"] if given
         scores  = w * sum(tanh(s * (q + k)))  # "concat"; w = concat_score_weight
+        scores  = scores + bias                       # if given
+        scores  = cap * tanh(scores / cap)            # if logits_soft_cap=cap
         scores  = where(mask, scores, scores - 1e9)   # value mask AND causal mask
         weights = softmax(scores, axis=-1)            # then dropout if training
         output  = weights @ value                     # rows of masked queries -> 0
@@ -190,6 +200,13 @@ def dot_attention(
         ``causal``; a None side, or one of 2**30 or more, is unbounded). With
         ``causal=True``, ``(w, 0)`` is a causal sliding window. The chunked path
         computes only the blocks inside the band.
+      logits_soft_cap: None or a finite float ``cap > 0``: the logits become
+        ``cap * tanh(logits / cap)`` (Gemma 2's soft-capping), after ``scale`` /
+        ``concat_score_weight`` and ``bias`` (as tokamax caps ``scale * q·k + bias``) and
+        before the masks, so masked logits are ``capped - 1e9``. Exact in values and in
+        both derivative modes on ``"xla"`` and ``"chunked"``; ``"pallas_tpu"`` takes it
+        natively; ``"cudnn"`` and ``"pallas_gpu"`` cannot (the automatic choice passes
+        them over, saying why).
       score_mode: ``"dot"`` (``query @ key^T``) or ``"concat"``
         (``sum(tanh(query + key))``), Keras's ``score_mode``.
       dropout_rate: dropout on the attention weights, a Python float in ``[0, 1)``

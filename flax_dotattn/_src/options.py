@@ -23,13 +23,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_dotattn._src.blocks import BlockSizes
+from flax_dotattn._src.mods import check_function
 from flax_dotattn._src.types import (
     FLOAT_DTYPES,
     IMPLEMENTATIONS,
     PRECISIONS,
     SCORE_MODES,
     Implementation,
+    MaskMod,
     PrecisionName,
+    ScoreMod,
     ScoreMode,
     Window,
 )
@@ -88,6 +91,16 @@ def check_finite_float(name: str, value: Any) -> float:
     if not np.isfinite(number):
         fail(f"{name} must be finite; received {name}={number!r}.")
     return number
+
+
+def check_soft_cap(name: str, value: Any) -> float | None:
+    """None, or a finite real number > 0 (the cap of ``cap * tanh(logits / cap)``)."""
+    if value is None:
+        return None
+    cap = _real_number(name, value, "None or a finite Python float > 0")
+    if not (np.isfinite(cap) and cap > 0.0):
+        fail(f"{name} must be None or a finite float > 0; received {name}={cap!r}.")
+    return cap
 
 
 def check_dropout_rate(name: str, value: Any) -> float:
@@ -195,6 +208,9 @@ OPTIONS: Mapping[str, Option] = MappingProxyType(
         "param_dtype": Option("float32", float_dtype_name),
         "precision": Option(None, check_precision),
         "window": Option(None, check_window),
+        "logits_soft_cap": Option(None, check_soft_cap),
+        "score_mod": Option(None, check_function),
+        "mask_mod": Option(None, check_function),
         "implementation": Option(None, check_choice(IMPLEMENTATIONS)),
         "block_size": Option(None, check_block_size),
         "return_attention_scores": Option(False, check_bool),
@@ -224,6 +240,9 @@ class AttentionOptions:
 
     causal: bool = False
     window: Window = None
+    logits_soft_cap: float | None = None
+    score_mod: ScoreMod | None = None
+    mask_mod: MaskMod | None = None
     score_mode: ScoreMode = "dot"
     dropout_rate: float = 0.0
     deterministic: bool | None = None

@@ -8,6 +8,7 @@ Shape glossary: ``...`` batch dims, ``Tq``/``Tv`` query/key lengths, ``D`` depth
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax.numpy as jnp
@@ -52,18 +53,34 @@ def logits(
     return scores
 
 
+def soft_cap(scores: Array, cap: float | None) -> Array:
+    """``cap * tanh(scores / cap)`` (``scores`` itself when ``cap`` is None)."""
+    if cap is None:
+        return scores
+    c = jnp.asarray(cap, scores.dtype)
+    return c * jnp.tanh(scores / c)
+
+
 def masked_logits(
     query: Array,
     key: Array,
     keep: Array | None,
     bias: Array | None = None,
+    *,
+    logits_soft_cap: float | None = None,
+    modify: Callable[[Array], Array] | None = None,
     **options: Any,
 ) -> Array:
-    """:func:`logits`, plus ``bias`` (broadcastable), then Keras's masking rule
-    (``keep``: bool, broadcastable; masked logits get 1e9 subtracted)."""
+    """:func:`logits`, plus ``bias`` (broadcastable), soft-capped (``cap * tanh(s /
+    cap)``), changed by ``modify`` (a ``score_mod`` with its positions bound), then
+    Keras's masking rule (``keep``: bool, broadcastable; masked logits get 1e9
+    subtracted)."""
     scores = logits(query, key, **options)  # [..., Tq, Tv]
     if bias is not None:
         scores = scores + bias.astype(scores.dtype)
+    scores = soft_cap(scores, logits_soft_cap)
+    if modify is not None:
+        scores = modify(scores)
     return apply_score_mask(scores, keep)  # [..., Tq, Tv]
 
 

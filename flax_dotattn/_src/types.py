@@ -6,7 +6,7 @@ signatures, the config and the validation read them from the same place.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, get_args
 
 import jax
@@ -34,6 +34,10 @@ Masks = Sequence[Any] | None
 
 #: ``window``: None or ``(left, right)``, a None side unbounded.
 Window = tuple[int | None, int | None] | None
+#: ``score_mod(scores [..., Bq, Bk], q_pos [(...,) Bq, 1], kv_pos [1, Bk]) -> scores``.
+ScoreMod = Callable[[Array, Array, Array], Array]
+#: ``mask_mod(q_pos [(...,) Bq, 1], kv_pos [1, Bk]) -> bool [..., Bq, Bk]`` (broadcastable).
+MaskMod = Callable[[Array, Array], Array]
 #: What ``precision`` accepts: None, a ``jax.lax.Precision`` or its name (any case).
 PrecisionLike = jax.lax.Precision | str | None
 #: What ``block_size`` accepts: None, an int, a pair ``(Bq, Bk)``, a mapping of

@@ -52,6 +52,9 @@ class DotAttentionConfig(DotAttentionFields):
         ``causal``; a None side, or one of 2**30 or more, is unbounded); with
         ``causal=True``, ``(w, 0)`` is a causal sliding window. The chunked path computes
         only the blocks inside the band.
+      logits_soft_cap: None or a float ``cap > 0``: the logits (bias included) become
+        ``cap * tanh(logits / cap)`` before the masks (see :func:`dot_attention`).
+        ``to_keras`` refuses it: Keras has no soft-cap.
       implementation: None (automatic), ``"xla"``, ``"chunked"``, ``"cudnn"``,
         ``"pallas_tpu"`` or ``"pallas_gpu"``; see :func:`dot_attention`.
       block_size: blocks of the chunked path: None (the measured default per score
@@ -158,9 +161,10 @@ class MultiHeadDotAttentionConfig(MultiHeadDotAttentionFields):
         has no equivalent here).
 
     The other fields (``score_mode``, ``dropout_rate``, ``causal``, ``deterministic``,
-    ``dtype``, ``param_dtype``, ``precision``, ``window``, ``implementation``,
-    ``block_size``) are :class:`DotAttentionConfig`'s; ``dtype`` and ``precision`` also
-    apply to the projections, and ``param_dtype`` is the kernels' and biases' dtype too.
+    ``dtype``, ``param_dtype``, ``precision``, ``window``, ``logits_soft_cap``,
+    ``implementation``, ``block_size``) are :class:`DotAttentionConfig`'s; ``dtype`` and
+    ``precision`` also apply to the projections, and ``param_dtype`` is the kernels' and
+    biases' dtype too.
 
     Examples:
       >>> from flax_dotattn import MultiHeadDotAttentionConfig

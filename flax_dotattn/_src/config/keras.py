@@ -100,10 +100,27 @@ def _from_keras_dtype(policy: Any) -> tuple[str | None, str | None]:
     return float_dtype_name("dtype", name), float_dtype_name("param_dtype", name)
 
 
+def refuse_soft_cap(config: Any) -> None:
+    """Raises a ValueError when ``config`` soft-caps the logits or holds a score or mask
+    function, which Keras's layers cannot express."""
+    if config.logits_soft_cap is not None:
+        fail(
+            "to_keras: Keras's attention layers have no soft-cap; received "
+            f"logits_soft_cap={config.logits_soft_cap} (set it to None to export)."
+        )
+    for name in ("score_mod", "mask_mod"):
+        if getattr(config, name) is not None:
+            fail(
+                f"to_keras: Keras's attention layers take no {name}; received "
+                f"{name}={getattr(config, name)!r} (set it to None to export)."
+            )
+
+
 def config_to_keras(config: DotAttentionFields, *, legacy: bool = False) -> dict[str, Any]:
     """The Keras ``Attention`` layer config of ``config`` (see
     :meth:`DotAttentionConfig.to_keras`)."""
     policy: str
+    refuse_soft_cap(config)
     if config.dtype is None or config.dtype == config.param_dtype:
         policy = config.param_dtype
     elif config.param_dtype == "float32" and config.dtype in ("float16", "bfloat16"):

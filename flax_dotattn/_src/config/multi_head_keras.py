@@ -20,7 +20,12 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from flax_dotattn._src.config.keras import config_to_keras, fields_from_keras, layer_config
+from flax_dotattn._src.config.keras import (
+    config_to_keras,
+    fields_from_keras,
+    layer_config,
+    refuse_soft_cap,
+)
 from flax_dotattn._src.config.multi_head_schema import (
     MultiHeadDotAttentionFields,
     check_multi_head_config,
@@ -103,6 +108,7 @@ def multi_head_config_to_keras(config: MultiHeadDotAttentionFields) -> dict[str,
     """The Keras ``MultiHeadAttention`` config of ``config`` (see
     :meth:`MultiHeadDotAttentionConfig.to_keras`)."""
     check_multi_head_config(config, "to_keras")
+    refuse_soft_cap(config)
     if config.kv_heads != config.num_heads:
         fail(
             f"to_keras: Keras has no grouped-query attention; received "

@@ -23,7 +23,9 @@ from flax_dotattn._src.options import OPTIONS, check_bool, check_finite_float, f
 from flax_dotattn._src.types import (
     FloatDtypeName,
     Implementation,
+    MaskMod,
     PrecisionName,
+    ScoreMod,
     ScoreMode,
     Window,
 )
@@ -117,6 +119,9 @@ class MultiHeadDotAttentionFields:
     param_dtype: FloatDtypeName = "float32"
     precision: PrecisionName | None = None
     window: Window = None
+    logits_soft_cap: float | None = None
+    score_mod: ScoreMod | None = None
+    mask_mod: MaskMod | None = None
     implementation: Implementation | None = None
     block_size: BlockSizes | None = None
 

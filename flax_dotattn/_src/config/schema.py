@@ -13,11 +13,14 @@ from collections.abc import Mapping
 from typing import Any, Self, TypeVar
 
 from flax_dotattn._src.blocks import BlockSizes
+from flax_dotattn._src.mods import to_name
 from flax_dotattn._src.options import check_fields, fail
 from flax_dotattn._src.types import (
     FloatDtypeName,
     Implementation,
+    MaskMod,
     PrecisionName,
+    ScoreMod,
     ScoreMode,
     Window,
 )
@@ -40,6 +43,9 @@ class DotAttentionFields:
     param_dtype: FloatDtypeName = "float32"
     precision: PrecisionName | None = None
     window: Window = None
+    logits_soft_cap: float | None = None
+    score_mod: ScoreMod | None = None
+    mask_mod: MaskMod | None = None
     implementation: Implementation | None = None
     block_size: BlockSizes | None = None
 
@@ -84,8 +90,11 @@ def field_values(config: Any) -> dict[str, Any]:
 
 def plain_dict(config: Any) -> dict[str, Any]:
     """A config's fields as plain data (JSON/YAML-serialisable): ``block_size`` as a dict,
-    ``window`` as a list."""
+    ``window`` as a list, ``score_mod`` and ``mask_mod`` by their registered names (a
+    ValueError for a function that is not registered: it cannot be written)."""
     data = field_values(config)
+    for name in ("score_mod", "mask_mod"):
+        data[name] = to_name(name, data[name])
     if config.block_size is not None:
         data["block_size"] = config.block_size.to_dict()
     if config.window is not None:

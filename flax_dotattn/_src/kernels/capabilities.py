@@ -67,6 +67,9 @@ FEATURES: tuple[Feature, ...] = (
         "query_offset is a JAX array or differs per sequence",
     ),
     Feature("segment_ids", "`segment_ids`", "segment_ids", given=True),
+    Feature("logits_soft_cap", "`logits_soft_cap`", "logits_soft_cap", given=True),
+    Feature("score_mod", "`score_mod`", "score_mod", given=True),
+    Feature("mask_mod", "`mask_mod`", "mask_mod", given=True),
     Feature("causal", "`causal`", "causal"),
     Feature("value_mask", "value mask, `kv_length` (key padding)", "a value mask"),
     Feature("query_mask", "query mask (rows zeroed after)", "a query mask"),
@@ -150,6 +153,9 @@ def call_features(inputs: AttentionInputs, options: AttentionOptions) -> list[Fe
         "traced_query_offset": inputs.query_offset is not None
         and not _static_offset(inputs.query_offset),
         "segment_ids": masking.query_segment_ids is not None,
+        "logits_soft_cap": options.logits_soft_cap is not None,
+        "score_mod": options.score_mod is not None,
+        "mask_mod": options.mask_mod is not None,
         "causal": options.causal,
         "value_mask": masking.value_mask is not None,
         "query_mask": inputs.query_mask is not None,
@@ -163,6 +169,8 @@ def call_features(inputs: AttentionInputs, options: AttentionOptions) -> list[Fe
 _EVERY_FEATURE = {f.name: "" for f in FEATURES}
 _NO_DENSE = "the kernel takes no dense mask or bias"
 _IDS_ONLY = "the kernel masks by segment ids only"
+_NO_FUNCTIONS = "the kernel takes no score or mask function"
+_NO_CAP = "the kernel has no soft-cap"
 
 #: One row per kernel, in the guide's column order.
 TABLE: Mapping[str, Capabilities] = MappingProxyType(
@@ -199,6 +207,7 @@ TABLE: Mapping[str, Capabilities] = MappingProxyType(
                     "window": "splash `LocalMask`, blocks skipped",
                     "query_offset": "the masks' offset",
                     "segment_ids": "splash segment ids",
+                    "logits_soft_cap": "splash's `attn_logits_soft_cap`",
                     "value_mask": "as segment ids",
                     "query_mask": "",
                     "learned_scale": "folded into q and k",
@@ -209,6 +218,8 @@ TABLE: Mapping[str, Capabilities] = MappingProxyType(
                     "attention_mask": _NO_DENSE,
                     "key_padding_mask": _NO_DENSE,
                     "traced_query_offset": "the kernel's masks take one static offset",
+                    "score_mod": _NO_FUNCTIONS,
+                    "mask_mod": _NO_FUNCTIONS,
                     "float64": "no float64 kernel on TPU",
                 },
             ),
@@ -230,6 +241,9 @@ TABLE: Mapping[str, Capabilities] = MappingProxyType(
                 refuses={
                     "segment_ids": "cuDNN takes packed sequences as offsets, not ids",
                     "query_offset": "cuDNN's causal mask and window start at query 0",
+                    "logits_soft_cap": _NO_CAP,
+                    "score_mod": _NO_FUNCTIONS,
+                    "mask_mod": _NO_FUNCTIONS,
                 },
             ),
             Capabilities(
@@ -250,6 +264,9 @@ TABLE: Mapping[str, Capabilities] = MappingProxyType(
                     "attention_mask": _IDS_ONLY,
                     "window": _IDS_ONLY,
                     "query_offset": _IDS_ONLY,
+                    "logits_soft_cap": _NO_CAP,
+                    "score_mod": _NO_FUNCTIONS,
+                    "mask_mod": _NO_FUNCTIONS,
                 },
             ),
         )

@@ -22,6 +22,8 @@ Mapping a call onto ``jax.experimental.pallas.ops.tpu.splash_attention``:
   comparison with no matmul, skipped when no row can), or the scale cannot be folded,
   the kernel says it is not exact and the runner runs the chunked path for the whole
   call instead (a ``lax.cond``).
+* ``logits_soft_cap`` is splash's ``attn_logits_soft_cap`` (it caps ``scale * q·k``
+  before its masks, as Keras's order here does).
 * The query mask zeroes output rows afterwards, as on every path.
 
 Derivatives: a ``jax.custom_jvp`` whose tangent is a
@@ -253,6 +255,7 @@ class Static:
             head_shards=1,
             q_seq_shards=1,
             save_residuals=save_residuals,
+            attn_logits_soft_cap=self.options.logits_soft_cap,
             interpret=self.interpret,
         )
 

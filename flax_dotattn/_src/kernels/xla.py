@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from flax_dotattn._src import masks as masks_lib
+from flax_dotattn._src import mods
 from flax_dotattn._src.options import AttentionOptions
 from flax_dotattn._src.scores import masked_logits
 from flax_dotattn._src.types import Array
@@ -73,11 +74,29 @@ def materialised_attention(
         window=options.window,
         batch_ndim=query.ndim - 2,
     )
+    # The score and mask functions see every pair at once: q_pos [(...,) Tq, 1], kv_pos
+    # [1, Tv], absolute int32 positions.
+    q_pos = query_positions.astype(jnp.int32)[..., :, None]
+    kv_pos = jnp.arange(key.shape[-2], dtype=jnp.int32)[None, :]
+    batch = jnp.broadcast_shapes(query.shape[:-2], key.shape[:-2])
+    if options.mask_mod is not None:
+        visible = mods.call_mask_mod(options.mask_mod, q_pos, kv_pos, batch)
+        visible = visible.reshape((1,) * (len(batch) + 2 - visible.ndim) + visible.shape)
+        keep = visible if keep is None else keep & visible
+    modify = None
+    if options.score_mod is not None:
+        score_mod = options.score_mod
+
+        def modify(scores: Array) -> Array:
+            return mods.call_score_mod(score_mod, scores, q_pos, kv_pos)
+
     scores = masked_logits(
         query,
         key,
         keep,
         inputs.bias,
+        logits_soft_cap=options.logits_soft_cap,
+        modify=modify,
         score_mode=options.score_mode,
         scale=inputs.scale,
         concat_score_weight=inputs.concat_score_weight,

@@ -18,8 +18,10 @@ from flax_dotattn._src.types import (
     BlockSizeLike,
     DTypeLike,
     Implementation,
+    MaskMod,
     Masks,
     PrecisionLike,
+    ScoreMod,
     ScoreMode,
     Window,
 )
@@ -51,6 +53,8 @@ class DotAttention(nn.Module):
       param_dtype: dtype of the learned params.
       precision: matmul precision: None, a ``jax.lax.Precision`` or its name.
       window: the default of the call's ``window``, a sliding window ``(left, right)``.
+      logits_soft_cap: None or a float ``cap > 0``: the logits become
+        ``cap * tanh(logits / cap)`` before the masks (see :func:`dot_attention`).
       implementation: None (automatic), ``"xla"``, ``"chunked"``, ``"cudnn"``,
         ``"pallas_tpu"`` or ``"pallas_gpu"``; see :func:`dot_attention`.
       block_size: blocks of the chunked path (see :class:`BlockSizes`).
@@ -77,6 +81,9 @@ class DotAttention(nn.Module):
     param_dtype: DTypeLike = "float32"
     precision: PrecisionLike = None
     window: Window = None
+    logits_soft_cap: float | None = None
+    score_mod: ScoreMod | None = None
+    mask_mod: MaskMod | None = None
     implementation: Implementation | None = None
     block_size: BlockSizeLike = None
 

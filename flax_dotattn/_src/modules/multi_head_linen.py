@@ -24,8 +24,10 @@ from flax_dotattn._src.types import (
     BlockSizeLike,
     DTypeLike,
     Implementation,
+    MaskMod,
     Masks,
     PrecisionLike,
+    ScoreMod,
     ScoreMode,
     Window,
 )
@@ -163,6 +165,9 @@ class MultiHeadDotAttention(nn.Module):
     param_dtype: DTypeLike = "float32"
     precision: PrecisionLike = None
     window: Window = None
+    logits_soft_cap: float | None = None
+    score_mod: ScoreMod | None = None
+    mask_mod: MaskMod | None = None
     implementation: Implementation | None = None
     block_size: BlockSizeLike = None
     kernel_init: Initializer | None = None

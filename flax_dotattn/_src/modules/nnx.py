@@ -26,8 +26,10 @@ from flax_dotattn._src.types import (
     BlockSizeLike,
     DTypeLike,
     Implementation,
+    MaskMod,
     Masks,
     PrecisionLike,
+    ScoreMod,
     ScoreMode,
     Window,
 )
@@ -38,7 +40,7 @@ class DotAttention(nnx.Module):
 
     The keyword arguments ``use_scale``, ``scale_init``, ``score_mode``, ``dropout_rate``,
     ``causal``, ``deterministic``, ``dtype``, ``param_dtype``, ``precision``, ``window``,
-    ``implementation`` and ``block_size`` are the fields of the Linen
+    ``logits_soft_cap``, ``implementation`` and ``block_size`` are the fields of the Linen
     :class:`flax_dotattn.DotAttention`: the options of
     :class:`flax_dotattn.DotAttentionConfig`, with the same names, defaults, checks and
     meaning. They are checked on construction and kept as attributes by their canonical
@@ -75,6 +77,9 @@ class DotAttention(nnx.Module):
         param_dtype: DTypeLike = "float32",
         precision: PrecisionLike = None,
         window: Window = None,
+        logits_soft_cap: float | None = None,
+        score_mod: ScoreMod | None = None,
+        mask_mod: MaskMod | None = None,
         implementation: Implementation | None = None,
         block_size: BlockSizeLike = None,
         rngs: nnx.Rngs | None = None,
@@ -93,6 +98,9 @@ class DotAttention(nnx.Module):
                 param_dtype=param_dtype,
                 precision=precision,
                 window=window,
+                logits_soft_cap=logits_soft_cap,
+                score_mod=score_mod,
+                mask_mod=mask_mod,
                 implementation=implementation,
                 block_size=block_size,
             )
@@ -107,6 +115,9 @@ class DotAttention(nnx.Module):
         self.param_dtype = config.param_dtype
         self.precision = config.precision
         self.window = config.window
+        self.logits_soft_cap = config.logits_soft_cap
+        self.score_mod = config.score_mod
+        self.mask_mod = config.mask_mod
         self.implementation = config.implementation
         self.block_size = config.block_size
         for name in config.param_names:

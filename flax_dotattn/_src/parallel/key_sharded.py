@@ -30,9 +30,11 @@ from flax_dotattn._src.kernels import chunked, pallas_tpu
 from flax_dotattn._src.types import (
     Array,
     BlockSizeLike,
+    MaskMod,
     Masks,
     Params,
     PrecisionLike,
+    ScoreMod,
     ScoreMode,
     Window,
 )
@@ -66,6 +68,9 @@ def sequence_parallel_attention(
     query_offset: int | Array | None = None,
     kv_length: int | Array | None = None,
     window: Window = None,
+    logits_soft_cap: float | None = None,
+    score_mod: ScoreMod | None = None,
+    mask_mod: MaskMod | None = None,
     score_mode: ScoreMode = "dot",
     dropout_rate: float = 0.0,
     dropout_rng: Array | None = None,
@@ -89,7 +94,8 @@ def sequence_parallel_attention(
       key: ``[..., Tv, D]`` or None.
       masks: None or ``(query_mask [..., Tq], value_mask [..., Tv])``.
       causal: Python bool; the mask compares global positions.
-      attention_mask, bias, segment_ids, query_offset, kv_length, window: see
+      attention_mask, bias, segment_ids, query_offset, kv_length, window,
+        logits_soft_cap, score_mod, mask_mod: see
         :func:`dot_attention` (global positions; a full mask or bias is split along ``Tv``
         unless broadcast there).
       mesh: the device mesh.

@@ -87,7 +87,8 @@ def fold(static: Static, res: Residuals, batched: Any, n: int, bias_moves: bool)
     mapped axis cannot join it. ``bias_moves``: the bias has a per-element (co)tangent,
     so it is made per element too."""
     ops, ops_b = res.ops, batched.ops
-    if not _foldable(ops_b):
+    if static.has_mods or not _foldable(ops_b):
+        # The score and mask functions see the call's batch: jax.vmap maps them instead.
         return None
     if bias_moves and ops.bias is not None and not ops_b.bias:
         ops = ops._replace(bias=jax.numpy.broadcast_to(ops.bias, (n,) + ops.bias.shape))

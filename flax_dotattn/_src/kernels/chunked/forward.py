@@ -11,7 +11,7 @@ from jax import lax
 
 from flax_dotattn._src.kernels.chunked.layout import cut as cut_blocks
 from flax_dotattn._src.kernels.chunked.layout import from_blocks, pair_block
-from flax_dotattn._src.kernels.chunked.operands import Operands, Static
+from flax_dotattn._src.kernels.chunked.operands import Operands, Static, score_consts
 from flax_dotattn._src.kernels.chunked.skipping import gated, sweep
 from flax_dotattn._src.kernels.chunked.softmax import (
     at_most_zero,
@@ -50,7 +50,7 @@ def forward(static: Static, ops: Operands) -> tuple[Array, Array, Array]:
             bias_blk = pair_block(static, cut.bias, blocks, i, j)
             s = block_logits(
                 static, cut, ops.key_offset, i, j, q_blk, cut.k[j], bias_blk, ops.scale,
-                ops.concat_score_weight,
+                ops.concat_score_weight, score_consts(ops),
             )  # fmt: skip
             m_new = jnp.maximum(m, s.max(-1))  # [B, Bq]
             shift = finite_shift(m_new)  # a row that has seen only -inf logits so far

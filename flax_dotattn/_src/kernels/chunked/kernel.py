@@ -47,6 +47,20 @@ def _zero_to_none(t: Any) -> Any:
     return None if isinstance(t, SymbolicZero) else t
 
 
+def _mod_tangents(ops: Operands, t_ops: Operands) -> tuple[Array, ...] | None:
+    """Tangents of the score function's floating arrays (zeros where symbolic), or None
+    when none moves."""
+    if ops.mods is None or t_ops.mods is None:
+        return None
+    primals, tangents = ops.mods.score_consts, t_ops.mods.score_consts
+    if all(isinstance(t, SymbolicZero) for t in tangents):
+        return None
+    return tuple(
+        jnp.zeros_like(p) if isinstance(t, SymbolicZero) else t
+        for p, t in zip(primals, tangents, strict=True)
+    )
+
+
 def _attend_jvp(static: Static, primals, tangents):
     """``m`` is treated as a constant shift (tangent 0), so ``l`` carries the whole
     derivative of the log-sum-exp ``m + log l``; ``out`` is exact."""
@@ -59,6 +73,7 @@ def _attend_jvp(static: Static, primals, tangents):
         bias=_zero_to_none(t_ops.bias),
         scale=_zero_to_none(t_ops.scale),
         concat_weight=_zero_to_none(t_ops.concat_score_weight),
+        mod_consts=_mod_tangents(ops, t_ops),
     )
     if all(x is None for x in t):
         return (out, m, norm), tuple(jnp.zeros_like(x) for x in (out, m, norm))

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from flax_dotattn._src.kernels.chunked.bounds import logit_bounds
-from flax_dotattn._src.kernels.chunked.operands import Operands, Static, pair_blocks
+from flax_dotattn._src.kernels.chunked.operands import ModOperands, Operands, Static, pair_blocks
 from flax_dotattn._src.types import Array
 
 Blocks = tuple[int, int]  # (Bq, Bk)
@@ -138,6 +138,7 @@ class Blocked(NamedTuple):
     k_bound: Array  # [nK, B]
     k_bound_all: Array  # []: max of k_bound
     bias_max: Array  # []: max of the bias (0 without one)
+    mods: ModOperands | None = None  # positions and arrays of the score/mask functions
 
     @property
     def blocks(self) -> Blocks:
@@ -184,4 +185,5 @@ def cut(static: Static, ops: Operands, blocks: Blocks) -> Blocked:
         k_bound=k_bound,
         k_bound_all=k_bound.max() if k_bound.size else jnp.zeros((), ops.k.dtype),
         bias_max=jnp.zeros((), ops.q.dtype) if bias is None else bias.max().astype(ops.q.dtype),
+        mods=ops.mods,
     )

@@ -6,13 +6,17 @@ once; every pass of the kernel reads them from here.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flax_dotattn._src import mods
 from flax_dotattn._src.masks import Masking
+from flax_dotattn._src.mods import Converted, MaskTables
 from flax_dotattn._src.tuning import table as tuning
 from flax_dotattn._src.types import Array
 from flax_dotattn._src.validation import CheckedCall
@@ -32,12 +36,35 @@ class Static(NamedTuple):
     backward_blocks: tuple[int, int]  # (Bq, Bk) of the derivative pass
     precision: Any
     groups: int = 1  # G: query batch entries that share one key/value entry
+    logits_soft_cap: float | None = None  # cap * tanh(logits / cap) before the masks
+    # score_mod / mask_mod as pure functions of explicit operands (ModOperands), per block
+    # shape, with the call's batch order (``batch`` is in ``perm``'s order)
+    score_mod: Converted | None = None
+    mask_mod: Converted | None = None
+    mask_tables: MaskTables | None = None  # mask_mod classified while tracing, per blocks
+    perm: tuple[int, ...] = ()
+
+    @property
+    def has_mods(self) -> bool:
+        """Whether a score or mask function is given."""
+        return self.score_mod is not None or self.mask_mod is not None
 
     @property
     def derivative_blocks(self) -> tuple[int, int]:
         """The blocks of the tangent and transpose passes: the forward's under dropout,
         whose random pattern is drawn per forward block."""
         return self.forward_blocks if self.dropout_rate > 0.0 else self.backward_blocks
+
+
+class ModOperands(NamedTuple):
+    """What the score and mask functions read beyond the scores: absolute positions and
+    the traced arrays they close over (hoisted, see :func:`~flax_dotattn._src.mods.convert`)."""
+
+    query_start: Array  # int32 [] or at the call's batch rank (call order): query 0's position
+    kv_start: Array  # int32 []: key 0's position
+    score_consts: tuple[Array, ...]  # the score_mod's floating arrays (differentiable)
+    score_other: tuple[Array, ...]  # its other arrays
+    mask_consts: tuple[Array, ...]  # the mask_mod's arrays
 
 
 class Operands(NamedTuple):
@@ -59,6 +86,7 @@ class Operands(NamedTuple):
     scale: Array | None  # []
     concat_score_weight: Array | None  # []
     rng: Array | None  # dropout key
+    mods: ModOperands | None = None  # with a score_mod or a mask_mod
 
 
 class Tangents(NamedTuple):
@@ -74,18 +102,24 @@ class Tangents(NamedTuple):
     bias: Array | None = None  # the bias's shape
     scale: Array | None = None  # []
     concat_weight: Array | None = None  # []
+    mod_consts: tuple[Array, ...] | None = None  # the score_mod's floating arrays
 
     @property
     def moves_logits(self) -> bool:
         """Whether any of the logits' arguments (all but ``value``) has a tangent."""
         return any(t is not None for t in (self.query, self.key, self.bias, self.scale,
-                                           self.concat_weight))  # fmt: skip
+                                           self.concat_weight, self.mod_consts))  # fmt: skip
 
     def present(self) -> Tangents:
         """Which tangents are nonzero: True there, None elsewhere (hashable, and with the
         same None fields, so :attr:`moves_logits` reads it too)."""
         flags: list[Any] = [None if t is None else True for t in self]
         return Tangents(*flags)
+
+
+def score_consts(ops: Operands) -> tuple[Array, ...]:
+    """The score function's floating arrays (differentiable operands), or ``()``."""
+    return () if ops.mods is None else ops.mods.score_consts
 
 
 def clip_blocks(blocks: tuple[int, int], tq: int, tv: int) -> tuple[int, int]:
@@ -233,6 +267,7 @@ def prepare_grouped(
         backward_blocks=rows(blocks.backward),
         precision=options.lax_precision,
         groups=g,
+        logits_soft_cap=options.logits_soft_cap,
     )
     cdt = jnp.dtype(inputs.compute_dtype)
     nb = len(batch)
@@ -272,4 +307,65 @@ def prepare_grouped(
         concat_score_weight=cast(inputs.concat_score_weight),
         rng=call.dropout_rng if static.dropout_rate > 0.0 else None,
     )
+    if options.score_mod is not None or options.mask_mod is not None:
+        static, mod_ops = _prepare_mods(call, static, perm, key_offset)
+        ops = ops._replace(mods=mod_ops)
     return static, ops, grouping
+
+
+def _prepare_mods(
+    call: CheckedCall, static: Static, perm: tuple[int, ...], key_offset: int | Array
+) -> tuple[Static, ModOperands]:
+    """The score and mask functions as pure functions of explicit operands (their traced
+    arrays hoisted), checked at every block shape the passes use, and the mask function's
+    block map where it can be evaluated while tracing (positions and constants only)."""
+    options, inputs = call.options, call.inputs
+    batch = inputs.query.shape[:-2]  # the call's (output's) batch, in its own order
+    cdt = jnp.dtype(inputs.compute_dtype)
+    offset = inputs.query_offset
+    query_start = jnp.zeros((), jnp.int32) if offset is None else jnp.asarray(offset, jnp.int32)
+    kv_start = jnp.asarray(key_offset, jnp.int32)
+    positions = sorted(
+        {pair_blocks(static, static.forward_blocks), pair_blocks(static, static.backward_blocks)}
+    )
+
+    def sds(shape: tuple[int, ...], dtype: Any) -> Any:
+        return jax.ShapeDtypeStruct(shape, dtype)
+
+    def q_pos(bq: int) -> Any:
+        return sds(query_start.shape + (bq, 1), jnp.int32)
+
+    score, score_consts, score_other = None, (), ()
+    if options.score_mod is not None:
+        examples = [
+            (sds(batch + (bq, bk), cdt), q_pos(bq), sds((1, bk), jnp.int32)) for bq, bk in positions
+        ]
+        score, consts = mods.convert(options.score_mod, examples, mods.call_score_mod)
+        floating = tuple(jnp.issubdtype(c.dtype, jnp.inexact) for c in consts)
+        score = dataclasses.replace(score, floating=floating)
+        score_consts = tuple(c for c, f in zip(consts, floating, strict=True) if f)
+        score_other = tuple(c for c, f in zip(consts, floating, strict=True) if not f)
+    mask, mask_consts, tables = None, (), None
+    if options.mask_mod is not None:
+        examples = [(q_pos(bq), sds((1, bk), jnp.int32)) for bq, bk in positions]
+
+        def check(fn: Any, q: Any, k: Any) -> Any:
+            return mods.call_mask_mod(fn, q, k, batch)
+
+        mask, mask_consts = mods.convert(options.mask_mod, examples, check)
+        concrete = (offset is None or isinstance(offset, np.ndarray)) and not isinstance(
+            key_offset, jax.core.Tracer
+        )
+        if concrete:
+            start = np.zeros((), np.int32) if offset is None else np.asarray(offset, np.int32)
+            maps = {
+                blocks: mods.classify(
+                    options.mask_mod, start, int(key_offset), inputs.query.shape[-2],
+                    static.tv, blocks, batch,
+                )
+                for blocks in positions
+            }  # fmt: skip
+            if all(m is not None for m in maps.values()):
+                tables = mods.MaskTables(maps)  # type: ignore[arg-type]
+    static = static._replace(score_mod=score, mask_mod=mask, mask_tables=tables, perm=perm)
+    return static, ModOperands(query_start, kv_start, score_consts, score_other, mask_consts)

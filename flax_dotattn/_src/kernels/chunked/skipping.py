@@ -19,10 +19,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from flax_dotattn._src.kernels.chunked import functions
 from flax_dotattn._src.kernels.chunked.bounds import negligible
 from flax_dotattn._src.kernels.chunked.layout import Blocked, Blocks, pair_slice
 from flax_dotattn._src.kernels.chunked.operands import Static, pair_blocks
 from flax_dotattn._src.masks import MASK_PENALTY
+from flax_dotattn._src.mods import EMPTY
+from flax_dotattn._src.scores import soft_cap
 from flax_dotattn._src.types import Array
 
 # compute(j, run, carry) -> carry: one key block's step; ``run`` is Python True or a
@@ -66,15 +69,30 @@ def may_see(static: Static, cut: Blocked, i: Any, j: Any) -> Any:
     if cut.attention_mask is not None:
         blocks = pair_blocks(static, cut.blocks)
         tests.append(jnp.any(pair_slice(cut.attention_mask, blocks, i, j)))
+    if static.mask_mod is not None and cut.mods is not None:
+        known = functions.block_map(static, cut.blocks)
+        if known is not None:  # classified while tracing: a table lookup
+            tests.append(jnp.asarray(known.states)[i, j] != EMPTY)
+        else:  # reads traced arrays: evaluated on the block
+            tests.append(jnp.any(functions.visible(static, cut.mods, cut.blocks, i, j)))
     return functools.reduce(jnp.logical_and, tests) if tests else True
 
 
 def masked_is_negligible(static: Static, cut: Blocked, i: Any, k_bound: Array, row_max: Array):
     """Whether masked logits bounded by ``q_bound * k_bound + max(bias) - 1e9`` have
-    softmax weight exactly 0 in every real row of query block i (``row_max [B, Bq]``)."""
+    softmax weight exactly 0 in every real row of query block i (``row_max [B, Bq]``).
+
+    A soft-cap is increasing, so the capped bound bounds the capped logits. A score
+    function has no bound: its scores are taken to lie within ``±1e8`` (as
+    :func:`dot_attention` documents), so that masked logits have weight exactly 0 in
+    every row that sees a key (its max is above ``-1e9 / 2``), and a row that sees none
+    visits every block."""
     block_q = cut.q.shape[2]
-    top = cut.q_bound[i] * k_bound + cut.bias_max - MASK_PENALTY  # [B, Bq]
     real_row = (i * block_q + jnp.arange(block_q) < static.tq)[None, :]  # [1, Bq]
+    if static.score_mod is not None:
+        return jnp.all((row_max > -MASK_PENALTY / 2) | ~real_row)
+    top = soft_cap(cut.q_bound[i] * k_bound + cut.bias_max, static.logits_soft_cap)
+    top = top - MASK_PENALTY  # [B, Bq]
     return jnp.all(negligible(top, row_max) | ~real_row)
 
 
@@ -107,6 +125,7 @@ def _structural(static: Static, cut: Blocked) -> bool:
         or cut.value_mask is not None
         or cut.attention_mask is not None
         or cut.q_segments is not None
+        or static.mask_mod is not None
     )
 
 
@@ -127,6 +146,11 @@ def sweep(
     """
     n_k = cut.k.shape[0]
     j_lo, j_hi, n_steps = band(static, cut.blocks, key_offset, i, n_k)
+    known = functions.block_map(static, cut.blocks)
+    if known is not None:  # the mask function's visible blocks, known while tracing
+        j_lo = jnp.maximum(j_lo, jnp.asarray(known.first)[i])
+        j_hi = jnp.minimum(j_hi, jnp.asarray(known.last)[i])
+        n_steps = min(n_steps, known.steps)
 
     def first(t, carry):
         j = jnp.minimum(j_lo + t, n_k - 1)

@@ -7,6 +7,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from flax_dotattn._src.kernels.chunked import functions
 from flax_dotattn._src.kernels.chunked.layout import Blocked, pair_block
 from flax_dotattn._src.kernels.chunked.operands import Static, query_positions
 from flax_dotattn._src.masks import Masking, keep_mask
@@ -17,12 +18,13 @@ from flax_dotattn._src.types import Array
 def block_logits(
     static: Static, cut: Blocked, key_offset: Array, i: Any, j: Any,
     q_blk: Array, k_blk: Array, bias_blk: Array | None, scale: Array | None,
-    weight: Array | None,
+    weight: Array | None, score_consts: tuple[Array, ...] = (),
 ) -> Array:  # fmt: skip
     """Masked logits ``[B, Bq, Bk]`` of block (i, j); padded keys get ``-inf``.
 
-    The differentiable operands (the query and key blocks, the bias block ``[B, Bq, Bk]``
-    and the scalars) are arguments, so that derivatives reach them.
+    The differentiable operands (the query and key blocks, the bias block ``[B, Bq, Bk]``,
+    the scalars and the score function's floating arrays) are arguments, so that
+    derivatives reach them.
     """
     blocks = cut.blocks
     block_q, block_k = blocks
@@ -39,11 +41,19 @@ def block_logits(
     keep = keep_mask(
         q_pos, k_global, masking, causal=static.causal, window=static.window, batch_ndim=1
     )
+    modify = None
+    if cut.mods is not None:
+        if static.mask_mod is not None:
+            visible = functions.visible(static, cut.mods, blocks, i, j)  # [B, Bq, Bk]
+            keep = visible if keep is None else keep & visible
+        modify = functions.score_modifier(static, cut.mods, blocks, i, j, score_consts)
     s = masked_logits(
         q_blk,
         k_blk,
         keep,
         bias_blk,
+        logits_soft_cap=static.logits_soft_cap,
+        modify=modify,
         score_mode=static.score_mode,
         scale=scale,
         concat_score_weight=weight,

@@ -19,7 +19,13 @@ from jax import lax
 
 from flax_dotattn._src.kernels.chunked.layout import cut as cut_blocks
 from flax_dotattn._src.kernels.chunked.layout import from_blocks, pad_pairs, pair_block, to_blocks
-from flax_dotattn._src.kernels.chunked.operands import Operands, Static, Tangents, pair_blocks
+from flax_dotattn._src.kernels.chunked.operands import (
+    Operands,
+    Static,
+    Tangents,
+    pair_blocks,
+    score_consts,
+)
 from flax_dotattn._src.kernels.chunked.skipping import gated, sweep
 from flax_dotattn._src.kernels.chunked.softmax import (
     block_logits,
@@ -67,7 +73,7 @@ def tangent(static: Static, res: Residuals, tangents: Tangents) -> tuple[Array, 
             acc, c = carry
             primals = (
                 q_blk, cut.k[j], pair_block(static, cut.bias, blocks, i, j), ops.scale,
-                ops.concat_score_weight,
+                ops.concat_score_weight, score_consts(ops),
             )  # fmt: skip
 
             def logits(*args):
@@ -76,7 +82,7 @@ def tangent(static: Static, res: Residuals, tangents: Tangents) -> tuple[Array, 
             if t.moves_logits:
                 dk_blk = None if dkb is None else dkb[j]
                 dbias_blk = pair_block(static, dbias, blocks, i, j)
-                tans = (dq_blk, dk_blk, dbias_blk, t.scale, t.concat_weight)
+                tans = (dq_blk, dk_blk, dbias_blk, t.scale, t.concat_weight, t.mod_consts)
                 tans = tuple(
                     jax.tree.map(jnp.zeros_like, p) if d is None else d
                     for p, d in zip(primals, tans, strict=True)

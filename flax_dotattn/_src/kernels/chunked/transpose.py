@@ -29,7 +29,12 @@ from flax_dotattn._src.kernels.chunked.layout import (
     ungrouped_rows,
 )
 from flax_dotattn._src.kernels.chunked.layout import cut as cut_blocks
-from flax_dotattn._src.kernels.chunked.operands import Static, Tangents, pair_blocks
+from flax_dotattn._src.kernels.chunked.operands import (
+    Static,
+    Tangents,
+    pair_blocks,
+    score_consts,
+)
 from flax_dotattn._src.kernels.chunked.skipping import needs_second_pass, sweep
 from flax_dotattn._src.kernels.chunked.softmax import (
     block_logits,
@@ -60,7 +65,7 @@ def _block_cotangents(
     ops, i = res.ops, row.i
     fixed = Tangents(
         row.q, cut.k[j], None, pair_block(static, cut.bias, cut.blocks, i, j), ops.scale,
-        ops.concat_score_weight,
+        ops.concat_score_weight, score_consts(ops) or None,
     )  # fmt: skip
     moving = Tangents(*(None if p is None else x for x, p in zip(fixed, present, strict=True)))
     moving = moving._replace(value=None)  # the logits do not read the values
@@ -70,8 +75,9 @@ def _block_cotangents(
         a = Tangents(*(x if p is None else y for x, y, p in chosen))
         assert a.query is not None and a.key is not None
         return block_logits(
-            static, cut, ops.key_offset, i, j, a.query, a.key, a.bias, a.scale, a.concat_weight
-        )
+            static, cut, ops.key_offset, i, j, a.query, a.key, a.bias, a.scale, a.concat_weight,
+            a.mod_consts or (),
+        )  # fmt: skip
 
     s, pull = jax.vjp(logits, moving) if present.moves_logits else (logits(moving), None)
     p = probabilities(s, row.m, row.norm)  # [B, Bq, Bk]
@@ -109,6 +115,7 @@ def _accumulate(acc: Tangents, blocks, i: Any, j: Any, new: Tangents) -> Tangent
         bias=at(acc.bias, new.bias, lambda a, b: pair_add(a, blocks, i, j, b)),
         scale=at(acc.scale, new.scale, plus),
         concat_weight=at(acc.concat_weight, new.concat_weight, plus),
+        mod_consts=at(acc.mod_consts, new.mod_consts, lambda a, b: jax.tree.map(plus, a, b)),
     )
 
 
@@ -152,7 +159,7 @@ def transpose(
     )  # fmt: skip
 
     def zeros(x, p):
-        return None if p is None else jnp.zeros_like(x)
+        return None if p is None else jax.tree.map(jnp.zeros_like, x)
 
     keyside = Tangents(  # accumulated in place over all query blocks
         key=zeros(cut.k, present.key),  # [nK, B, Bk, D]
@@ -160,6 +167,7 @@ def transpose(
         bias=zeros(cut.bias, present.bias),  # padded [..., nQ*Bq, nK*Bk]
         scale=zeros(jnp.zeros((), dtype), present.scale),
         concat_weight=zeros(jnp.zeros((), dtype), present.concat_weight),
+        mod_consts=zeros(score_consts(ops), present.mod_consts),
     )
 
     def scan(second_pass: bool):
