@@ -35,7 +35,7 @@ V = jnp.ones((2, 5, 4))
 #: why); everything else it takes is dot_attention's parameter, unchanged.
 LEFT_OUT = {
     sequence_parallel_attention: {"return_attention_scores", "implementation"},
-    ring_attention: {"return_attention_scores", "implementation", "logits_soft_cap"},
+    ring_attention: {"return_attention_scores", "implementation", "score_mod", "mask_mod"},
 }
 #: Parameters of their own (not options).
 OWN = {

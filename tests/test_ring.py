@@ -286,3 +286,32 @@ def test_errors_name_the_argument(kwargs, pattern):
     args.update(kwargs)
     with pytest.raises(ValueError, match=pattern):
         ring_attention(**args)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_logits_soft_cap_matches_single_device(layout, rng):
+    """A cap small enough to bend every logit: values, gradients (including the learned
+    scale's) and forward mode equal one device's, with causal, a window and packed ids."""
+    q, k, v, (qm, vm) = _inputs(rng, 2, 32, 32)
+    ids = jnp.asarray(np.repeat(np.arange(4), 8)[None].repeat(2, 0))
+    options = dict(causal=True, window=(9, 0), segment_ids=(ids, ids), logits_soft_cap=0.8)
+    mesh = Mesh(np.array(CPUS[:4]), ("seq",))
+    ring = functools.partial(ring_attention, mesh=mesh, axis_name="seq", layout=layout)
+
+    def one(params, q, v, k, masks):
+        return dot_attention(params, q, v, k, masks, implementation="xla", **options)
+
+    def sharded(params, q, v, k, masks):
+        return ring(params, q, v, k, masks, **options)
+
+    args = (_params("dot"), q, k, v, (qm, vm))
+    (got, got_out), got_grads = jax.jit(_value_and_grads(sharded))(*args)
+    (want, want_out), want_grads = jax.jit(_value_and_grads(one))(*args)
+    assert_close(got_out, want_out)
+    assert_close(got, want)
+    for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads), strict=True):
+        assert_close(g, w)
+    tangents = (q * 0.3, k * 0.2, v * 0.1)
+    got_t = jax.jvp(lambda q, k, v: sharded(None, q, v, k, (qm, vm)), (q, k, v), tangents)[1]
+    want_t = jax.jvp(lambda q, k, v: one(None, q, v, k, (qm, vm)), (q, k, v), tangents)[1]
+    assert_close(got_t, want_t)

@@ -818,6 +818,7 @@ def _plan(call: validation.CheckedCall, mesh: Any, axis_name: Any, layout: Any) 
         score_mode=options.score_mode,
         causal=options.causal,
         window=options.window,
+        logits_soft_cap=options.logits_soft_cap,
         dropout_rate=options.applied_dropout_rate,
         batch=tuple(batch[a] for a in perm),
         tq=cq * g,
@@ -1008,6 +1009,7 @@ def ring_attention(
     query_offset: int | Array | None = None,
     kv_length: int | Array | None = None,
     window: Window = None,
+    logits_soft_cap: float | None = None,
     score_mode: ScoreMode = "dot",
     dropout_rate: float = 0.0,
     dropout_rng: Array | None = None,
@@ -1020,7 +1022,9 @@ def ring_attention(
 
     Same semantics and arguments as :func:`dot_attention`, with global positions, except
     ``return_attention_scores`` (the ``[..., Tq, Tv]`` weights are what the ring never
-    forms) and ``implementation`` (every step runs the chunked kernel). The sequence axes
+    forms), ``implementation`` (every step runs the chunked kernel), and ``score_mod`` and
+    ``mask_mod``, not taken yet (their closed-over arrays would have to travel with the
+    key shards; :func:`sequence_parallel_attention` takes them). The sequence axes
     (``Tq`` of the query, its mask and segment ids; ``Tv`` of key, value and theirs) are
     split over the ``n`` devices of mesh axis ``axis_name``; every device keeps its
     queries while the key/value shards circulate around the ring, so each device holds
@@ -1062,6 +1066,8 @@ def ring_attention(
       axis_name: the mesh axis that carries the ring.
       attention_mask, bias, segment_ids, query_offset, kv_length, window: see
         :func:`dot_attention` (global positions).
+      logits_soft_cap: see :func:`dot_attention` (each step caps its logits; a skipped
+        step's bound holds for capped logits too, which are never larger).
       score_mode, dropout_rate, dropout_rng, deterministic, precision, block_size: see
         :func:`dot_attention`; ``block_size`` sets the kernel's blocks inside each chunk.
       layout: None (``"zigzag"`` when causal, unless a window of at most ``Tv / 4``
