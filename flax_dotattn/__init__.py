@@ -15,6 +15,9 @@ Public API:
 * :func:`which_implementation`: which path a call would take, and why.
 * :func:`make_causal_mask`, :func:`attention_scores`: building blocks.
 * :class:`BlockSizes`: the chunked path's block lengths.
+* :func:`flax_attention_fn`: Flax's ``attention_fn`` (for ``nn.MultiHeadDotProductAttention``
+  and ``nnx.MultiHeadAttention``) on these kernels; :mod:`flax_dotattn.jax_nn` has
+  ``jax.nn.dot_product_attention``'s API.
 """
 
 from flax_dotattn._src.attention import dot_attention as dot_attention
@@ -23,6 +26,7 @@ from flax_dotattn._src.blocks import BlockSizes as BlockSizes
 from flax_dotattn._src.config import DotAttentionConfig as DotAttentionConfig
 from flax_dotattn._src.config_files import load_config as load_config
 from flax_dotattn._src.config_files import save_config as save_config
+from flax_dotattn._src.doors.flax_attention import flax_attention_fn as flax_attention_fn
 from flax_dotattn._src.keras_interop import params_from_keras as params_from_keras
 from flax_dotattn._src.keras_interop import params_to_keras as params_to_keras
 from flax_dotattn._src.linen import DotAttention as DotAttention
@@ -53,6 +57,7 @@ __all__ = (
     "MultiHeadDotAttentionConfig",
     "attention_scores",
     "dot_attention",
+    "flax_attention_fn",
     "load_config",
     "make_causal_mask",
     "multi_head_params_from_keras",
