@@ -91,10 +91,10 @@ def test_chunked_dropout_is_broadcast_over_batch_and_heads_as_asked(broadcast):
     t, s = 6, 8
     q = jnp.zeros((B, t, HEADS, s))
     v = jnp.broadcast_to(jnp.eye(s)[None, :, None, :], (B, s, HEADS, s))
-    out = flax_attention_fn(
-        q, q[:, :1].repeat(s, 1), v, dropout_rng=jax.random.key(1), dropout_rate=0.5,
-        broadcast_dropout=broadcast, implementation="chunked",
-    )  # fmt: skip
+    attend = functools.partial(
+        flax_attention_fn, dropout_rate=0.5, broadcast_dropout=broadcast, implementation="chunked"
+    )
+    out = jax.jit(attend)(q, q[:, :1].repeat(s, 1), v, dropout_rng=jax.random.key(1))
     kept = np.asarray(jnp.swapaxes(out, 1, 2) * s * 0.5)  # [B, N, T, S], 0 or 1
     assert set(np.unique(kept)) == {0.0, 1.0}
     assert np.all(kept == kept[:1, :1]) == broadcast
@@ -141,7 +141,7 @@ def test_linen_decode_cache_works_unchanged():
     """Flax's own cache (``decode=True``): each step equals Flax's step and the full causal
     forward's row."""
     ours, theirs = _linen_pair(decode=True)
-    x = _x(2, (B, 6, F))
+    x = _x(2, (B, 4, F))
     params = theirs.init(jax.random.key(0), x)
     cache = theirs.init(jax.random.key(0), x)["cache"]
     full = nn.MultiHeadDotProductAttention(num_heads=HEADS, attention_fn=flax_attention_fn)
@@ -161,11 +161,12 @@ def test_linen_decode_cache_works_unchanged():
 
 def test_nnx_decode_cache_works_unchanged():
     ours, theirs = _nnx_pair()
-    x = _x(3, (B, 5, F))
+    x = _x(3, (B, 4, F))
+    step = nnx.jit(lambda module, x: module(x, decode=True))
     for module in (ours, theirs):
         module.init_cache(x.shape)
     for t in range(x.shape[1]):
-        assert_close(ours(x[:, t : t + 1], decode=True), theirs(x[:, t : t + 1], decode=True))
+        assert_close(step(ours, x[:, t : t + 1]), step(theirs, x[:, t : t + 1]))
 
 
 def _qkv(shape_q, shape_k, dv, dtype=jnp.float32):
@@ -199,9 +200,10 @@ def test_function_equals_flax_function_with_two_batch_dims_bias_and_numeric_mask
 @pytest.mark.parametrize("fp32_softmax", [False, True])
 def test_bfloat16_dtype_and_numbers_follow_flax(fp32_softmax):
     q, k, v = _qkv((B, T, HEADS, 8), (B, T, HEADS, 8), dv=8, dtype=jnp.bfloat16)
-    kw = dict(mask=_padding_mask(), force_fp32_for_softmax=fp32_softmax)
-    out = flax_attention_fn(q, k, v, implementation="chunked", **kw)
-    want = nn.dot_product_attention(q, k, v, **kw)
+    kw = dict(force_fp32_for_softmax=fp32_softmax)
+    ours = functools.partial(flax_attention_fn, implementation="chunked", **kw)
+    out = jax.jit(ours)(q, k, v, mask=_padding_mask())
+    want = jax.jit(functools.partial(nn.dot_product_attention, **kw))(q, k, v, mask=_padding_mask())
     assert out.dtype == want.dtype == (jnp.float32 if fp32_softmax else jnp.bfloat16)
     assert_close(out, want, jnp.bfloat16, factor=2.0)
 

@@ -109,13 +109,13 @@ def test_head_layouts_equal_jax_nn(kv_heads):
 def test_rank3_inputs_equal_jax_nn():
     q, k, v = _inputs()
     kw = {"mask": _MASK[0], "bias": _BIAS[0], "local_window_size": (3, 1)}
-    _compare(kw, "chunked", q[0], k[0], v[0])
+    _compare(kw, "xla", q[0], k[0], v[0])
 
 
 def test_rows_past_the_keys_equal_jax_nn():
     """T > S with a causal window: the last queries see no key (known from the shapes)."""
     q, k, v = _inputs(shape_q=(B, 12, N, H), shape_kv=(B, 4, K, H))
-    _compare({"local_window_size": (2, 0), "is_causal": True}, "chunked", q, k, v)
+    _compare({"local_window_size": (2, 0), "is_causal": True}, "xla", q, k, v)
 
 
 def test_bfloat16_equals_jax_nn_to_its_rounding():
