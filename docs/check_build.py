@@ -4,8 +4,8 @@ Usage: ``python docs/check_build.py docs/_build/html`` (``docs/build.sh`` runs i
 
 * Every ``href``/``src`` that is not an external URL must name a file of the build, and a
   ``#fragment`` must name an ``id`` in that file.
-* Every name in ``flax_dotattn.__all__`` and ``flax_dotattn.nnx.__all__`` must have an
-  entry (an ``id``) in ``api.html``.
+* Every name in ``flax_dotattn.__all__``, ``flax_dotattn.nnx.__all__`` and
+  ``flax_dotattn.jax_nn.__all__`` must have an entry (an ``id``) in ``api.html``.
 
 Exits 1 and lists the problems when there are any.
 """
@@ -64,12 +64,13 @@ def check_links(root: pathlib.Path) -> list[str]:
 
 def check_api(root: pathlib.Path) -> list[str]:
     import flax_dotattn
+    import flax_dotattn.jax_nn
     import flax_dotattn.nnx
 
     ids = _parse(root / "api.html").ids
     return [
         f"api.html: {module.__name__}.{name} is public but not documented"
-        for module in (flax_dotattn, flax_dotattn.nnx)
+        for module in (flax_dotattn, flax_dotattn.nnx, flax_dotattn.jax_nn)
         for name in module.__all__
         if f"{module.__name__}.{name}" not in ids
     ]

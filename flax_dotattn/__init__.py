@@ -15,6 +15,9 @@ Public API:
 * :func:`which_implementation`: which path a call would take, and why.
 * :func:`make_causal_mask`, :func:`attention_scores`: building blocks.
 * :class:`BlockSizes`: the chunked path's block lengths.
+* :func:`flax_attention_fn`: Flax's ``attention_fn`` (for ``nn.MultiHeadDotProductAttention``
+  and ``nnx.MultiHeadAttention``) on these kernels; :mod:`flax_dotattn.jax_nn` has
+  ``jax.nn.dot_product_attention``'s API.
 """
 
 from flax_dotattn._src.attention import dot_attention as dot_attention
@@ -34,6 +37,7 @@ from flax_dotattn._src.config.multi_head_keras import (
 from flax_dotattn._src.config.multi_head_keras import (
     multi_head_params_to_keras as multi_head_params_to_keras,
 )
+from flax_dotattn._src.doors.flax_attention import flax_attention_fn as flax_attention_fn
 from flax_dotattn._src.masks import make_causal_mask as make_causal_mask
 from flax_dotattn._src.modules.linen import DotAttention as DotAttention
 from flax_dotattn._src.modules.multi_head_linen import (
@@ -54,6 +58,7 @@ __all__ = (
     "MultiHeadDotAttentionConfig",
     "attention_scores",
     "dot_attention",
+    "flax_attention_fn",
     "load_config",
     "make_causal_mask",
     "multi_head_params_from_keras",

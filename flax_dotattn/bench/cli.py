@@ -39,6 +39,10 @@ attention (one key/value head), with the peak memory of each.
 ``--scenarios decode`` times one decoding step (4 heads, forward) at cache lengths 1024 to
 16384: the new query against the cache (``query_offset``/``kv_length``) against causal
 attention over the whole prefix.
+``--scenarios flax`` times Flax's own ``nn.MultiHeadDotProductAttention`` (8 heads of 64)
+at 1 x 8192, forward+backward, with its default ``attention_fn`` against
+:func:`flax_dotattn.flax_attention_fn`, and prints each one's compiled temporaries (XLA's
+accounting) and, unless ``--no-memory``, its peak memory.
 
 ``--device`` times the accelerator table instead: bfloat16 ``[1, 8, T, 128]``, T = 1024 to
 32768, forward and forward+backward, ``dot_attention`` (automatic, each row naming the
@@ -60,6 +64,7 @@ Examples:
   python -m flax_dotattn.bench --scenarios window,packing
   python -m flax_dotattn.bench --scenarios gqa --repeats 1
   python -m flax_dotattn.bench --scenarios decode --no-memory
+  python -m flax_dotattn.bench --scenarios flax --repeats 3 --no-memory
   python -m flax_dotattn.bench --device --causal --json device.json --markdown device.md
 """
 
@@ -246,7 +251,8 @@ def _run_scenarios(args: argparse.Namespace) -> int:
     """``--scenarios``: times them, prints the machine and its load, writes ``--json``."""
     header = (
         f"Machine: {machine()}; D = 64, float32, T = {SCENARIO_LENGTH}, forward+backward "
-        f"(gqa: T = {SCENARIO_LENGTHS['gqa']}; decode: forward, T = the cache length)."
+        f"(gqa: T = {SCENARIO_LENGTHS['gqa']}; flax: T = {SCENARIO_LENGTHS['flax']}, "
+        "8 heads; decode: forward, T = the cache length)."
     )
     print(header, f"Load average (1 min) at start: {load_average()[0]:.2f}.", flush=True)
     print(f"Tuning: {tuning_status()}.", flush=True)

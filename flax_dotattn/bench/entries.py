@@ -13,12 +13,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import linen as nn
 
-from flax_dotattn import dot_attention
+from flax_dotattn import dot_attention, flax_attention_fn
 from flax_dotattn.bench import baselines, device
 
 IMPLS = ("naive", "default", "xla", "chunked", "jax_nn", "keras", "torch_sdpa")
-SCENARIOS = ("window", "packing", "gqa", "decode")
+SCENARIOS = ("window", "packing", "gqa", "decode", "flax")
 MODES = ("fwd", "fwd_bwd")
 #: The sequence length at which the scenarios are timed.
 SCENARIO_LENGTH = 16384
@@ -28,15 +29,18 @@ SCENARIO_ENTRIES = {
     "packing": ("packed_segment_ids", "packed_full_mask_xla", "packed_as_batch"),
     "gqa": ("gqa_repeated_kv", "gqa_shared_kv", "mqa_shared_kv"),
     "decode": ("decode_recompute", "decode_cached"),
+    "flax": ("flax_default", "flax_attention_fn"),
 }
 #: Scenarios timed at another length than :data:`SCENARIO_LENGTH`.
-SCENARIO_LENGTHS = {"gqa": 2048}
+SCENARIO_LENGTHS = {"gqa": 2048, "flax": 8192}
 #: Grouped-query attention: batch, query heads and key/value heads (8 groups of 4).
 GQA_BATCH, GQA_HEADS, GQA_KV_HEADS = 4, 32, 4
 #: Cache lengths at which one decoding step is timed (the decode scenario).
 DECODE_LENGTHS = (1024, 2048, 4096, 8192, 16384)
 #: Heads (as the batch dim) of the decode scenario's step.
 DECODE_HEADS = 4
+#: Heads of the Flax module of the flax scenario (its features: heads x D).
+FLAX_HEADS = 8
 #: Lengths at which the window's peak memory is measured (it should grow linearly).
 WINDOW_MEMORY_LENGTHS = (4096, 8192, 16384)
 
@@ -109,12 +113,17 @@ def build_scenario(name: str, t: int = SCENARIO_LENGTH, d: int = 64) -> tuple[Ca
       the function (``jnp.repeat``, as without broadcasting);
     * ``mqa_shared_kv``: multi-query attention, one key/value head for the 32 query heads;
     * ``decode_cached``, ``decode_recompute``: one decoding step at cache length ``t``,
-      forward only (see :func:`_decode_step`).
+      forward only (see :func:`_decode_step`);
+    * ``flax_default``, ``flax_attention_fn``: Flax's ``nn.MultiHeadDotProductAttention``
+      (see :func:`_flax_module`) with its default ``attention_fn`` or with
+      :func:`flax_dotattn.flax_attention_fn`.
     """
     if name.startswith(("gqa_", "mqa_")):
         return _gqa_scenario(name, t, d)
     if name.startswith("decode_"):
         return _decode_step(name, t, d)
+    if name.startswith("flax_"):
+        return _flax_module(name, t, d)
     q, k, v = _inputs(1, t, d)
     segments = jnp.repeat(jnp.arange(8), t // 8)  # [T]
     table: dict[str, dict[str, Any]] = {
@@ -174,6 +183,22 @@ def _decode_step(name: str, t: int, d: int) -> tuple[Callable, tuple]:
         return dot_attention(None, q, v, k, causal=True)[:, -1:]
 
     return jax.jit(recompute), (q, k, v)
+
+
+def _flax_module(name: str, t: int, d: int) -> tuple[Callable, tuple]:
+    """Forward+backward (the gradients of ``sum(out**2)`` with respect to the parameters and
+    the input) of Flax's ``nn.MultiHeadDotProductAttention``, :data:`FLAX_HEADS` heads of
+    depth ``d``, self-attention on ``x [1, t, heads * d]``, with Flax's default
+    ``attention_fn`` (``flax_default``) or :func:`flax_dotattn.flax_attention_fn`."""
+    fn = nn.dot_product_attention if name == "flax_default" else flax_attention_fn
+    module = nn.MultiHeadDotProductAttention(num_heads=FLAX_HEADS, attention_fn=fn)
+    x = jax.random.normal(jax.random.key(0), (1, t, FLAX_HEADS * d), jnp.float32)
+    params = module.init(jax.random.key(1), x[:, :1])
+
+    def loss(params, x):
+        return jnp.sum(module.apply(params, x) ** 2)
+
+    return jax.jit(jax.grad(loss, argnums=(0, 1))), (params, x)
 
 
 def build_entry(spec: dict[str, Any]) -> tuple[Callable, tuple]:

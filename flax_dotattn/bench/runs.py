@@ -15,6 +15,7 @@ from flax_dotattn.bench.entries import (
     SCENARIO_LENGTH,
     SCENARIO_LENGTHS,
     WINDOW_MEMORY_LENGTHS,
+    build_entry,
     flops,
 )
 from flax_dotattn.bench.measure import measure_memory, time_entries
@@ -93,6 +94,9 @@ def scenario_rows(names: Sequence[str], repeats: int, memory: bool) -> list[dict
             rows += _window_memory()
         if scenario == "gqa" and memory:
             rows += _entry_memory(scenario)
+        if scenario == "flax":
+            rows += _compiled_temp_memory(scenario)
+            rows += _entry_memory(scenario) if memory else []
     return rows
 
 
@@ -118,6 +122,18 @@ def _entry_memory(scenario: str) -> list[dict[str, Any]]:
         peak = measure_memory({"scenario": e, "t": length}, PROBE_TIMEOUT)
         rows.append(dict(scenario=scenario, entry=e, length=length, peak_mib=peak))
         print(f"{scenario:8} {e:22} T={length:<6} peak {peak} MiB", flush=True)
+    return rows
+
+
+def _compiled_temp_memory(scenario: str) -> list[dict[str, Any]]:
+    """Each entry's temporaries as XLA's compiler accounts them (no run needed)."""
+    rows = []
+    length = SCENARIO_LENGTHS.get(scenario, SCENARIO_LENGTH)
+    for e in SCENARIO_ENTRIES[scenario]:
+        fn, args = build_entry({"scenario": e, "t": length})
+        temp = fn.lower(*args).compile().memory_analysis().temp_size_in_bytes / 2**20
+        rows.append(dict(scenario=scenario, entry=e, length=length, temp_mib=temp))
+        print(f"{scenario:8} {e:22} T={length:<6} compiled temporaries {temp:.0f} MiB", flush=True)
     return rows
 
 
