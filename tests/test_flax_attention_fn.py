@@ -6,7 +6,7 @@ dropout (the same bits as Flax's on the materialised kernel, broadcast or not; o
 chunked kernel the broadcast pattern holds), through the decode cache; the function
 against ``flax.linen.dot_product_attention`` (two batch dims, bias, numeric mask, value
 depth != query depth, dtypes); arguments it cannot honour raise; O(T) memory through the
-Linen module at T = 8192.
+Linen module at T = 8192; the benchmark's Flax scenario times equal computations.
 """
 
 import functools
@@ -20,6 +20,7 @@ from flax import linen as nn
 from flax import nnx
 
 from flax_dotattn import flax_attention_fn
+from flax_dotattn.bench.entries import SCENARIO_ENTRIES, build_scenario
 
 B, T, F, HEADS = 2, 9, 16, 4
 
@@ -291,3 +292,11 @@ def test_linen_module_memory_is_linear_in_t_at_8192():
     assert default > 8 * one_head_of_scores  # Flax's weights, all heads at once
     assert ours < one_head_of_scores, ours  # the projections and their gradients
     assert 30 * ours < default, (ours, default)
+
+
+def test_benchmark_flax_scenario_entries_compute_the_same_gradients():
+    """``python -m flax_dotattn.bench --scenarios flax`` times two equal computations."""
+    (default, args), (ours, same_args) = (
+        build_scenario(name, t=64) for name in SCENARIO_ENTRIES["flax"]
+    )
+    _tree_close(ours(*same_args), default(*args))

@@ -196,7 +196,8 @@ def _flax_module(name: str, t: int, d: int) -> tuple[Callable, tuple]:
     params = module.init(jax.random.key(1), x[:, :1])
 
     def loss(params, x):
-        return jnp.sum(module.apply(params, x) ** 2)
+        out: jax.Array = module.apply(params, x)  # type: ignore[assignment]
+        return jnp.sum(out**2)
 
     return jax.jit(jax.grad(loss, argnums=(0, 1))), (params, x)
 

@@ -22,8 +22,12 @@ from flax_dotattn._src.types import Array, BlockSizeLike, Implementation, Precis
 
 
 def _refuse(name: str, value: Any, why: str) -> None:
+    """Raises the ValueError for an argument this function cannot honour, when given."""
     if value is not None:
-        fail(f"flax_attention_fn cannot honour {name}: {why}; received {name}={value!r}.")
+        fail(
+            f"flax_attention_fn cannot honour {name}: {why}; received {name} of type "
+            f"{type(value).__name__}."
+        )
 
 
 def flax_attention_fn(
@@ -128,8 +132,8 @@ def flax_attention_fn(
       >>> out.shape, bool(jnp.allclose(out, theirs.apply(params, x), atol=1e-5))
       ((2, 16, 32), True)
     """
-    _refuse("module", module, "it sows the attention weights (sow_weights=True), which "
-            "the kernels never materialise")  # fmt: skip
+    sowing = "it sows the attention weights (sow_weights=True), which are never materialised"
+    _refuse("module", module, sowing)
     for name, fn in (
         ("einsum_dot_general", einsum_dot_general),
         ("qk_attn_weights_einsum", qk_attn_weights_einsum),
