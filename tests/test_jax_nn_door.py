@@ -214,3 +214,31 @@ def test_bad_inputs_raise_naming_the_argument(case):
     args, kw, pattern = BAD[case]
     with pytest.raises(ValueError, match=pattern):
         jax_nn.dot_product_attention(*args, **kw)
+
+
+def _soft_capped_reference(q, k, v, bias, *, mask, cap):
+    """jax.nn's attention with tokamax's ``logits_soft_cap``, written from the
+    definitions: heads repeated, ``cap * tanh((q.k / sqrt(H) + bias) / cap)``, masked
+    logits replaced, softmax."""
+    k, v = (jnp.repeat(x, N // K, axis=2) for x in (k, v))
+    logits = jnp.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(H) + bias
+    logits = cap * jnp.tanh(logits / cap)
+    logits = jnp.where(mask, logits, -0.7 * float(jnp.finfo(jnp.float32).max))
+    return jnp.einsum("bnts,bsnh->btnh", jax.nn.softmax(logits, axis=-1), v)
+
+
+@pytest.mark.parametrize("implementation", ["xla", "chunked"])
+def test_logits_soft_cap_caps_the_biased_logits_before_the_masks(implementation):
+    q, k, v = _inputs()
+    cap = 1.5  # small enough to bend most logits
+
+    def reference(q, k, v, bias, mask=_MASK):
+        return _soft_capped_reference(q, k, v, bias, mask=mask, cap=cap)
+
+    kw = {"bias": _BIAS, "mask": _MASK, "logits_soft_cap": cap}
+    want = _value_and_grads(
+        lambda q, k, v, bias, mask, logits_soft_cap: reference(q, k, v, bias), kw, q, k, v, _BIAS
+    )
+    _compare(kw, implementation, q, k, v, reference=want)
+    uncapped = jax_nn.dot_product_attention(q, k, v, _BIAS, _MASK, implementation=implementation)
+    assert float(jnp.max(jnp.abs(uncapped - want[0]))) > 0.05  # the cap matters here

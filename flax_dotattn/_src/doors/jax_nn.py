@@ -61,6 +61,7 @@ def dot_product_attention(
     local_window_size: int | tuple[int, int] | None = None,
     implementation: Implementation | None = None,
     return_residual: bool = False,
+    logits_soft_cap: float | None = None,
 ) -> Array:
     r"""``jax.nn.dot_product_attention``, run on this library's kernels.
 
@@ -72,6 +73,10 @@ def dot_product_attention(
     For each head, with ``Q, K, V`` the head's query, keys and values::
 
         softmax(scale * Q @ K^T + bias, masked) @ V      # scale = 1/sqrt(H) by default
+
+    With ``logits_soft_cap=c`` the logits ``scale * Q @ K^T + bias`` become
+    ``c * tanh(logits / c)`` before the masks (tokamax's ``logits_soft_cap``; Gemma 2's
+    attention soft-capping).
 
     *Masking, as jax.nn:* ``mask``, ``is_causal``, ``local_window_size`` and the lengths
     are ANDed; a masked logit is *replaced* by a large negative constant. A row that sees
@@ -114,6 +119,8 @@ def dot_product_attention(
         (splash attention) or ``"pallas_gpu"`` (Triton); see
         :func:`flax_dotattn.dot_attention` for what each kernel takes.
       return_residual: must be False: the kernels do not return the logsumexp.
+      logits_soft_cap: None or a positive float ``c``: the logits (bias included) become
+        ``c * tanh(logits / c)`` before the masks, as tokamax's argument of that name.
 
     Returns:
       The attention output with the query's shape and dtype.
@@ -192,5 +199,6 @@ def dot_product_attention(
         implementation=implementation,
         precision=None,
         block_size=None,
+        logits_soft_cap=logits_soft_cap,
     )
     return heads.output(output).reshape(output_shape)

@@ -124,6 +124,7 @@ def attend(
     implementation: Implementation | None,
     precision: PrecisionLike,
     block_size: BlockSizeLike,
+    logits_soft_cap: float | None = None,
 ) -> Array:
     """:func:`dot_attention` with the replace rule's values and gradients on rows that see
     no key (see the module docstring).
@@ -140,7 +141,7 @@ def attend(
         output zeros and take no gradient.
       kv_length: None or ``int [...]`` (the batch rank): keys at or beyond it are hidden.
       dropout: None, or the dropout to apply.
-      implementation, precision, block_size: as :func:`dot_attention`'s.
+      implementation, precision, block_size, logits_soft_cap: as :func:`dot_attention`'s.
 
     Returns:
       ``[..., Tq, Dv]`` in the inputs' dtype.
@@ -175,6 +176,7 @@ def attend(
                 precision=precision,
                 implementation=implementation,
                 block_size=block_size,
+                logits_soft_cap=logits_soft_cap,
             )
 
         arrays = (query, key, value, bias, mask, query_mask, kv_length)
