@@ -749,6 +749,11 @@ def _check_layout(layout: Any, causal: bool, window: Window, tv: int) -> str:
     return layout
 
 
+def _divisor_at_most(length: int, block: int) -> int:
+    """The largest divisor of ``length`` that is at most ``block``."""
+    return max(d for d in range(1, block + 1) if length % d == 0)
+
+
 class _Plan(NamedTuple):
     call: validation.CheckedCall  # with block sizes set, key/value shared or broadcast
     ring: Ring
@@ -811,8 +816,11 @@ def _plan(call: validation.CheckedCall, mesh: Any, axis_name: Any, layout: Any) 
     cq, cv = inputs.query.shape[-2] // parts, inputs.value.shape[-2] // parts
 
     def rows(blocks: tuple[int, int]) -> tuple[int, int]:
+        # Blocks that divide the chunks: second order differentiates the kernel's forward
+        # pass as plain code (the ring's residuals), which gives NaN with padded key
+        # blocks next to a bias and segment ids; whole blocks have no padding.
         bq, bk = chunked.clip_blocks(blocks, cq, cv)
-        return bq * g, bk
+        return _divisor_at_most(cq, bq) * g, _divisor_at_most(cv, bk)
 
     pair = chunked.Static(
         score_mode=options.score_mode,
