@@ -283,10 +283,10 @@ def _sight(ring: Ring, shards: Shards) -> Sight:
         m = m.reshape(m.shape[:-2] + (rows, m.shape[-2] // rows, cols, m.shape[-1] // cols))
         m = jnp.any(m, axis=tuple(range(m.ndim - 4)) + (m.ndim - 3, m.ndim - 1))  # [rows, cols]
         mask_any = jnp.broadcast_to(m, (ring.chunks, ring.parts))
-    chunks, b = shards.q.shape[:2]
+    chunks, rows = shards.q.shape[:2]
     ops = chunked.Operands(
-        q=shards.q.reshape((chunks * b, *shards.q.shape[2:])),
-        k=shards.k.reshape((chunks * b, *shards.k.shape[2:])),
+        q=shards.q.reshape((chunks * rows, *shards.q.shape[2:])),
+        k=shards.k.reshape((chunks * rows, *shards.k.shape[2:])),
         v=shards.v,
         masking=Masking(),
         bias=None,
@@ -304,7 +304,7 @@ def _sight(ring: Ring, shards: Shards) -> Sight:
         bias_max = lax.pmax(shards.bias.max().astype(dtype), ring.axis_name)
     sight = Sight(kv_any, kv_range, q_range, mask_any, q_bound, k_bound, bias_max, jnp.int32(0))
     # Every step s, every pair (a, b): the key chunk visits from device me - s.
-    me = lax.axis_index(ring.axis_name)
+    me: Any = lax.axis_index(ring.axis_name)
     s = jnp.arange(ring.size)[:, None, None]  # [n, 1, 1]
     a = jnp.arange(ring.chunks)[None, :, None]  # [1, chunks, 1]
     b = jnp.arange(ring.chunks)[None, None, :]  # [1, 1, chunks]
@@ -879,19 +879,12 @@ def _specs(ring: Ring, arrays: _Arrays) -> _Arrays:
     def replicated(x: Array | None) -> PartitionSpec | None:
         return None if x is None else PartitionSpec()
 
-    return _Arrays(
-        query=along(arrays.query, -2),
-        key=along(arrays.key, -2),
-        value=along(arrays.value, -2),
-        value_mask=along(arrays.value_mask, -1),
-        query_segment_ids=along(arrays.query_segment_ids, -1),
-        kv_segment_ids=along(arrays.kv_segment_ids, -1),
-        attention_mask=along(arrays.attention_mask, -2),
-        bias=along(arrays.bias, -2),
-        query_offset=replicated(arrays.query_offset),
-        scale=replicated(arrays.scale),
-        concat_score_weight=replicated(arrays.concat_score_weight),
-        rng=replicated(arrays.rng),
+    sequence_axis = {"query": -2, "key": -2, "value": -2, "value_mask": -1,
+                     "query_segment_ids": -1, "kv_segment_ids": -1, "attention_mask": -2,
+                     "bias": -2}  # fmt: skip
+    return _Arrays._make(
+        along(x, sequence_axis[name]) if name in sequence_axis else replicated(x)
+        for name, x in zip(_Arrays._fields, arrays, strict=True)
     )
 
 
@@ -899,8 +892,8 @@ def _shards(ring: Ring, call: _StaticCall, local: _Arrays) -> Shards:
     """This device's :class:`Shards` from its slices of the arrays (natural order)."""
     if ring.zigzag:
 
-        def zigzag(x: Array | None, dim: int) -> Array | None:
-            return None if x is None or x.shape[dim] == 1 else _to_zigzag(ring, x, dim)
+        def zigzag(x: Any, dim: int) -> Any:
+            return x if x is None or x.shape[dim] == 1 else _to_zigzag(ring, x, dim)
 
         local = local._replace(
             query=zigzag(local.query, -2),
@@ -930,7 +923,7 @@ def _shards(ring: Ring, call: _StaticCall, local: _Arrays) -> Shards:
     static, ops = chunked.prepare(validation.CheckedCall(call.options, inputs, local.rng))
     assert static.groups == ring.pair.groups, (static.groups, ring.pair.groups)
 
-    def stack(x: Array | None) -> Array | None:
+    def stack(x: Any) -> Any:
         return None if x is None else _stack(ring, x)
 
     masking = ops.masking
