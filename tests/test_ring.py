@@ -355,6 +355,32 @@ def test_every_argument_matches_single_device(case, rng):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * max(1.0, np.abs(b).max()))
 
 
+@pytest.mark.parametrize("bias_shape", [(1, 1, 1, 16, 1), (2, 1, 1, 1, 32)], ids=["Tq", "Tv"])
+def test_broadcast_full_mask_and_bias_match_single_device(bias_shape, rng):
+    # A key-padding mask [..., 1, Tv] and a bias broadcast along one axis: a size-1 axis
+    # is not split (the bias's cotangent sums over the devices that share it).
+    mesh = Mesh(np.array(CPUS[:4]), ("seq",))
+    (q, k, v, _), _, _ = _everything(rng, 16, 32)
+    mask = jnp.asarray(rng.random((2, 1, 1, 1, 32)) > 0.3)
+    bias = jnp.asarray(rng.normal(size=bias_shape), jnp.float32)
+
+    def value_and_grads(attention):
+        def loss(q, k, v, bias):
+            out = attention(None, q, v, k, causal=True, attention_mask=mask, bias=bias)
+            return jnp.sum(jnp.sin(out)), out
+
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))(q, k, v, bias)
+
+    ring = functools.partial(ring_attention, mesh=mesh, axis_name="seq", block_size=(2, 4))
+    (_, out), grads = value_and_grads(ring)
+    (_, expected), expected_grads = value_and_grads(
+        functools.partial(dot_attention, implementation="xla")
+    )
+    assert_close(out, expected, factor=2)
+    for a, b in zip(grads, expected_grads, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * max(1.0, np.abs(b).max()))
+
+
 def test_forward_mode_with_every_argument_matches_single_device(rng):
     mesh = Mesh(np.array(CPUS[:4]), ("seq",))
     (q, k, v, bias), masks, keywords = _everything(rng, 16, 16)
