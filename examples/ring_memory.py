@@ -12,11 +12,15 @@ Nothing runs for the memory figures (compilation only). Then it runs the ring's 
 pass once per layout and counts the kernel blocks each device computes (see
 ``flax_dotattn._src.parallel.ring.blocks_per_device``), and with ``--time`` times forward+backward
 (wall time of simulated devices sharing this machine's cores says little about real
-speed-up).
+speed-up). With ``--window W`` it instead times the ring's forward+backward with
+``window=(W, 0)`` against the full causal ring and counts the ring steps each runs
+(``flax_dotattn._src.parallel.ring.ring_work``).
 
 Run::
 
     python examples/ring_memory.py --length 32768 --depth 64 --devices 8
+    python examples/ring_memory.py --length 32768 --devices 8 --paths seqpar zigzag \
+        contiguous --window 1024
 """
 
 from __future__ import annotations
