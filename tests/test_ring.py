@@ -381,6 +381,29 @@ def test_broadcast_full_mask_and_bias_match_single_device(bias_shape, rng):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * max(1.0, np.abs(b).max()))
 
 
+def test_key_side_masks_that_differ_within_a_query_group_match_single_device(rng):
+    # A value mask per query head [B, Hkv, G, Tv] (and kv_length per head): the ring
+    # broadcasts key/value to the query heads (a copy) and gives one device's numbers.
+    mesh = Mesh(np.array(CPUS[:2]), ("seq",))
+    (q, k, v, _), _, _ = _everything(rng, 16, 16)
+    masks = (None, jnp.asarray(rng.random((2, 2, 2, 16)) > 0.3))
+    kv_length = jnp.asarray([[[16, 12]], [[9, 16]]])  # [2, 1, 2]: per query head
+
+    def value_and_grads(attention):
+        def loss(q, k, v):
+            return jnp.sum(jnp.sin(attention(None, q, v, k, masks, True, kv_length=kv_length)))
+
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(q, k, v)
+
+    ring = functools.partial(ring_attention, mesh=mesh, axis_name="seq", block_size=(2, 2))
+    got, want = (
+        value_and_grads(f) for f in (ring, functools.partial(dot_attention, implementation="xla"))
+    )
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * max(1.0, np.abs(b).max()))
+
+
 def test_forward_mode_with_every_argument_matches_single_device(rng):
     mesh = Mesh(np.array(CPUS[:4]), ("seq",))
     (q, k, v, bias), masks, keywords = _everything(rng, 16, 16)
