@@ -375,11 +375,11 @@ def _steps(ring: Ring, shards: Shards, sight: Sight, pair_step: Callable, extra:
     The steps run are ``0 .. sight.steps - 1``, then the rest when ``bounds(carry)``
     (traced, the same on every device), read after step ``sight.steps - 1``, says so.
     ``travelling(carry, shift)`` rotates the part of ``carry`` that travels along with
-    the keys (e.g. the visiting shard's cotangents). Rotations happen before each step
-    after the first, so none is wasted. The loop has the static length ``n - 1`` (so that
-    reverse mode can differentiate it: second order), each step under a ``lax.cond`` that
-    every device takes alike. Returns ``(carry, steps run)``: after ``steps - 1``
-    rotations.
+    the keys (e.g. the visiting shard's cotangents). Each step sends its shard on while it
+    computes (the rotation does not wait for it, so the two overlap), unless no step
+    follows, so none is wasted. The loop has the static length ``n`` (so that reverse
+    mode can differentiate it: second order), each step under a ``lax.cond`` that every
+    device takes alike. Returns ``(carry, steps run)``: after ``steps - 1`` rotations.
     """
     me = lax.axis_index(ring.axis_name)
 
@@ -399,21 +399,33 @@ def _steps(ring: Ring, shards: Shards, sight: Sight, pair_step: Callable, extra:
             return pair(0, carry)
         return lax.fori_loop(0, ring.chunks**2, pair, carry)
 
-    def rotate_and_step(index, state):
-        visiting, carry = state
-        visiting, carry = _rotate(ring, visiting), travelling(carry, 1)
-        return visiting, step(index, visiting, carry)
+    def rotate(visiting, carry, when):
+        """The next shard (and what travels with it) when ``when``; no data otherwise."""
+        visiting = lax.cond(when, lambda x: _rotate(ring, x), lambda x: x, visiting)
+        return visiting, lax.cond(when, lambda c: travelling(c, 1), lambda c: c, carry)
 
     def body(index, state):
-        state, rest = state
-        # After the visible steps: whether the others are needed (one pmax, once).
-        rest = lax.cond(index == sight.steps, lambda: bounds(state[1]), lambda: rest)
-        run = (index < sight.steps) | rest
-        return lax.cond(run, functools.partial(rotate_and_step, index), lambda s: s, state), rest
+        visiting, carry, rest = state
+        # After the visible steps: whether the others are needed (one pmax, once); if so,
+        # the shard the last visible step did not send goes on now.
+        boundary = index == sight.steps
+        rest = lax.cond(boundary, lambda: bounds(carry), lambda: rest)
+        visiting, carry = rotate(visiting, carry, boundary & rest)
+
+        def run(state):
+            visiting, carry = state
+            carry = step(index, visiting, carry)
+            # Sent while the step computes (it reads the shard, it does not change it).
+            more = (index + 1 < sight.steps) | (rest & (index + 1 < ring.size))
+            return rotate(visiting, carry, more)
+
+        visiting, carry = lax.cond(
+            (index < sight.steps) | rest, run, lambda s: s, (visiting, carry)
+        )
+        return visiting, carry, rest
 
     visiting = (Visiting(shards.k, shards.v, shards.value_mask, shards.kv_segments), extra)
-    state = (visiting, step(0, visiting, carry))
-    (_, carry), rest = lax.fori_loop(1, ring.size, body, (state, jnp.asarray(False)))
+    _, carry, rest = lax.fori_loop(0, ring.size, body, (visiting, carry, jnp.asarray(False)))
     return carry, jnp.where(rest, ring.size, sight.steps)
 
 
