@@ -5,7 +5,9 @@ process with ``--local-devices`` simulated CPU devices; they find each other thr
 ``jax.distributed.initialize`` on a loopback port and exchange data with CPU collectives
 (gloo). Together they form one global mesh (``processes x local-devices`` devices, axis
 ``"seq"``), on which every process runs the same program: :func:`ring_attention` and
-:func:`sequence_parallel_attention`, values and gradients, on global inputs that each
+:func:`sequence_parallel_attention`, values and gradients of a packed (segment ids),
+windowed, grouped-query (key/value heads shared by query groups) causal case, on global
+inputs that each
 process builds identically from a fixed seed (``jax.make_array_from_callback`` gives each
 process only its own shards). Process 0 gathers the results and writes them to ``--out``.
 
@@ -34,7 +36,11 @@ from collections.abc import Sequence
 from typing import Any
 
 SEED = 0
-SHAPE = dict(batch=2, length=64, depth=8, value_depth=8)  # length divisible by 2 x 8 devices
+# Grouped-query attention: query [batch, kv_heads, groups, length, depth] against key/value
+# [batch, kv_heads, 1, length, depth]. Length divisible by 2 x 8 devices.
+SHAPE = dict(batch=2, kv_heads=2, groups=2, length=64, depth=8, value_depth=8)
+#: Packed documents (sorted segment ids), a causal sliding window.
+WINDOW = (12, 0)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -63,21 +69,28 @@ def make_inputs(mesh: Any) -> dict[str, Any]:
     from jax.sharding import NamedSharding, PartitionSpec
 
     rng = np.random.default_rng(SEED)
-    b, t, d, dv = (SHAPE[k] for k in ("batch", "length", "depth", "value_depth"))
+    b, h, g, t, d, dv = (
+        SHAPE[k] for k in ("batch", "kv_heads", "groups", "length", "depth", "value_depth")
+    )
+    # Documents of random lengths packed into each row (ids sorted along the sequence).
+    ids = np.sort(rng.integers(0, 5, size=(b, 1, 1, t)), axis=-1).astype(np.int32)
     host = {
-        "query": rng.normal(size=(b, t, d)).astype(np.float32),
-        "key": rng.normal(size=(b, t, d)).astype(np.float32),
-        "value": rng.normal(size=(b, t, dv)).astype(np.float32),
-        "query_mask": rng.random((b, t)) > 0.1,
-        "value_mask": rng.random((b, t)) > 0.2,
+        "query": rng.normal(size=(b, h, g, t, d)).astype(np.float32),
+        "key": rng.normal(size=(b, h, 1, t, d)).astype(np.float32),
+        "value": rng.normal(size=(b, h, 1, t, dv)).astype(np.float32),
+        "query_mask": rng.random((b, h, g, t)) > 0.1,
+        "value_mask": rng.random((b, 1, 1, t)) > 0.2,
+        "segment_ids": ids,
     }
-    host["value_mask"][1, :4] = False  # causal: queries 0-3 of row 1 see no key
+    host["value_mask"][1, ..., :4] = False  # causal: queries 0-3 of row 1 see no key
+    sequence = PartitionSpec(None, None, None, "seq", None)
     specs = {
-        "query": PartitionSpec(None, "seq", None),
-        "key": PartitionSpec(None, "seq", None),
-        "value": PartitionSpec(None, "seq", None),
-        "query_mask": PartitionSpec(None, "seq"),
-        "value_mask": PartitionSpec(None, "seq"),
+        "query": sequence,
+        "key": sequence,
+        "value": sequence,
+        "query_mask": PartitionSpec(None, None, None, "seq"),
+        "value_mask": PartitionSpec(None, None, None, "seq"),
+        "segment_ids": PartitionSpec(None, None, None, "seq"),
     }
     arrays = {
         name: jax.make_array_from_callback(
@@ -104,10 +117,11 @@ def compute(mesh: Any, inputs: dict[str, Any]) -> dict[str, Any]:
     results = {}
     for name, attention in paths.items():
 
-        def loss(params, q, k, v, masks, attention=attention):
+        def loss(params, q, k, v, masks, ids, attention=attention):
             out = attention(
-                params, q, v, k, masks, True, mesh=mesh, axis_name="seq", block_size=(4, 4)
-            )
+                params, q, v, k, masks, True, mesh=mesh, axis_name="seq", block_size=(4, 4),
+                segment_ids=(ids, ids), window=WINDOW,
+            )  # fmt: skip
             return jnp.sum(jnp.sin(out)), out
 
         grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))
@@ -117,6 +131,7 @@ def compute(mesh: Any, inputs: dict[str, Any]) -> dict[str, Any]:
             inputs["key"],
             inputs["value"],
             (inputs["query_mask"], inputs["value_mask"]),
+            inputs["segment_ids"],
         )
         parts = {"out": out, "dscale": d_params["scale"], "dq": dq, "dk": dk, "dv": dv}
         for part, x in parts.items():

@@ -12,11 +12,15 @@ Nothing runs for the memory figures (compilation only). Then it runs the ring's 
 pass once per layout and counts the kernel blocks each device computes (see
 ``flax_dotattn._src.parallel.ring.blocks_per_device``), and with ``--time`` times forward+backward
 (wall time of simulated devices sharing this machine's cores says little about real
-speed-up).
+speed-up). With ``--window W`` it instead times the ring's forward+backward with
+``window=(W, 0)`` against the full causal ring and counts the ring steps each runs
+(``flax_dotattn._src.parallel.ring.ring_work``).
 
 Run::
 
     python examples/ring_memory.py --length 32768 --depth 64 --devices 8
+    python examples/ring_memory.py --length 32768 --devices 8 --paths seqpar zigzag \
+        contiguous --window 1024
 """
 
 from __future__ import annotations
@@ -38,6 +42,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--block-size", type=int, nargs=2, default=None, metavar=("BQ", "BK"),
                         help="kernel blocks (default: BlockSizes.default)")  # fmt: skip
     parser.add_argument("--time", action="store_true", help="also time forward+backward")
+    parser.add_argument("--window", type=int, default=None, metavar="W",
+                        help="also time the ring's forward+backward with window=(W, 0) "
+                             "against the full causal ring, and count its steps")  # fmt: skip
+    parser.add_argument("--paths", nargs="+", default=None, metavar="PATH",
+                        help="memory rows to compile: one, seqpar, zigzag, contiguous "
+                             "(default: all)")  # fmt: skip
     return parser
 
 
@@ -55,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
     from flax_dotattn import dot_attention, ring_attention, sequence_parallel_attention
-    from flax_dotattn._src.parallel.ring import blocks_per_device
+    from flax_dotattn._src.parallel.ring import blocks_per_device, ring_work
 
     cpus = jax.devices("cpu")
     if len(cpus) < args.devices:
@@ -67,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     sharded = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=seq)
     common = dict(causal=True, block_size=args.block_size and tuple(args.block_size))
     shard = dict(mesh=mesh, axis_name="seq")
-    paths = {
+    all_paths = {
         "one device, chunked": (functools.partial(dot_attention, implementation="chunked"), one),
         "sequence_parallel_attention": (
             functools.partial(sequence_parallel_attention, **shard),
@@ -82,6 +92,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             sharded,
         ),
     }
+    short = dict(zip(("one", "seqpar", "zigzag", "contiguous"), all_paths, strict=True))
+    chosen = [short[p] for p in args.paths] if args.paths else list(all_paths)
+    paths = {name: all_paths[name] for name in chosen}
 
     def grad_of(attention):
         loss = lambda q, k, v: jnp.sum(attention(None, q, v, k, **common))  # noqa: E731
@@ -101,6 +114,24 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     rng = np.random.default_rng(0)
     x = jax.device_put(jnp.asarray(rng.normal(size=shape), jnp.float32), seq)
+    if args.window is not None:
+        print(f"\nring, forward+backward, causal, full vs window=({args.window}, 0) "
+              "(default layouts; steps = ring steps run per device):")  # fmt: skip
+        for label, extra in (("full", {}), (f"window={args.window}", {"window": (args.window, 0)})):
+            work = ring_work(None, x, x, x, **shard, **common, **extra)
+            attention = functools.partial(ring_attention, **shard, **extra)
+            grad = grad_of(attention)
+            jax.block_until_ready(grad(x, x, x))  # compile and warm up
+            start = time.perf_counter()
+            jax.block_until_ready(grad(x, x, x))
+            results["seconds"][label] = seconds = time.perf_counter() - start
+            print(f"  {label:12s} {seconds:7.2f} s  steps {work['steps'].max()}, "
+                  f"derivative steps {work['derivative_steps'].max()}, "
+                  f"blocks/device max {work['blocks'].max()}")  # fmt: skip
+        ratio = results["seconds"][f"window={args.window}"] / results["seconds"]["full"]
+        results["window_ratio"] = ratio
+        print(f"  window / full: {ratio:.2f}")
+        return results
     print("\nkernel blocks computed per device, ring forward:")
     for layout in ("contiguous", "zigzag"):
         work = blocks_per_device(None, x, x, x, layout=layout, **shard, **common)

@@ -65,3 +65,12 @@ def test_decode_lm_learns_to_copy_and_its_cache_gives_the_full_logits(example, c
     assert "tokens/s with the cache" in out and "recomputing the prefix" in out
     assert result["logit_error"] < 1e-4  # the example asserts it too
     assert result["accuracy"] > 0.9
+
+
+def test_ring_training_learns_packed_documents_with_less_memory_per_device(example, capsys):
+    result = example("ring_training").main(
+        ["--length", "256", "--steps", "50", "--max-document", "32", "--documents", "8"]
+    )
+    assert "per-device temporaries" in capsys.readouterr().out
+    assert result["accuracy"] > 0.9  # chance: 1/8
+    assert result["memory"]["ring"] < result["memory"]["one device"]

@@ -284,8 +284,17 @@ def test_non_broadcastable_batch_dims_raise():
                        r"\[..., Tv\] = \(2, 4, 6\).*\(3, 6\)"):  # fmt: skip
         dot_attention(None, q, jnp.ones((2, 1, 6, 3)), masks=(None, jnp.ones((3, 6), bool)))
     mesh = Mesh(np.array(jax.devices("cpu")[:1]), ("seq",))
-    with pytest.raises(ValueError, match=r"ring_attention needs key/value batch dims equal"):
-        ring_attention(None, q, jnp.ones((2, 1, 6, 3)), mesh=mesh, axis_name="seq")
+    with pytest.raises(ValueError, match=r"value batch dims \(2, 3\) must broadcast"):
+        ring_attention(None, q, jnp.ones((2, 3, 6, 3)), mesh=mesh, axis_name="seq")
+
+
+def test_ring_attention_shares_key_value_among_query_groups():
+    # tests/test_ring.py checks every argument on several devices; here, one device.
+    mesh = Mesh(np.array(jax.devices("cpu")[:1]), ("seq",))
+    q = jnp.arange(2 * 4 * 5 * 3, dtype=jnp.float32).reshape(2, 4, 5, 3) / 100
+    kv = jnp.sin(jnp.arange(2 * 1 * 6 * 3, dtype=jnp.float32)).reshape(2, 1, 6, 3)
+    out = ring_attention(None, q, kv, mesh=mesh, axis_name="seq", causal=True, layout="contiguous")
+    np.testing.assert_allclose(out, dot_attention(None, q, kv, causal=True), atol=1e-6)
 
 
 @pytest.mark.slow

@@ -1,7 +1,8 @@
 """A true multi-process run: 2 JAX processes x 4 CPU devices on loopback (gloo collectives).
 
 ``examples/multiprocess_ring.py`` launches the processes; each runs ring attention and the
-key-sharded path (values and gradients) on one global 8-device mesh. Their results must
+key-sharded path (values and gradients of a packed, windowed, grouped-query causal case)
+on one global 8-device mesh. Their results must
 equal this process's, computed on 8 simulated devices of one process, and the
 single-device materialised path.
 """
@@ -72,8 +73,10 @@ def test_two_processes_match_one_process(example, tmp_path):
     # And both equal one device's materialised attention.
     q, k, v = (np.asarray(inputs[n]) for n in ("query", "key", "value"))
     masks = (np.asarray(inputs["query_mask"]), np.asarray(inputs["value_mask"]))
+    ids = np.asarray(inputs["segment_ids"])
     reference = dot_attention(
-        {"scale": jnp.float32(0.8)}, q, v, k, masks, True, implementation="xla"
-    )
+        {"scale": jnp.float32(0.8)}, q, v, k, masks, True, implementation="xla",
+        segment_ids=(ids, ids), window=example.WINDOW,
+    )  # fmt: skip
     for path in ("ring", "seqpar"):
         np.testing.assert_allclose(multi[f"{path}_out"], reference, rtol=2e-5, atol=2e-5)

@@ -3,8 +3,11 @@
 Values and gradients (query, key, value, scale, concat weight) equal the single-device
 materialised path for both score modes, both layouts, causal with ``Tq != Tv``, masks with
 fully masked rows, on 2, 4 and 8 devices and on a ("data", "seq") mesh; forward mode too.
-Causal work is balanced by the zig-zag layout; per-device memory of forward+backward is a
-fraction of one device's.
+Every other argument of ``dot_attention`` (segment ids, window, offsets, ``kv_length``, a
+full mask, a bias, grouped-query key/value) gives the same values and derivatives on 2, 4
+and 8 devices in both layouts. Causal work is balanced by the zig-zag layout; pairs and
+ring steps nothing sees are skipped (counted, not timed); per-device memory of
+forward+backward is a fraction of one device's.
 """
 
 import functools
@@ -17,7 +20,7 @@ from conftest import assert_close
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from flax_dotattn import dot_attention, ring_attention
-from flax_dotattn._src.parallel.ring import blocks_per_device
+from flax_dotattn._src.parallel.ring import blocks_per_device, ring_work
 
 CPUS = jax.devices("cpu")
 pytestmark = [
@@ -113,8 +116,11 @@ def _ring_and_one(rng):
     mesh = Mesh(np.array(CPUS[:2]), ("seq",))
     q, k, v, masks = _inputs(rng, 2, 8, 12)
     params = {"scale": jnp.float32(0.7)}
-    ring = functools.partial(ring_attention, mesh=mesh, axis_name="seq", block_size=(2, 2))
-    one = functools.partial(dot_attention, implementation="xla")
+    bias = jnp.asarray(rng.normal(size=(1, 8, 12)), jnp.float32)  # shared by the batch
+    ids = jnp.asarray([0] * 5 + [1] * 7)  # two packed documents
+    extra = dict(window=(6, None), bias=bias, segment_ids=(ids[:8], ids))
+    ring = functools.partial(ring_attention, mesh=mesh, axis_name="seq", block_size=(2, 2), **extra)
+    one = functools.partial(dot_attention, implementation="xla", **extra)
 
     def loss(attention, q, k, v, masks):
         return jnp.sum(jnp.sin(attention(params, q, v, k, masks, True)))
@@ -286,6 +292,233 @@ def test_errors_name_the_argument(kwargs, pattern):
     args.update(kwargs)
     with pytest.raises(ValueError, match=pattern):
         ring_attention(**args)
+
+
+# -- every argument of dot_attention ----------------------------------------------------
+
+
+def _everything(rng, tq, tv):
+    """Grouped-query inputs ``[B=2, Hkv=2, G=2, T, D]`` (key/value ``[2, 2, 1, T, D]``) with
+    packed documents (sorted segment ids), a query offset per sequence, ``kv_length``, a
+    full mask and a bias per head."""
+
+    def arr(*shape):
+        return jnp.asarray(rng.normal(size=shape), jnp.float32)
+
+    q, k, v = arr(2, 2, 2, tq, 4), arr(2, 2, 1, tv, 4), arr(2, 2, 1, tv, 3)
+    kv_ids = np.sort(rng.integers(0, 4, size=(2, 1, 1, tv)), axis=-1)
+    q_ids = kv_ids[..., :tq] if tq <= tv else np.sort(rng.integers(0, 4, size=(2, 1, 1, tq)))
+    keywords = dict(
+        segment_ids=(jnp.asarray(q_ids), jnp.asarray(kv_ids)),
+        window=(5, 2),
+        query_offset=jnp.asarray([[[1]], [[3]]]),  # [2, 1, 1]
+        kv_length=jnp.asarray([[[tv - 3]], [[tv]]]),
+        attention_mask=jnp.asarray(rng.random((2, 1, 1, tq, tv)) > 0.1),
+    )
+    masks = (jnp.asarray(rng.random((2, 2, 2, tq)) > 0.2), None)
+    return (q, k, v, arr(1, 2, 1, tq, tv)), masks, keywords
+
+
+EVERYTHING = {
+    # id: (devices, layout, causal, Tq, Tv)
+    "2dev-zigzag-causal": (2, "zigzag", True, 32, 32),
+    "4dev-contiguous-causal-Tq<Tv": (4, "contiguous", True, 16, 32),
+    "8dev-zigzag-full": (8, "zigzag", False, 32, 32),
+    "8dev-contiguous-causal": (8, "contiguous", True, 32, 32),
+}
+
+
+@pytest.mark.parametrize("case", list(EVERYTHING))
+def test_every_argument_matches_single_device(case, rng):
+    n, layout, causal, tq, tv = EVERYTHING[case]
+    mesh = Mesh(np.array(CPUS[:n]), ("seq",))
+    (q, k, v, bias), masks, keywords = _everything(rng, tq, tv)
+    params = {"scale": jnp.float32(0.7)}
+
+    def value_and_grads(attention):
+        def loss(params, q, k, v, bias):
+            out = attention(params, q, v, k, masks, causal, bias=bias, **keywords)
+            return jnp.sum(jnp.sin(out)), out
+
+        grads = jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True)
+        return jax.jit(grads)(params, q, k, v, bias)
+
+    ring = functools.partial(
+        ring_attention, mesh=mesh, axis_name="seq", layout=layout, block_size=(2, 4)
+    )
+    (_, out), grads = value_and_grads(ring)
+    (_, expected), expected_grads = value_and_grads(
+        functools.partial(dot_attention, implementation="xla")
+    )
+    assert_close(out, expected, factor=2)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(expected_grads), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * max(1.0, np.abs(b).max()))
+
+
+@pytest.mark.parametrize("bias_shape", [(1, 1, 1, 16, 1), (2, 1, 1, 1, 32)], ids=["Tq", "Tv"])
+def test_broadcast_full_mask_and_bias_match_single_device(bias_shape, rng):
+    # A key-padding mask [..., 1, Tv] and a bias broadcast along one axis: a size-1 axis
+    # is not split (the bias's cotangent sums over the devices that share it).
+    mesh = Mesh(np.array(CPUS[:4]), ("seq",))
+    (q, k, v, _), _, _ = _everything(rng, 16, 32)
+    mask = jnp.asarray(rng.random((2, 1, 1, 1, 32)) > 0.3)
+    bias = jnp.asarray(rng.normal(size=bias_shape), jnp.float32)
+
+    def value_and_grads(attention):
+        def loss(q, k, v, bias):
+            out = attention(None, q, v, k, causal=True, attention_mask=mask, bias=bias)
+            return jnp.sum(jnp.sin(out)), out
+
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))(q, k, v, bias)
+
+    ring = functools.partial(ring_attention, mesh=mesh, axis_name="seq", block_size=(2, 4))
+    (_, out), grads = value_and_grads(ring)
+    (_, expected), expected_grads = value_and_grads(
+        functools.partial(dot_attention, implementation="xla")
+    )
+    assert_close(out, expected, factor=2)
+    for a, b in zip(grads, expected_grads, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * max(1.0, np.abs(b).max()))
+
+
+def test_key_side_masks_that_differ_within_a_query_group_match_single_device(rng):
+    # A value mask per query head [B, Hkv, G, Tv] (and kv_length per head): the ring
+    # broadcasts key/value to the query heads (a copy) and gives one device's numbers.
+    mesh = Mesh(np.array(CPUS[:2]), ("seq",))
+    (q, k, v, _), _, _ = _everything(rng, 16, 16)
+    masks = (None, jnp.asarray(rng.random((2, 2, 2, 16)) > 0.3))
+    kv_length = jnp.asarray([[[16, 12]], [[9, 16]]])  # [2, 1, 2]: per query head
+
+    def value_and_grads(attention):
+        def loss(q, k, v):
+            return jnp.sum(jnp.sin(attention(None, q, v, k, masks, True, kv_length=kv_length)))
+
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(q, k, v)
+
+    ring = functools.partial(ring_attention, mesh=mesh, axis_name="seq", block_size=(2, 2))
+    got, want = (
+        value_and_grads(f) for f in (ring, functools.partial(dot_attention, implementation="xla"))
+    )
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * max(1.0, np.abs(b).max()))
+
+
+def test_forward_mode_with_every_argument_matches_single_device(rng):
+    mesh = Mesh(np.array(CPUS[:4]), ("seq",))
+    (q, k, v, bias), masks, keywords = _everything(rng, 16, 16)
+    params = {"scale": jnp.float32(0.7)}
+    primals = (params, q, k, v, bias)
+    tangents = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype), primals)
+
+    def run(attention):
+        def f(params, q, k, v, bias):
+            return attention(params, q, v, k, masks, True, bias=bias, **keywords)
+
+        return jax.jit(lambda: jax.jvp(f, primals, tangents))()
+
+    ring = functools.partial(ring_attention, mesh=mesh, axis_name="seq", block_size=(2, 2))
+    got = run(ring)
+    want = run(functools.partial(dot_attention, implementation="xla"))
+    assert_close(got[0], want[0], factor=2)
+    assert_close(got[1], want[1], factor=4)
+
+
+def _ppermuted_shapes(jaxpr) -> list[tuple[int, ...]]:
+    """Shapes of every operand ``ppermute`` sends, in a jaxpr and its sub-jaxprs."""
+    shapes = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "ppermute":
+            shapes += [tuple(x.aval.shape) for x in eqn.invars]
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    shapes += _ppermuted_shapes(inner)
+    return shapes
+
+
+def test_grouped_query_key_value_shards_travel_once_per_group(rng):
+    # Query [2, 2, 4, T, D] against key/value [2, 2, 1, T, D]: the ring sends key/value
+    # chunks of B = 4 sequences, never of the 16 query sequences.
+    mesh = Mesh(np.array(CPUS[:4]), ("seq",))
+    q = jnp.ones((2, 2, 4, 32, 8))
+    kv = jnp.ones((2, 2, 1, 32, 8))
+    f = functools.partial(ring_attention, mesh=mesh, axis_name="seq", layout="contiguous")
+    jaxpr = jax.make_jaxpr(lambda q, k: f(None, q, k, k))(q, kv).jaxpr
+    sent = {s for s in _ppermuted_shapes(jaxpr) if len(s) == 4}  # [chunks, B, Cv, D]
+    assert sent == {(1, 4, 8, 8)}, sent
+
+
+# -- skipping what nothing sees (counted) -----------------------------------------------
+
+
+def _work(n, t, **kwargs):
+    mesh = Mesh(np.array(CPUS[:n]), ("seq",))
+    rng = np.random.default_rng(1)
+    q, k, v = (jnp.asarray(rng.normal(size=(1, t, 4)), jnp.float32) for _ in range(3))
+    kwargs.setdefault("block_size", 4)
+    return ring_work(None, q, v, k, mesh=mesh, axis_name="seq", **kwargs)
+
+
+def test_a_causal_window_within_a_chunk_runs_two_ring_steps():
+    # 8 devices, T = 128: chunks of 16 keys; a window of 16 sees its own and the previous
+    # chunk only. The default layout for it is contiguous.
+    work = _work(8, 128, causal=True, window=(16, 0))
+    np.testing.assert_array_equal(work["steps"], [2] * 8)
+    np.testing.assert_array_equal(work["derivative_steps"], [2] * 8)
+    np.testing.assert_array_equal(work["pairs"], [1] + [2] * 7)
+    # Balanced: every device but the first computes the same blocks.
+    assert work["blocks"].max() <= 1.15 * work["blocks"].mean()
+    # Without the window: all 8 steps.
+    np.testing.assert_array_equal(_work(8, 128, causal=True)["steps"], [8] * 8)
+
+
+def test_causal_windows_stay_balanced():
+    # A window of 32 over 128 positions: the first 32 queries see fewer keys, so no layout
+    # of equal chunks does better than the busiest device computing full windows only.
+    # Both layouts reach that; the default for it (contiguous) also stops after 2 steps.
+    zigzag = _work(4, 128, causal=True, window=(32, 0), layout="zigzag")
+    default = _work(4, 128, causal=True, window=(32, 0))
+    assert zigzag["blocks"].max() == default["blocks"].max()
+    assert zigzag["blocks"].sum() == default["blocks"].sum()
+    assert default["blocks"].max() <= 1.25 * default["blocks"].mean()  # 1/(1 - w/2T)
+    np.testing.assert_array_equal(default["steps"], [2] * 4)
+    np.testing.assert_array_equal(zigzag["steps"], [4] * 4)  # needs both neighbours
+
+
+def test_packed_documents_skip_chunks_of_other_documents():
+    # Documents of 16 tokens on chunks of 16 (4 devices, T = 64): each chunk sees itself.
+    ids = jnp.repeat(jnp.arange(4), 16)[None]
+    work = _work(4, 64, segment_ids=(ids, ids))
+    np.testing.assert_array_equal(work["steps"], [1] * 4)
+    np.testing.assert_array_equal(work["pairs"], [1] * 4)
+    # Unsorted ids: every chunk holds every document, so every pair is computed.
+    shuffled = jnp.asarray(np.random.default_rng(0).permutation(np.asarray(ids[0])))[None]
+    work = _work(4, 64, segment_ids=(shuffled, shuffled))
+    np.testing.assert_array_equal(work["pairs"], [4] * 4)
+
+
+def test_rows_that_see_no_key_keep_every_step():
+    # Query 40's window holds only masked keys: Keras's rule makes it average over every
+    # key, so the ring may not stop early, and the numbers stay one device's.
+    mesh = Mesh(np.array(CPUS[:8]), ("seq",))
+    rng = np.random.default_rng(2)
+    q, k, v = (jnp.asarray(rng.normal(size=(1, 64, 4)), jnp.float32) for _ in range(3))
+    vm = jnp.ones((1, 64), bool).at[0, 38:41].set(False)
+    kwargs = dict(causal=True, window=(2, 0), masks=(None, vm), block_size=4)
+    work = ring_work(None, q, v, k, mesh=mesh, axis_name="seq", **kwargs)
+    np.testing.assert_array_equal(work["steps"], [8] * 8)
+    out = ring_attention(None, q, v, k, mesh=mesh, axis_name="seq", **kwargs)
+    assert_close(out, dot_attention(None, q, v, k, implementation="xla", **kwargs), factor=2)
+
+
+@pytest.mark.parametrize("name", ["return_attention_scores", "implementation", "logits_soft_cap"])
+def test_arguments_it_does_not_take_raise(name):
+    mesh = Mesh(np.array(CPUS[:2]), ("seq",))
+    q = jnp.ones((1, 4, 2))
+    with pytest.raises(TypeError, match=f"unexpected keyword argument '{name}'"):
+        ring_attention(None, q, q, mesh=mesh, axis_name="seq", **{name: True})
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag"])

@@ -74,8 +74,9 @@ from flax_dotattn._src import validation
 from flax_dotattn._src.blocks import BlockSizes
 from flax_dotattn._src.kernels import chunked
 from flax_dotattn._src.kernels.linear_map import linear_map
-from flax_dotattn._src.masks import MASK_PENALTY, Masking
+from flax_dotattn._src.masks import MASK_PENALTY
 from flax_dotattn._src.parallel.key_sharded import check_mesh_axis
+from flax_dotattn._src.scores import Masking, soft_cap
 from flax_dotattn._src.types import (
     Array,
     BlockSizeLike,
@@ -283,10 +284,10 @@ def _sight(ring: Ring, shards: Shards) -> Sight:
         m = m.reshape(m.shape[:-2] + (rows, m.shape[-2] // rows, cols, m.shape[-1] // cols))
         m = jnp.any(m, axis=tuple(range(m.ndim - 4)) + (m.ndim - 3, m.ndim - 1))  # [rows, cols]
         mask_any = jnp.broadcast_to(m, (ring.chunks, ring.parts))
-    chunks, b = shards.q.shape[:2]
+    chunks, rows = shards.q.shape[:2]
     ops = chunked.Operands(
-        q=shards.q.reshape((chunks * b, *shards.q.shape[2:])),
-        k=shards.k.reshape((chunks * b, *shards.k.shape[2:])),
+        q=shards.q.reshape((chunks * rows, *shards.q.shape[2:])),
+        k=shards.k.reshape((chunks * rows, *shards.k.shape[2:])),
         v=shards.v,
         masking=Masking(),
         bias=None,
@@ -304,7 +305,7 @@ def _sight(ring: Ring, shards: Shards) -> Sight:
         bias_max = lax.pmax(shards.bias.max().astype(dtype), ring.axis_name)
     sight = Sight(kv_any, kv_range, q_range, mask_any, q_bound, k_bound, bias_max, jnp.int32(0))
     # Every step s, every pair (a, b): the key chunk visits from device me - s.
-    me = lax.axis_index(ring.axis_name)
+    me: Any = lax.axis_index(ring.axis_name)
     s = jnp.arange(ring.size)[:, None, None]  # [n, 1, 1]
     a = jnp.arange(ring.chunks)[None, :, None]  # [1, chunks, 1]
     b = jnp.arange(ring.chunks)[None, None, :]  # [1, 1, chunks]
@@ -339,7 +340,9 @@ def _negligible(ring: Ring, sight: Sight, a: Any, k_bound: Array, row_max: Array
     """Whether masked logits of query chunk ``a``'s rows against keys bounded by
     ``k_bound`` get softmax weight exactly 0 next to ``row_max [B, Cq * G]``, in every
     row."""
-    top = sight.q_bound[a] * k_bound + sight.bias_max - MASK_PENALTY  # [B, Cq * G]
+    # The soft-cap is increasing, so it caps the bound of the logits (bias included) too.
+    logits = soft_cap(sight.q_bound[a] * k_bound + sight.bias_max, ring.pair.logits_soft_cap)
+    top = logits - MASK_PENALTY  # [B, Cq * G]
     return jnp.all(chunked.negligible(top, row_max))
 
 
@@ -375,11 +378,11 @@ def _steps(ring: Ring, shards: Shards, sight: Sight, pair_step: Callable, extra:
     The steps run are ``0 .. sight.steps - 1``, then the rest when ``bounds(carry)``
     (traced, the same on every device), read after step ``sight.steps - 1``, says so.
     ``travelling(carry, shift)`` rotates the part of ``carry`` that travels along with
-    the keys (e.g. the visiting shard's cotangents). Rotations happen before each step
-    after the first, so none is wasted. The loop has the static length ``n - 1`` (so that
-    reverse mode can differentiate it: second order), each step under a ``lax.cond`` that
-    every device takes alike. Returns ``(carry, steps run)``: after ``steps - 1``
-    rotations.
+    the keys (e.g. the visiting shard's cotangents). Each step sends its shard on while it
+    computes (the rotation does not wait for it, so the two overlap), unless no step
+    follows, so none is wasted. The loop has the static length ``n`` (so that reverse
+    mode can differentiate it: second order), each step under a ``lax.cond`` that every
+    device takes alike. Returns ``(carry, steps run)``: after ``steps - 1`` rotations.
     """
     me = lax.axis_index(ring.axis_name)
 
@@ -399,21 +402,33 @@ def _steps(ring: Ring, shards: Shards, sight: Sight, pair_step: Callable, extra:
             return pair(0, carry)
         return lax.fori_loop(0, ring.chunks**2, pair, carry)
 
-    def rotate_and_step(index, state):
-        visiting, carry = state
-        visiting, carry = _rotate(ring, visiting), travelling(carry, 1)
-        return visiting, step(index, visiting, carry)
+    def rotate(visiting, carry, when):
+        """The next shard (and what travels with it) when ``when``; no data otherwise."""
+        visiting = lax.cond(when, lambda x: _rotate(ring, x), lambda x: x, visiting)
+        return visiting, lax.cond(when, lambda c: travelling(c, 1), lambda c: c, carry)
 
     def body(index, state):
-        state, rest = state
-        # After the visible steps: whether the others are needed (one pmax, once).
-        rest = lax.cond(index == sight.steps, lambda: bounds(state[1]), lambda: rest)
-        run = (index < sight.steps) | rest
-        return lax.cond(run, functools.partial(rotate_and_step, index), lambda s: s, state), rest
+        visiting, carry, rest = state
+        # After the visible steps: whether the others are needed (one pmax, once); if so,
+        # the shard the last visible step did not send goes on now.
+        boundary = index == sight.steps
+        rest = lax.cond(boundary, lambda: bounds(carry), lambda: rest)
+        visiting, carry = rotate(visiting, carry, boundary & rest)
+
+        def run(state):
+            visiting, carry = state
+            carry = step(index, visiting, carry)
+            # Sent while the step computes (it reads the shard, it does not change it).
+            more = (index + 1 < sight.steps) | (rest & (index + 1 < ring.size))
+            return rotate(visiting, carry, more)
+
+        visiting, carry = lax.cond(
+            (index < sight.steps) | rest, run, lambda s: s, (visiting, carry)
+        )
+        return visiting, carry, rest
 
     visiting = (Visiting(shards.k, shards.v, shards.value_mask, shards.kv_segments), extra)
-    state = (visiting, step(0, visiting, carry))
-    (_, carry), rest = lax.fori_loop(1, ring.size, body, (state, jnp.asarray(False)))
+    _, carry, rest = lax.fori_loop(0, ring.size, body, (visiting, carry, jnp.asarray(False)))
     return carry, jnp.where(rest, ring.size, sight.steps)
 
 
@@ -749,6 +764,11 @@ def _check_layout(layout: Any, causal: bool, window: Window, tv: int) -> str:
     return layout
 
 
+def _divisor_at_most(length: int, block: int) -> int:
+    """The largest divisor of ``length`` that is at most ``block``."""
+    return max(d for d in range(1, block + 1) if length % d == 0)
+
+
 class _Plan(NamedTuple):
     call: validation.CheckedCall  # with block sizes set, key/value shared or broadcast
     ring: Ring
@@ -811,8 +831,11 @@ def _plan(call: validation.CheckedCall, mesh: Any, axis_name: Any, layout: Any) 
     cq, cv = inputs.query.shape[-2] // parts, inputs.value.shape[-2] // parts
 
     def rows(blocks: tuple[int, int]) -> tuple[int, int]:
+        # Blocks that divide the chunks: second order differentiates the kernel's forward
+        # pass as plain code (the ring's residuals), which gives NaN with padded key
+        # blocks next to a bias and segment ids; whole blocks have no padding.
         bq, bk = chunked.clip_blocks(blocks, cq, cv)
-        return bq * g, bk
+        return _divisor_at_most(cq, bq) * g, _divisor_at_most(cv, bk)
 
     pair = chunked.Static(
         score_mode=options.score_mode,
@@ -872,19 +895,12 @@ def _specs(ring: Ring, arrays: _Arrays) -> _Arrays:
     def replicated(x: Array | None) -> PartitionSpec | None:
         return None if x is None else PartitionSpec()
 
-    return _Arrays(
-        query=along(arrays.query, -2),
-        key=along(arrays.key, -2),
-        value=along(arrays.value, -2),
-        value_mask=along(arrays.value_mask, -1),
-        query_segment_ids=along(arrays.query_segment_ids, -1),
-        kv_segment_ids=along(arrays.kv_segment_ids, -1),
-        attention_mask=along(arrays.attention_mask, -2),
-        bias=along(arrays.bias, -2),
-        query_offset=replicated(arrays.query_offset),
-        scale=replicated(arrays.scale),
-        concat_score_weight=replicated(arrays.concat_score_weight),
-        rng=replicated(arrays.rng),
+    sequence_axis = {"query": -2, "key": -2, "value": -2, "value_mask": -1,
+                     "query_segment_ids": -1, "kv_segment_ids": -1, "attention_mask": -2,
+                     "bias": -2}  # fmt: skip
+    return _Arrays._make(
+        along(x, sequence_axis[name]) if name in sequence_axis else replicated(x)
+        for name, x in zip(_Arrays._fields, arrays, strict=True)
     )
 
 
@@ -892,8 +908,8 @@ def _shards(ring: Ring, call: _StaticCall, local: _Arrays) -> Shards:
     """This device's :class:`Shards` from its slices of the arrays (natural order)."""
     if ring.zigzag:
 
-        def zigzag(x: Array | None, dim: int) -> Array | None:
-            return None if x is None or x.shape[dim] == 1 else _to_zigzag(ring, x, dim)
+        def zigzag(x: Any, dim: int) -> Any:
+            return x if x is None or x.shape[dim] == 1 else _to_zigzag(ring, x, dim)
 
         local = local._replace(
             query=zigzag(local.query, -2),
@@ -923,7 +939,7 @@ def _shards(ring: Ring, call: _StaticCall, local: _Arrays) -> Shards:
     static, ops = chunked.prepare(validation.CheckedCall(call.options, inputs, local.rng))
     assert static.groups == ring.pair.groups, (static.groups, ring.pair.groups)
 
-    def stack(x: Array | None) -> Array | None:
+    def stack(x: Any) -> Any:
         return None if x is None else _stack(ring, x)
 
     masking = ops.masking
