@@ -74,9 +74,9 @@ from flax_dotattn._src import validation
 from flax_dotattn._src.blocks import BlockSizes
 from flax_dotattn._src.kernels import chunked
 from flax_dotattn._src.kernels.linear_map import linear_map
-from flax_dotattn._src.masks import MASK_PENALTY
+from flax_dotattn._src.masks import MASK_PENALTY, Masking
 from flax_dotattn._src.parallel.key_sharded import check_mesh_axis
-from flax_dotattn._src.scores import Masking, soft_cap
+from flax_dotattn._src.scores import soft_cap
 from flax_dotattn._src.types import (
     Array,
     BlockSizeLike,
