@@ -39,6 +39,10 @@ attention (one key/value head), with the peak memory of each.
 ``--scenarios decode`` times one decoding step (4 heads, forward) at cache lengths 1024 to
 16384: the new query against the cache (``query_offset``/``kv_length``) against causal
 attention over the whole prefix.
+``--scenarios serving`` times ``MultiHeadDotAttention`` decoding steps (see
+:mod:`flax_dotattn.bench.serving`): a local layer (window 1024) at position 32767 on its
+full cache against a rolling cache of 1025 slots (with each cache's size), and a ragged
+batch of 8 sequences in one step against one call per sequence.
 
 ``--device`` times the accelerator table instead: bfloat16 ``[1, 8, T, 128]``, T = 1024 to
 32768, forward and forward+backward, ``dot_attention`` (automatic, each row naming the
@@ -60,6 +64,7 @@ Examples:
   python -m flax_dotattn.bench --scenarios window,packing
   python -m flax_dotattn.bench --scenarios gqa --repeats 1
   python -m flax_dotattn.bench --scenarios decode --no-memory
+  python -m flax_dotattn.bench --scenarios serving --repeats 5 --json serving.json
   python -m flax_dotattn.bench --device --causal --json device.json --markdown device.md
 """
 

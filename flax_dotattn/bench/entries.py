@@ -18,7 +18,7 @@ from flax_dotattn import dot_attention
 from flax_dotattn.bench import baselines, device
 
 IMPLS = ("naive", "default", "xla", "chunked", "jax_nn", "keras", "torch_sdpa")
-SCENARIOS = ("window", "packing", "gqa", "decode")
+SCENARIOS = ("window", "packing", "gqa", "decode", "serving")
 MODES = ("fwd", "fwd_bwd")
 #: The sequence length at which the scenarios are timed.
 SCENARIO_LENGTH = 16384
