@@ -514,7 +514,7 @@ def test_nnx_loads_a_keras_layer_whose_key_and_value_features_differ(rng):
 # -- decoding: masks of the new positions, writing past the cache --------------------------
 
 
-@pytest.mark.parametrize("module", [pytest.param("linen", marks=pytest.mark.slow), "nnx"])
+@pytest.mark.parametrize("module", ["linen", pytest.param("nnx", marks=pytest.mark.slow)])
 def test_a_value_mask_of_the_new_positions_masks_only_them(rng, module):
     x = _normal(rng, 2, 6, 8)
     value_mask = np.ones((2, 6), bool)
@@ -735,21 +735,23 @@ def test_a_ragged_batch_decodes_each_sequence_as_alone_and_as_the_full_forward(r
         outs += [step(model, tokens(t), jnp.ones(3, jnp.int32)) for t in range(steps)]
         index = model.cache_index[...]
     np.testing.assert_array_equal(index, lengths + steps)
+    single = layer.clone(decode=True)
+
+    @jax.jit
+    def single_step(cache, token):
+        out, variables = single.apply(
+            {"params": params, "cache": cache}, token, token, mutable=["cache"]
+        )
+        return out, variables["cache"]
+
     for i, n in enumerate(lengths):
         decoded = jnp.concatenate([outs[0][i, :n], *(o[i] for o in outs[1:])])  # [n + steps, F]
         alone = x[i : i + 1, : n + steps]
         assert_close(decoded, layer.apply({"params": params}, alone, alone)[0])
-        single = layer.clone(decode=True)  # this sequence alone, one cache_index
         cache = single.init(jax.random.key(0), x[i : i + 1], x[i : i + 1])["cache"]
-        out, variables = single.apply(
-            {"params": params, "cache": cache}, alone[:, :n], alone[:, :n], mutable=["cache"]
-        )
-        outs_alone = [out[0]]
-        for t in range(steps):
-            token = alone[:, n + t : n + t + 1]
-            out, variables = single.apply(
-                {"params": params, **variables}, token, token, mutable=["cache"]
-            )
+        outs_alone = []  # this sequence alone, one cache_index, one token per step
+        for t in range(n + steps):
+            out, cache = single_step(cache, alone[:, t : t + 1])
             outs_alone.append(out[0])
         assert_close(decoded, jnp.concatenate(outs_alone))
 
@@ -812,7 +814,9 @@ def test_a_rolling_cache_decodes_a_ragged_batch_in_chunks_nnx(rng):
         assert_close(decoded, model(alone, alone)[0])
 
 
-@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize(
+    "seed", [1, 2, *(pytest.param(s, marks=pytest.mark.slow) for s in (0, 3, 4, 5))]
+)
 def test_the_row_check_equals_the_dense_mask_reduction(seed, monkeypatch):
     """Which rows see a key, from bands and prefix sums (or blocks of pairs), equals
     ``any`` over the dense mask the xla path builds."""
