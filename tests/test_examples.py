@@ -64,6 +64,8 @@ def test_decode_lm_learns_to_copy_and_its_cache_gives_the_full_logits(example, c
     out = capsys.readouterr().out
     assert "tokens/s with the cache" in out and "recomputing the prefix" in out
     assert result["logit_error"] < 1e-4  # the example asserts it too
+    assert result["ragged_error"] < 1e-4  # each ragged sequence == decoding it alone
+    assert "local layers on a rolling cache" in out
     assert result["accuracy"] > 0.9
 
 

@@ -514,7 +514,7 @@ def test_nnx_loads_a_keras_layer_whose_key_and_value_features_differ(rng):
 # -- decoding: masks of the new positions, writing past the cache --------------------------
 
 
-@pytest.mark.parametrize("module", [pytest.param("linen", marks=pytest.mark.slow), "nnx"])
+@pytest.mark.parametrize("module", ["linen", pytest.param("nnx", marks=pytest.mark.slow)])
 def test_a_value_mask_of_the_new_positions_masks_only_them(rng, module):
     x = _normal(rng, 2, 6, 8)
     value_mask = np.ones((2, 6), bool)
@@ -735,21 +735,23 @@ def test_a_ragged_batch_decodes_each_sequence_as_alone_and_as_the_full_forward(r
         outs += [step(model, tokens(t), jnp.ones(3, jnp.int32)) for t in range(steps)]
         index = model.cache_index[...]
     np.testing.assert_array_equal(index, lengths + steps)
+    single = layer.clone(decode=True)
+
+    @jax.jit
+    def single_step(cache, token):
+        out, variables = single.apply(
+            {"params": params, "cache": cache}, token, token, mutable=["cache"]
+        )
+        return out, variables["cache"]
+
     for i, n in enumerate(lengths):
         decoded = jnp.concatenate([outs[0][i, :n], *(o[i] for o in outs[1:])])  # [n + steps, F]
         alone = x[i : i + 1, : n + steps]
         assert_close(decoded, layer.apply({"params": params}, alone, alone)[0])
-        single = layer.clone(decode=True)  # this sequence alone, one cache_index
         cache = single.init(jax.random.key(0), x[i : i + 1], x[i : i + 1])["cache"]
-        out, variables = single.apply(
-            {"params": params, "cache": cache}, alone[:, :n], alone[:, :n], mutable=["cache"]
-        )
-        outs_alone = [out[0]]
-        for t in range(steps):
-            token = alone[:, n + t : n + t + 1]
-            out, variables = single.apply(
-                {"params": params, **variables}, token, token, mutable=["cache"]
-            )
+        outs_alone = []  # this sequence alone, one cache_index, one token per step
+        for t in range(n + steps):
+            out, cache = single_step(cache, alone[:, t : t + 1])
             outs_alone.append(out[0])
         assert_close(decoded, jnp.concatenate(outs_alone))
 
@@ -810,3 +812,41 @@ def test_a_rolling_cache_decodes_a_ragged_batch_in_chunks_nnx(rng):
         decoded = jnp.concatenate([outs[0][i, :n], *(o[i] for o in outs[1:])])
         alone = x[i : i + 1, : position[i]]
         assert_close(decoded, model(alone, alone)[0])
+
+
+@pytest.mark.parametrize(
+    "seed", [1, 2, *(pytest.param(s, marks=pytest.mark.slow) for s in (0, 3, 4, 5))]
+)
+def test_the_row_check_equals_the_dense_mask_reduction(seed, monkeypatch):
+    """Which rows see a key, from bands and prefix sums (or blocks of pairs), equals
+    ``any`` over the dense mask the xla path builds."""
+    from flax_dotattn._src import masks as masks_lib
+    from flax_dotattn._src.modules import call as module_call
+    from flax_dotattn._src.validation import check_call
+
+    monkeypatch.setattr(module_call, "ROWS_BLOCK", 3)  # several blocks of pairs
+    r = np.random.default_rng(seed)
+    b, h, tq, tv = 2, 3, int(r.integers(1, 9)), int(r.integers(1, 12))
+    q, kv = jnp.ones((b, h, tq, 4)), jnp.ones((b, h, tv, 4))
+    window = None if r.random() < 0.3 else (int(r.integers(0, 4)), int(r.integers(0, 3)))
+    arguments = dict(
+        params=None, query=q, value=kv, causal=bool(r.random() < 0.6), window=window,
+        masks=(r.random((b, 1, tq)) > 0.2, r.random((b, 1, tv)) > 0.4),
+        query_offset=r.integers(0, 5, (b, 1)).astype(np.int32),
+        kv_length=r.integers(1, tv + 1, (b, 1)).astype(np.int32),
+    )  # fmt: skip
+    if seed % 3 == 1:
+        arguments["attention_mask"] = r.random((b, 1, 1, tv)) > 0.3  # key padding
+    if seed % 3 == 2:
+        arguments["attention_mask"] = r.random((b, h, tq, tv)) > 0.5
+        arguments["segment_ids"] = (r.integers(0, 2, (b, 1, tq)), r.integers(0, 2, (b, 1, tv)))
+    checked = check_call(arguments)
+    seen = module_call.rows_with_keys(checked)
+    inputs = checked.inputs
+    positions = inputs.query_offset[..., None] + np.arange(tq)
+    keep = masks_lib.keep_mask(
+        jnp.asarray(positions), jnp.arange(tv), inputs.masking, causal=arguments["causal"],
+        window=window, batch_ndim=2,
+    )  # fmt: skip
+    expected = np.broadcast_to(np.any(keep, -1) & inputs.query_mask, (b, h, tq))
+    np.testing.assert_array_equal(np.broadcast_to(seen, (b, h, tq)), expected)

@@ -190,11 +190,14 @@ def dot_attention(
         position of query 0 among the keys, for decoding with a KV cache. ``causal``
         then shows key ``j`` to query ``i`` iff ``j <= query_offset + i``, and ``window``
         is measured from ``query_offset + i``. May be traced: one compiled step serves
-        every position.
+        every position. Must be ``>= 0``.
       kv_length: None, a Python int or an integer array broadcastable to the batch dims:
-        the filled length of a key/value cache. Keys at or beyond it are masked (ANDed
-        with the value mask; their non-finite entries read as 0), and the chunked path
-        skips their blocks. May be traced.
+        the filled length of a key/value cache, in ``[1, Tv]``. Keys at or beyond it are
+        masked (ANDed with the value mask; their non-finite entries read as 0), and the
+        chunked path skips their blocks. May be traced. Out-of-range values given on the
+        host raise a ValueError; traced ones are reported when the caller runs under
+        ``jax.experimental.checkify.checkify(f, errors=checkify.user_checks)`` (without
+        checkify the check adds nothing), and otherwise give unspecified finite rows.
       window: None or a sliding window ``(left, right)``: query ``i`` sees keys
         ``i - left <= j <= i + right`` (global positions, top-left aligned like
         ``causal``; a None side, or one of 2**30 or more, is unbounded). With

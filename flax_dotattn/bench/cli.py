@@ -43,6 +43,10 @@ attention over the whole prefix.
 at 1 x 8192, forward+backward, with its default ``attention_fn`` against
 :func:`flax_dotattn.flax_attention_fn`, and prints each one's compiled temporaries (XLA's
 accounting) and, unless ``--no-memory``, its peak memory.
+``--scenarios serving`` times ``MultiHeadDotAttention`` decoding steps (see
+:mod:`flax_dotattn.bench.serving`): a local layer (window 1024) at position 32767 on its
+full cache against a rolling cache of 1025 slots (with each cache's size), and a ragged
+batch of 8 sequences in one step against one call per sequence.
 
 ``--device`` times the accelerator table instead: bfloat16 ``[1, 8, T, 128]``, T = 1024 to
 32768, forward and forward+backward, ``dot_attention`` (automatic, each row naming the
@@ -65,6 +69,7 @@ Examples:
   python -m flax_dotattn.bench --scenarios gqa --repeats 1
   python -m flax_dotattn.bench --scenarios decode --no-memory
   python -m flax_dotattn.bench --scenarios flax --repeats 3 --no-memory
+  python -m flax_dotattn.bench --scenarios serving --repeats 5 --json serving.json
   python -m flax_dotattn.bench --device --causal --json device.json --markdown device.md
 """
 

@@ -19,7 +19,7 @@ from flax_dotattn import dot_attention, flax_attention_fn
 from flax_dotattn.bench import baselines, device
 
 IMPLS = ("naive", "default", "xla", "chunked", "jax_nn", "keras", "torch_sdpa")
-SCENARIOS = ("window", "packing", "gqa", "decode", "flax")
+SCENARIOS = ("window", "packing", "gqa", "decode", "flax", "serving")
 MODES = ("fwd", "fwd_bwd")
 #: The sequence length at which the scenarios are timed.
 SCENARIO_LENGTH = 16384

@@ -91,6 +91,11 @@ def scenario_rows(names: Sequence[str], repeats: int, memory: bool) -> list[dict
         if scenario == "decode":
             rows += _decode_timings(repeats)
             continue
+        if scenario == "serving":
+            from flax_dotattn.bench.serving import serving_rows  # imports the Flax module
+
+            rows += serving_rows(repeats)
+            continue
         rows += _scenario_timings(scenario, repeats)
         if scenario == "window" and memory:
             rows += _window_memory()

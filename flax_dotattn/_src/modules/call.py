@@ -85,33 +85,104 @@ def module_attention(
     return output, jnp.where(seen[..., None], weights, jnp.zeros((), weights.dtype))
 
 
-def rows_with_keys(call: CheckedCall) -> Array | None:
-    """Which query rows see at least one key, ``bool`` broadcastable to ``[..., Tq]``
-    (a masked query sees none); None when nothing masks.
+#: Query rows per block where the row check needs the pairs (a full attention mask or
+#: segment ids): it holds ``[..., block, Tv]`` booleans at a time.
+ROWS_BLOCK = 512
 
-    The any-reduction over the keys fuses with the mask's comparisons (XLA does not
-    store the ``[..., Tq, Tv]`` mask), so its cost is one pass over the pairs' positions
-    and masks.
+
+def rows_with_keys(call: CheckedCall) -> Array | None:
+    """Which query rows see at least one key, ``bool`` of the scores' rank less one
+    (``[..., Tq]``, broadcastable; a masked query sees none); None when nothing masks.
+
+    Causal, window, ``query_offset``, ``kv_length``, value masks and key-padding masks
+    ``[..., 1, Tv]`` give each row a band of keys and a count of kept keys in it (a prefix
+    sum over the keys): ``O(Tq + Tv)`` memory. A full ``attention_mask`` or segment ids
+    need the pairs: they are reduced :data:`ROWS_BLOCK` query rows at a time.
     """
     inputs, options = call.inputs, call.options
     tq, tv = inputs.query.shape[-2], inputs.key.shape[-2]
-    query_positions = jnp.arange(tq)  # [Tq]
-    if inputs.query_offset is not None:  # [(...,) Tq]
-        offset = jnp.asarray(inputs.query_offset)
-        query_positions = offset[..., None] + query_positions.reshape(
-            (1,) * offset.ndim + query_positions.shape
+    rank = inputs.query.ndim - 1  # of [..., Tq]
+    positions = jnp.arange(tq, dtype=jnp.int32)
+    if inputs.query_offset is not None:
+        offset = jnp.asarray(inputs.query_offset, jnp.int32)
+        positions = offset[..., None] + positions.reshape((1,) * offset.ndim + (tq,))
+    positions = positions.reshape((1,) * (rank - positions.ndim) + positions.shape)
+    masking = inputs.masking
+    value_mask, full = masking.value_mask, masking.attention_mask
+    if full is not None and full.shape[-2] == 1:  # key padding: a value mask
+        keys = full[..., 0, :]
+        value_mask = keys if value_mask is None else value_mask & keys
+        full = None
+    seen: Array | None
+    if full is not None or masking.query_segment_ids is not None:
+        seen = _rows_by_blocks(
+            positions, masking._replace(value_mask=value_mask, attention_mask=full), call
         )
-    keep = masks_lib.keep_mask(
-        query_positions,
-        jnp.arange(tv),
-        inputs.masking,
-        causal=options.causal,
-        window=options.window,
-        batch_ndim=inputs.query.ndim - 2,
-    )
-    seen = None if keep is None else jnp.any(keep, axis=-1)  # [..., Tq]
-    if tv == 0:
-        seen = jnp.zeros((1,) * (inputs.query.ndim - 2) + (tq,), bool)
+    elif not options.causal and options.window is None and value_mask is None:
+        seen = None if tv else jnp.zeros((1,) * (rank - 1) + (tq,), bool)
+    else:
+        seen = _rows_by_bands(positions, value_mask, options.causal, options.window, tv)
     if inputs.query_mask is not None:
         seen = inputs.query_mask if seen is None else seen & inputs.query_mask
     return seen
+
+
+def _rows_by_bands(
+    positions: Array,
+    value_mask: Array | None,
+    causal: bool,
+    window: tuple[int | None, int | None] | None,
+    tv: int,
+) -> Array:
+    """Rows whose band ``[lo, hi]`` of keys (from causal and the window) holds a kept key:
+    ``count(hi) - count(lo - 1) > 0`` over the value mask's prefix sums."""
+    lo = jnp.zeros_like(positions)
+    hi = jnp.full_like(positions, tv - 1)
+    if causal:
+        hi = jnp.minimum(hi, positions)
+    if window is not None:
+        left, right = window
+        if left is not None:
+            lo = jnp.maximum(lo, positions - left)
+        if right is not None:
+            hi = jnp.minimum(hi, positions + right)
+    nonempty = hi >= lo
+    if value_mask is None:
+        return nonempty
+    counts = jnp.cumsum(value_mask.astype(jnp.int32), axis=-1)  # [..., Tv]
+    counts = jnp.concatenate([jnp.zeros_like(counts[..., :1]), counts], axis=-1)  # [..., Tv+1]
+    batch = jnp.broadcast_shapes(counts.shape[:-1], lo.shape[:-1])
+    counts = jnp.broadcast_to(counts, (*batch, tv + 1))
+    upper = jnp.broadcast_to(jnp.clip(hi + 1, 0, tv), (*batch, lo.shape[-1]))
+    lower = jnp.broadcast_to(jnp.clip(lo, 0, tv), (*batch, lo.shape[-1]))
+    kept = jnp.take_along_axis(counts, upper, axis=-1) - jnp.take_along_axis(counts, lower, axis=-1)
+    return nonempty & (kept > 0)
+
+
+def _rows_by_blocks(positions: Array, masking: masks_lib.Masking, call: CheckedCall) -> Array:
+    """Rows with a kept key, from the pairs' mask, :data:`ROWS_BLOCK` rows at a time."""
+    inputs, options = call.inputs, call.options
+    tq, tv = inputs.query.shape[-2], inputs.key.shape[-2]
+    blocks = []
+    for start in range(0, tq, ROWS_BLOCK):
+        rows = slice(start, min(start + ROWS_BLOCK, tq))
+        full = masking.attention_mask
+        if full is not None and full.shape[-2] == tq:
+            full = full[..., rows, :]
+        q_seg = masking.query_segment_ids
+        if q_seg is not None and q_seg.shape[-1] == tq:
+            q_seg = q_seg[..., rows]
+        keep = masks_lib.keep_mask(
+            positions[..., rows],
+            jnp.arange(tv),
+            masks_lib.Masking(masking.value_mask, full, q_seg, masking.kv_segment_ids),
+            causal=options.causal,
+            window=options.window,
+            batch_ndim=inputs.query.ndim - 2,
+        )
+        assert keep is not None
+        blocks.append(jnp.any(keep, axis=-1))  # [..., rows]
+    if len(blocks) == 1:
+        return blocks[0]
+    batch = jnp.broadcast_shapes(*(b.shape[:-1] for b in blocks))
+    return jnp.concatenate([jnp.broadcast_to(b, (*batch, b.shape[-1])) for b in blocks], -1)

@@ -122,9 +122,10 @@ class MultiHeadDotAttention(nn.Module):
         applied to the projected queries and keys (rotary embeddings); positions default
         to ``cache_index + arange(Tn)`` when decoding, else ``arange(Tq)``. The shortcut
         for ``query_transform = key_transform = f``.
-      query_transform, key_transform: the same, for one side each (Gemma 3's query and
-        key norms with their own weights, then RoPE); giving ``query_key_transform`` with
-        a different per-side one raises.
+      query_transform: the same, for the queries only (Gemma 3 normalises queries and
+        keys with their own weights, then applies RoPE); giving ``query_key_transform``
+        with a different per-side one raises.
+      key_transform: the same, for the keys only.
       decode: the default of the call's ``decode``.
       per_sequence_cache: the cache holds one ``cache_index`` per sequence (a ragged
         batch: prompts of different lengths, sequences that finish at different steps).

@@ -79,8 +79,8 @@ class MultiHeadDotAttention(nnx.Module):
         is given (None: ``in_features``).
       in_value_features: the value's features (None: ``in_kv_features``), for layers
         whose key and value features differ (Keras's ``MultiHeadAttention`` allows it).
-      kernel_init, bias_init, query_key_transform, query_transform, key_transform,
-        decode: as in the Linen module.
+      kernel_init, bias_init, query_key_transform, query_transform, key_transform, decode:
+        as in the Linen module.
       rngs: an ``nnx.Rngs`` whose ``"params"`` stream initialises the kernels and whose
         ``"dropout"`` stream feeds dropout (forked only when ``dropout_rate > 0``).
 
