@@ -15,8 +15,11 @@ Public API:
 * :func:`which_implementation`: which path a call would take, and why.
 * :func:`make_causal_mask`, :func:`attention_scores`: building blocks.
 * :class:`BlockSizes`: the chunked path's block lengths.
+* :mod:`flax_dotattn.mods`: score and mask functions (ALiBi, T5 buckets, prefix-LM,
+  documents, windows, soft-cap) for ``score_mod`` / ``mask_mod``, and their registry.
 """
 
+from flax_dotattn import mods as mods
 from flax_dotattn._src.attention import dot_attention as dot_attention
 from flax_dotattn._src.attention import which_implementation as which_implementation
 from flax_dotattn._src.blocks import BlockSizes as BlockSizes
@@ -57,6 +60,7 @@ __all__ = (
     "dot_attention",
     "load_config",
     "make_causal_mask",
+    "mods",
     "multi_head_params_from_keras",
     "multi_head_params_to_keras",
     "params_from_keras",

@@ -45,6 +45,8 @@ LEFT_OUT = {
         "query_offset",
         "kv_length",
         "logits_soft_cap",
+        "score_mod",
+        "mask_mod",
     },
 }
 #: Parameters of their own (not options).

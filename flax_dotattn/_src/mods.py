@@ -105,6 +105,10 @@ def call_score_mod(fn: ScoreMod, scores: Any, q_pos: Any, kv_pos: Any) -> Any:
         out = fn(scores, q_pos, kv_pos)
     except (jax.errors.TracerBoolConversionError, jax.errors.ConcretizationTypeError) as e:
         return _not_vectorised("score_mod", e)
+    except ValueError as e:
+        if "truth value of an array" in str(e):
+            return _not_vectorised("score_mod", e)
+        raise
     shape = getattr(out, "shape", None)
     dtype = getattr(out, "dtype", None)
     if shape is None or tuple(shape) != tuple(scores.shape):

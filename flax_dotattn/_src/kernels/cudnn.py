@@ -72,6 +72,8 @@ def ineligibility(inputs: AttentionInputs, options: AttentionOptions) -> str | N
         (options.dropout, "dropout is active"),
         (options.return_attention_scores, "the weights are requested"),
         (options.logits_soft_cap is not None, "logits_soft_cap given (the kernel has no soft-cap)"),
+        (options.score_mod is not None, "score_mod given (the kernel takes no score function)"),
+        (options.mask_mod is not None, "mask_mod given (the kernel takes no mask function)"),
         (
             d != dv or d % 8 or d > MAX_HEAD_SIZE,
             f"head sizes D={d}, Dv={dv} (need D == Dv, a multiple of 8, <= {MAX_HEAD_SIZE})",

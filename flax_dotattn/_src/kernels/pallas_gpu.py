@@ -96,6 +96,8 @@ def ineligibility(inputs: AttentionInputs, options: AttentionOptions) -> str | N
         (options.dropout, "dropout is active"),
         (options.return_attention_scores, "the weights are requested"),
         (options.logits_soft_cap is not None, "logits_soft_cap given (the kernel has no soft-cap)"),
+        (options.score_mod is not None, "score_mod given (the kernel takes no score function)"),
+        (options.mask_mod is not None, "mask_mod given (the kernel takes no mask function)"),
         (bool(given), f"{', '.join(given)} given (the kernel masks by segment ids only)"),
         (
             d != dv or not MIN_HEAD_SIZE <= d <= MAX_HEAD_SIZE,

@@ -96,6 +96,8 @@ def ineligibility(inputs: AttentionInputs, options: AttentionOptions) -> str | N
         (options.score_mode != "dot", "score_mode is not 'dot'"),
         (options.dropout, "dropout is active"),
         (options.return_attention_scores, "the weights are requested"),
+        (options.score_mod is not None, "score_mod given (splash takes no score function)"),
+        (options.mask_mod is not None, "mask_mod given (not mapped onto splash's masks)"),
         (bool(given), f"{', '.join(given)} given (the kernel takes no dense mask or bias)"),
         (isinstance(offset, str), str(offset)),
         (_grouped_reason(inputs) is not None, str(_grouped_reason(inputs))),

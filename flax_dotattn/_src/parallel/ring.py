@@ -552,7 +552,7 @@ def ring_attention(
     Same semantics as :func:`dot_attention` and its arguments up to ``causal``, plus
     ``score_mode``, dropout, ``precision`` and ``block_size`` (the weights cannot be
     returned). ``attention_mask``, ``bias``, ``segment_ids``, ``window``, ``query_offset``,
-    ``kv_length`` and ``logits_soft_cap`` are not taken here;
+    ``kv_length``, ``logits_soft_cap``, ``score_mod`` and ``mask_mod`` are not taken here;
     :func:`sequence_parallel_attention` takes them all. The sequence axes (``Tq`` of the
     query, ``Tv`` of key, value and their masks) are split over the ``n`` devices of
     mesh axis ``axis_name``; every device keeps its queries while the key/value shards
