@@ -65,3 +65,11 @@ def test_decode_lm_learns_to_copy_and_its_cache_gives_the_full_logits(example, c
     assert "tokens/s with the cache" in out and "recomputing the prefix" in out
     assert result["logit_error"] < 1e-4  # the example asserts it too
     assert result["accuracy"] > 0.9
+
+
+def test_gemma2_style_lm_learns_to_copy_and_its_cache_gives_the_full_logits(example, capsys):
+    result = example("gemma2_style").main(["--steps", "120", "--eval-examples", "16"])
+    out = capsys.readouterr().out
+    assert "attention == plain jnp" in out and "cached logits == full-sequence" in out
+    assert result["attention_error"] < 1e-5 and result["logit_error"] < 1e-4  # asserted too
+    assert result["accuracy"] > 0.9

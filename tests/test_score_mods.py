@@ -297,3 +297,15 @@ def test_a_function_off_by_one_position_differs():
             want = dot_attention(None, q, kv, **builtin, **common)
             got = dot_attention(None, q, kv, **restated, **common)
             assert float(jnp.max(jnp.abs(got - want))) > 1e-3, builtin.keys()
+
+
+def test_recipes_equal_the_builtins_they_restate(rng):
+    q, kv = _normal(rng, (1, 3, 9, 4), 3.0), _normal(rng, (1, 3, 9, 4), 3.0)
+    capped = dot_attention(None, q, kv, logits_soft_cap=2.0, causal=True)
+    assert_close(dot_attention(None, q, kv, score_mod=mods.soft_cap(2.0), causal=True), capped)
+    slopes = mods.alibi_slopes(3)[:, None, None]
+    i = np.arange(9)
+    bias = -slopes * np.abs(i[:, None] - i[None, :])
+    got = dot_attention(None, q, kv, score_mod=mods.alibi(slopes, causal=False))
+    assert_close(got, dot_attention(None, q, kv, bias=bias[None]))
+    assert mods.alibi_slopes(6).shape == (6,)
