@@ -39,6 +39,12 @@ attention (one key/value head), with the peak memory of each.
 ``--scenarios decode`` times one decoding step (4 heads, forward) at cache lengths 1024 to
 16384: the new query against the cache (``query_offset``/``kv_length``) against causal
 attention over the whole prefix.
+``--scenarios alibi,softcap,mask_mods`` times the score and mask functions: ALiBi as a
+``score_mod`` against plain causal attention on the chunked path at T = 16384 (and the peak
+memory of ALiBi as a ``score_mod`` and as a dense ``[T, T]`` bias), ``logits_soft_cap=50``
+against plain full attention at T = 4096, and at T = 4096 ``causal=True`` against the same
+as a ``mask_mod``, a prefix-LM ``mask_mod``, and 8 packed documents as ``segment_ids``
+against the same as a ``mask_mod`` (forward+backward).
 
 ``--device`` times the accelerator table instead: bfloat16 ``[1, 8, T, 128]``, T = 1024 to
 32768, forward and forward+backward, ``dot_attention`` (automatic, each row naming the
@@ -60,6 +66,7 @@ Examples:
   python -m flax_dotattn.bench --scenarios window,packing
   python -m flax_dotattn.bench --scenarios gqa --repeats 1
   python -m flax_dotattn.bench --scenarios decode --no-memory
+  python -m flax_dotattn.bench --scenarios alibi,softcap,mask_mods --repeats 5
   python -m flax_dotattn.bench --device --causal --json device.json --markdown device.md
 """
 
@@ -246,7 +253,8 @@ def _run_scenarios(args: argparse.Namespace) -> int:
     """``--scenarios``: times them, prints the machine and its load, writes ``--json``."""
     header = (
         f"Machine: {machine()}; D = 64, float32, T = {SCENARIO_LENGTH}, forward+backward "
-        f"(gqa: T = {SCENARIO_LENGTHS['gqa']}; decode: forward, T = the cache length)."
+        f"(gqa: T = {SCENARIO_LENGTHS['gqa']}; softcap, mask_mods: T = "
+        f"{SCENARIO_LENGTHS['softcap']}; decode: forward, T = the cache length)."
     )
     print(header, f"Load average (1 min) at start: {load_average()[0]:.2f}.", flush=True)
     print(f"Tuning: {tuning_status()}.", flush=True)
