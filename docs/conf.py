@@ -63,6 +63,7 @@ nitpick_ignore_regex = [
     # Literal aliases of the choices (flax_dotattn/_src/types.py), and the dispatcher's
     # Plan (a NamedTuple whose fields which_implementation documents).
     (r"py:.*", r"(ScoreMode|FloatDtypeName|PrecisionName|Implementation)"),
+    (r"py:.*", r"(ScoreMod|MaskMod)"),  # the score and mask functions' Callable aliases
     (r"py:.*", r"(flax_dotattn\._src\.dispatch\.)?Plan"),
     # The TypedDicts of dot_attention's keyword arguments (its overloads and
     # which_implementation); the functions' Args sections document each argument.
