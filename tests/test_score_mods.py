@@ -309,3 +309,40 @@ def test_recipes_equal_the_builtins_they_restate(rng):
     got = dot_attention(None, q, kv, score_mod=mods.alibi(slopes, causal=False))
     assert_close(got, dot_attention(None, q, kv, bias=bias[None]))
     assert mods.alibi_slopes(6).shape == (6,)
+
+
+def test_blocks_a_mask_function_hides_are_never_computed(rng):
+    """A block-causal mask aligned with the kernel's blocks, and a score function that is
+    NaN on every hidden block: one computed hidden block would make the output NaN."""
+    q, kv = _normal(rng, (2, 12, 4)), _normal(rng, (2, 12, 4))
+
+    def mask_mod(q_pos, kv_pos):
+        return kv_pos // 4 <= q_pos // 4
+
+    def score_mod(s, q_pos, kv_pos):
+        return jnp.where(kv_pos // 4 <= q_pos // 4, s, jnp.nan)
+
+    def ours(q, kv):
+        return dot_attention(None, q, kv, score_mod=score_mod, mask_mod=mask_mod,
+                             implementation="chunked", block_size=(4, 4))  # fmt: skip
+
+    i = jnp.arange(12)
+    want = dense(q, kv, kv, keep=(i[None, :] // 4 <= i[:, None] // 4)[None])
+    assert_close(ours(q, kv), want)
+    grads = jax.grad(lambda q, kv: jnp.sum(ours(q, kv) ** 2), argnums=(0, 1))(q, kv)
+    wants = jax.grad(lambda q, kv: jnp.sum(dense(q, kv, kv, keep=(
+        i[None, :] // 4 <= i[:, None] // 4)[None]) ** 2), argnums=(0, 1))(q, kv)  # fmt: skip
+    for got, expected in zip(grads, wants, strict=True):
+        assert_close(got, expected, factor=4)
+
+
+def test_a_row_that_sees_no_key_still_averages_every_key_with_a_score_function(rng):
+    """Keras's rule with a score function: a row whose keys are all masked takes the
+    softmax of every (modded) logit minus 1e9, on the chunked path as on xla."""
+    q, kv = _normal(rng, (2, 9, 4)), _normal(rng, (2, 10, 4))
+    value_mask = jnp.array([[False] * 10, [True] * 3 + [False] * 7])
+    kwargs = dict(score_mod=mods.alibi(0.5, causal=False), causal=True, precision="highest")
+    got = dot_attention(None, q, kv, None, (None, value_mask), implementation="chunked",
+                        block_size=(2, 3), **kwargs)  # fmt: skip
+    want = dot_attention(None, q, kv, None, (None, value_mask), implementation="xla", **kwargs)
+    assert_close(got, want)
