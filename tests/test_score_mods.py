@@ -346,3 +346,22 @@ def test_a_row_that_sees_no_key_still_averages_every_key_with_a_score_function(r
                         block_size=(2, 3), **kwargs)  # fmt: skip
     want = dot_attention(None, q, kv, None, (None, value_mask), implementation="xla", **kwargs)
     assert_close(got, want)
+
+
+def test_multi_head_modules_take_the_functions(rng):
+    from flax import nnx
+
+    from flax_dotattn import MultiHeadDotAttention
+    from flax_dotattn import nnx as fdnnx
+
+    x = _normal(rng, (2, 7, 8))
+    layer = MultiHeadDotAttention(num_heads=4, key_dim=4, num_kv_heads=2, causal=True)
+    variables = layer.init(jax.random.key(0), x, x)
+    want = layer.apply(variables, x, x)
+    as_mod = MultiHeadDotAttention(num_heads=4, key_dim=4, num_kv_heads=2, mask_mod=mods.causal())
+    assert_close(as_mod.apply(variables, x, x), want)
+    zero = MultiHeadDotAttention(num_heads=4, key_dim=4, num_kv_heads=2, causal=True,
+                                 score_mod=mods.alibi(jnp.zeros((2, 2, 1, 1))))  # fmt: skip
+    assert_close(zero.apply(variables, x, x), want)  # [Hkv, G, 1, 1] slopes of 0
+    module = fdnnx.MultiHeadDotAttention(4, 8, 4, mask_mod=mods.causal(), rngs=nnx.Rngs(0))
+    assert module.config.mask_mod is not None
