@@ -49,7 +49,9 @@ def _causal(tq, tv, offset=0):
 
 
 @pytest.mark.parametrize(
-    "implementation, block_size", [("xla", None), ("chunked", (4, 3))], ids=["xla", "chunked"]
+    "implementation, block_size",
+    [pytest.param("xla", None, marks=pytest.mark.slow), ("chunked", (4, 3))],
+    ids=["xla", "chunked"],
 )
 def test_alibi_equals_its_dense_bias_in_values_gradients_and_jvp(rng, implementation, block_size):
     """Grouped-query heads ``[B, Hkv, G, T, D]``, slopes per head ``[Hkv, G, 1, 1]``, a
@@ -278,7 +280,7 @@ def _restated(q, kv, offset, block, left, ids, bias, shift=0):
     return cases
 
 
-@pytest.mark.parametrize("seed", [0] + [pytest.param(s, marks=pytest.mark.slow) for s in (1, 2, 3)])
+@pytest.mark.parametrize("seed", [0] + [pytest.param(s, marks=pytest.mark.slow) for s in (1, 2)])
 def test_builtins_written_as_functions_give_the_same_numbers(seed):
     q, kv, offset, block, *_ = draw = _draw(seed)
     for builtin, restated in _restated(*draw):
@@ -290,7 +292,7 @@ def test_builtins_written_as_functions_give_the_same_numbers(seed):
 
 def test_a_function_off_by_one_position_differs():
     """The property above is not vacuous: one position off changes every case."""
-    for seed in range(2):
+    for seed in range(1):
         q, kv, offset, block, *_ = draw = _draw(seed)
         for builtin, restated in _restated(*draw, shift=1):
             common = dict(query_offset=offset, implementation="chunked", block_size=block)
