@@ -267,16 +267,14 @@ def _restated(q, kv, offset, block, left, ids, bias, shift=0):
         cols = jnp.clip(kv_pos[0], 0, bias.shape[-1] - 1)
         return s + jnp.take(jnp.take(bias, rows, axis=-2), cols, axis=-1)
 
-    q_ids = (
-        ids[..., offset : offset + q.shape[-2]] if offset + q.shape[-2] <= ids.shape[-1] else None
-    )
+    # the queries' ids at their absolute positions (clipped at the keys' end, as the mod reads)
+    q_ids = jnp.take(ids, jnp.clip(offset + jnp.arange(q.shape[-2]), 0, ids.shape[-1] - 1), -1)
     cases = [
         ({"causal": True}, {"mask_mod": positions(mods.causal())}),
         ({"window": (left, 1)}, {"mask_mod": positions(mods.sliding_window(left, 1))}),
         ({"bias": bias}, {"score_mod": positions(add_bias)}),
     ]
-    if q_ids is not None:
-        cases.append(({"segment_ids": (q_ids, ids)}, {"mask_mod": positions(mods.document(ids))}))
+    cases.append(({"segment_ids": (q_ids, ids)}, {"mask_mod": positions(mods.document(ids))}))
     return cases
 
 
