@@ -66,6 +66,7 @@ nitpick_ignore_regex = [
     # The public config classes' private bases: their schemas (fields and checks, with no
     # Keras), whose fields the classes' own docstrings document.
     (r"py:.*", r"flax_dotattn\._src\.config\.(multi_head_schema|schema)\.\w+Fields"),
+    (r"py:.*", r"(ScoreMod|MaskMod)"),  # the score and mask functions' Callable aliases
     (r"py:.*", r"(flax_dotattn\._src\.dispatch\.)?Plan"),
     # The TypedDicts of dot_attention's keyword arguments (its overloads and
     # which_implementation); the functions' Args sections document each argument.

@@ -18,8 +18,11 @@ Public API:
 * :func:`flax_attention_fn`: Flax's ``attention_fn`` (for ``nn.MultiHeadDotProductAttention``
   and ``nnx.MultiHeadAttention``) on these kernels; :mod:`flax_dotattn.jax_nn` has
   ``jax.nn.dot_product_attention``'s API.
+* :mod:`flax_dotattn.mods`: score and mask functions (ALiBi, T5 buckets, prefix-LM,
+  documents, windows, soft-cap) for ``score_mod`` / ``mask_mod``, and their registry.
 """
 
+from flax_dotattn import mods as mods
 from flax_dotattn._src.attention import dot_attention as dot_attention
 from flax_dotattn._src.attention import which_implementation as which_implementation
 from flax_dotattn._src.blocks import BlockSizes as BlockSizes
@@ -61,6 +64,7 @@ __all__ = (
     "flax_attention_fn",
     "load_config",
     "make_causal_mask",
+    "mods",
     "multi_head_params_from_keras",
     "multi_head_params_to_keras",
     "params_from_keras",

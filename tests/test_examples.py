@@ -76,3 +76,11 @@ def test_ring_training_learns_packed_documents_with_less_memory_per_device(examp
     assert "per-device temporaries" in capsys.readouterr().out
     assert result["accuracy"] > 0.9  # chance: 1/8
     assert result["memory"]["ring"] < result["memory"]["one device"]
+
+
+def test_gemma2_style_lm_learns_to_copy_and_its_cache_gives_the_full_logits(example, capsys):
+    result = example("gemma2_style").main(["--steps", "120", "--eval-examples", "16"])
+    out = capsys.readouterr().out
+    assert "attention == plain jnp" in out and "cached logits == full-sequence" in out
+    assert result["attention_error"] < 1e-5 and result["logit_error"] < 1e-4  # asserted too
+    assert result["accuracy"] > 0.9

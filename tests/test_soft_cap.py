@@ -50,7 +50,7 @@ def _inputs(rng, batch=(2,), tq=13, tv=11, d=6, dv=5, spread=3.0):
 
 @pytest.mark.parametrize(
     "implementation, block_size",
-    [("xla", None), ("chunked", (4, 3))],
+    [pytest.param("xla", None, marks=pytest.mark.slow), ("chunked", (4, 3))],
     ids=["xla", "chunked-4x3"],
 )
 def test_values_gradients_and_jvp_equal_the_dense_reference(rng, implementation, block_size):

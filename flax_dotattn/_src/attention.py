@@ -132,7 +132,8 @@ def dot_attention(
         scores  = w * sum(tanh(s * (q + k)))  # "concat"; w = concat_score_weight
         scores  = scores + bias                       # if given
         scores  = cap * tanh(scores / cap)            # if logits_soft_cap=cap
-        scores  = where(mask, scores, scores - 1e9)   # value mask AND causal mask
+        scores  = score_mod(scores, q_pos, kv_pos)    # if given
+        scores  = where(mask, scores, scores - 1e9)   # every mask (and mask_mod) ANDed
         weights = softmax(scores, axis=-1)            # then dropout if training
         output  = weights @ value                     # rows of masked queries -> 0
 
@@ -210,6 +211,22 @@ def dot_attention(
         both derivative modes on ``"xla"`` and ``"chunked"``; ``"pallas_tpu"`` takes it
         natively; ``"cudnn"`` and ``"pallas_gpu"`` cannot (the automatic choice passes
         them over, saying why).
+      score_mod: None or ``score_mod(scores, q_pos, kv_pos) -> scores``, a function that
+        changes the logits after the soft-cap and before the masks (ALiBi, relative
+        positions; see :mod:`flax_dotattn.mods`). ``scores`` is ``[..., Bq, Bk]`` in the
+        compute dtype with the call's batch dims, ``q_pos`` int32 ``[Bq, 1]``
+        (``[..., Bq, 1]`` when ``query_offset`` differs per sequence), ``kv_pos`` int32
+        ``[1, Bk]``: absolute positions (query ``i`` at ``query_offset + i``). It must be
+        vectorised and return the shape it receives. ``"xla"`` calls it once on every
+        pair, ``"chunked"`` once per block in O(T) memory; gradients (``grad``, ``jvp``,
+        under ``jit`` and ``vmap``) reach the arrays it closes over. The chunked path
+        skips hidden blocks taking its outputs to lie within ``±1e8``. The fused kernels
+        do not take it (the automatic choice passes them over).
+      mask_mod: None or ``mask_mod(q_pos, kv_pos) -> bool`` broadcastable to
+        ``[..., Bq, Bk]``, ANDed with every other mask (hidden pairs get 1e9 subtracted).
+        The chunked path computes no block it hides: a function of positions and
+        constants is classified into a block map while tracing; one that reads traced
+        arrays is evaluated per block at run time.
       score_mode: ``"dot"`` (``query @ key^T``) or ``"concat"``
         (``sum(tanh(query + key))``), Keras's ``score_mode``.
       dropout_rate: dropout on the attention weights, a Python float in ``[0, 1)``

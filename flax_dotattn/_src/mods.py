@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +29,7 @@ _REGISTRY: dict[str, Callable[..., Any]] = {}
 _NAMES: dict[int, str] = {}
 
 
-def _fail(message: str) -> Any:
+def _fail(message: str) -> NoReturn:
     raise ValueError(message)
 
 
@@ -91,7 +91,7 @@ def to_name(name: str, fn: Callable[..., Any] | None) -> str | None:
 # -- calling the functions, checked ------------------------------------------------------
 
 
-def _not_vectorised(name: str, error: Exception) -> Any:
+def _not_vectorised(name: str, error: Exception) -> NoReturn:
     _fail(
         f"{name} must be vectorised: it receives position arrays (q_pos [..., Bq, 1], kv_pos "
         f"[1, Bk]) and must use array operations (jnp.where, not Python if/and/or); it "
@@ -105,6 +105,10 @@ def call_score_mod(fn: ScoreMod, scores: Any, q_pos: Any, kv_pos: Any) -> Any:
         out = fn(scores, q_pos, kv_pos)
     except (jax.errors.TracerBoolConversionError, jax.errors.ConcretizationTypeError) as e:
         return _not_vectorised("score_mod", e)
+    except ValueError as e:
+        if "truth value of an array" in str(e):
+            return _not_vectorised("score_mod", e)
+        raise
     shape = getattr(out, "shape", None)
     dtype = getattr(out, "dtype", None)
     if shape is None or tuple(shape) != tuple(scores.shape):
@@ -113,7 +117,7 @@ def call_score_mod(fn: ScoreMod, scores: Any, q_pos: Any, kv_pos: Any) -> Any:
             f"score_mod must return scores of the shape it receives, {tuple(scores.shape)} "
             f"([..., Bq, Bk]); received {got}."
         )
-    if not jnp.issubdtype(dtype, jnp.floating):
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
         _fail(f"score_mod must return floating scores; received dtype {dtype}.")
     return out.astype(scores.dtype)
 

@@ -47,6 +47,12 @@ accounting) and, unless ``--no-memory``, its peak memory.
 :mod:`flax_dotattn.bench.serving`): a local layer (window 1024) at position 32767 on its
 full cache against a rolling cache of 1025 slots (with each cache's size), and a ragged
 batch of 8 sequences in one step against one call per sequence.
+``--scenarios alibi,softcap,mask_mods`` times the score and mask functions: ALiBi as a
+``score_mod`` against plain causal attention on the chunked path at T = 16384 (and the peak
+memory of ALiBi as a ``score_mod`` and as a dense ``[T, T]`` bias), ``logits_soft_cap=50``
+against plain full attention at T = 4096, and at T = 4096 ``causal=True`` against the same
+as a ``mask_mod``, a prefix-LM ``mask_mod``, and 8 packed documents as ``segment_ids``
+against the same as a ``mask_mod`` (forward+backward).
 
 ``--device`` times the accelerator table instead: bfloat16 ``[1, 8, T, 128]``, T = 1024 to
 32768, forward and forward+backward, ``dot_attention`` (automatic, each row naming the
@@ -70,6 +76,7 @@ Examples:
   python -m flax_dotattn.bench --scenarios decode --no-memory
   python -m flax_dotattn.bench --scenarios flax --repeats 3 --no-memory
   python -m flax_dotattn.bench --scenarios serving --repeats 5 --json serving.json
+  python -m flax_dotattn.bench --scenarios alibi,softcap,mask_mods --repeats 5
   python -m flax_dotattn.bench --device --causal --json device.json --markdown device.md
 """
 
@@ -257,7 +264,8 @@ def _run_scenarios(args: argparse.Namespace) -> int:
     header = (
         f"Machine: {machine()}; D = 64, float32, T = {SCENARIO_LENGTH}, forward+backward "
         f"(gqa: T = {SCENARIO_LENGTHS['gqa']}; flax: T = {SCENARIO_LENGTHS['flax']}, "
-        "8 heads; decode: forward, T = the cache length)."
+        f"8 heads; softcap, mask_mods: T = {SCENARIO_LENGTHS['softcap']}; decode: forward, "
+        "T = the cache length)."
     )
     print(header, f"Load average (1 min) at start: {load_average()[0]:.2f}.", flush=True)
     print(f"Tuning: {tuning_status()}.", flush=True)

@@ -15,11 +15,21 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from flax_dotattn import dot_attention, flax_attention_fn
+from flax_dotattn import dot_attention, flax_attention_fn, mods
 from flax_dotattn.bench import baselines, device
 
 IMPLS = ("naive", "default", "xla", "chunked", "jax_nn", "keras", "torch_sdpa")
-SCENARIOS = ("window", "packing", "gqa", "decode", "flax", "serving")
+SCENARIOS = (
+    "window",
+    "packing",
+    "gqa",
+    "decode",
+    "flax",
+    "serving",
+    "alibi",
+    "softcap",
+    "mask_mods",
+)
 MODES = ("fwd", "fwd_bwd")
 #: The sequence length at which the scenarios are timed.
 SCENARIO_LENGTH = 16384
@@ -30,9 +40,21 @@ SCENARIO_ENTRIES = {
     "gqa": ("gqa_repeated_kv", "gqa_shared_kv", "mqa_shared_kv"),
     "decode": ("decode_recompute", "decode_cached"),
     "flax": ("flax_default", "flax_attention_fn"),
-}
+    "alibi": ("causal_chunked", "causal_alibi_score_mod"),
+    "softcap": ("full_chunked", "full_soft_cap"),
+    "mask_mods": (
+        "causal_builtin", "causal_mask_mod", "prefix_lm_mask_mod", "documents_segment_ids",
+        "documents_mask_mod",
+    ),
+}  # fmt: skip
 #: Scenarios timed at another length than :data:`SCENARIO_LENGTH`.
-SCENARIO_LENGTHS = {"gqa": 2048, "flax": 8192}
+SCENARIO_LENGTHS = {"gqa": 2048, "flax": 8192, "softcap": 4096, "mask_mods": 4096}
+#: The entries whose peak memory a scenario measures (a fresh process each).
+MEMORY_ENTRIES = {
+    "gqa": SCENARIO_ENTRIES["gqa"],
+    "flax": SCENARIO_ENTRIES["flax"],
+    "alibi": ("causal_alibi_score_mod", "causal_alibi_dense_bias"),
+}
 #: Grouped-query attention: batch, query heads and key/value heads (8 groups of 4).
 GQA_BATCH, GQA_HEADS, GQA_KV_HEADS = 4, 32, 4
 #: Cache lengths at which one decoding step is timed (the decode scenario).
@@ -117,6 +139,15 @@ def build_scenario(name: str, t: int = SCENARIO_LENGTH, d: int = 64) -> tuple[Ca
     * ``flax_default``, ``flax_attention_fn``: Flax's ``nn.MultiHeadDotProductAttention``
       (see :func:`_flax_module`) with its default ``attention_fn`` or with
       :func:`flax_dotattn.flax_attention_fn`.
+    * ``causal_chunked``: causal attention on the chunked path; ``causal_alibi_score_mod``:
+      the same with ALiBi (slope 1/16) as a ``score_mod``; ``causal_alibi_dense_bias``:
+      ALiBi as a dense ``bias [T, T]`` (what it costs without a score function);
+    * ``full_chunked``: full attention on the chunked path; ``full_soft_cap``: the same
+      with ``logits_soft_cap=50``;
+    * ``causal_builtin`` / ``causal_mask_mod``: ``causal=True`` and the same as a
+      ``mask_mod``; ``prefix_lm_mask_mod``: a prefix-LM mask (prefix ``T / 4``);
+      ``documents_segment_ids`` / ``documents_mask_mod``: 8 packed documents as
+      ``segment_ids`` and as a ``mask_mod`` (chunked path for all).
     """
     if name.startswith(("gqa_", "mqa_")):
         return _gqa_scenario(name, t, d)
@@ -124,6 +155,8 @@ def build_scenario(name: str, t: int = SCENARIO_LENGTH, d: int = 64) -> tuple[Ca
         return _decode_step(name, t, d)
     if name.startswith("flax_"):
         return _flax_module(name, t, d)
+    if name in _MOD_SCENARIOS:
+        return _mod_scenario(name, t, d)
     q, k, v = _inputs(1, t, d)
     segments = jnp.repeat(jnp.arange(8), t // 8)  # [T]
     table: dict[str, dict[str, Any]] = {
@@ -138,6 +171,42 @@ def build_scenario(name: str, t: int = SCENARIO_LENGTH, d: int = 64) -> tuple[Ca
     options = table[name]
     if name == "packed_as_batch":
         q, k, v = (x.reshape(8, t // 8, d) for x in (q, k, v))
+    return _jitted(lambda q, k, v: dot_attention(None, q, v, k, **options), "fwd_bwd"), (q, k, v)
+
+
+_MOD_SCENARIOS = (
+    "causal_chunked", "causal_alibi_score_mod", "causal_alibi_dense_bias", "full_chunked",
+    "full_soft_cap", "causal_builtin", "causal_mask_mod", "prefix_lm_mask_mod",
+    "documents_segment_ids", "documents_mask_mod",
+)  # fmt: skip
+
+
+def _mod_scenario(name: str, t: int, d: int) -> tuple[Callable, tuple]:
+    """The score/mask function entries of :func:`build_scenario`, forward+backward."""
+    q, k, v = _inputs(1, t, d)
+    slope = 1.0 / 16
+    segments = jnp.repeat(jnp.arange(8), t // 8)  # [T]
+    chunked: dict[str, Any] = dict(implementation="chunked")
+    table: dict[str, dict[str, Any]] = {
+        "causal_chunked": dict(causal=True, **chunked),
+        "causal_alibi_score_mod": dict(causal=True, score_mod=mods.alibi(slope), **chunked),
+        "full_chunked": dict(**chunked),
+        "full_soft_cap": dict(logits_soft_cap=50.0, **chunked),
+        "causal_builtin": dict(causal=True, **chunked),
+        "causal_mask_mod": dict(mask_mod=mods.causal(), **chunked),
+        "prefix_lm_mask_mod": dict(mask_mod=mods.prefix_lm(t // 4), **chunked),
+        "documents_segment_ids": dict(segment_ids=(segments, segments), **chunked),
+        "documents_mask_mod": dict(mask_mod=mods.document(segments), **chunked),
+    }
+    if name == "causal_alibi_dense_bias":
+        i = jnp.arange(t)
+
+        def with_bias(q, k, v):  # the [T, T] bias is formed inside, as a user would
+            bias = -slope * (i[:, None] - i[None, :]).astype(q.dtype)[None]
+            return dot_attention(None, q, v, k, causal=True, bias=bias, **chunked)
+
+        return _jitted(with_bias, "fwd_bwd"), (q, k, v)
+    options = table[name]
     return _jitted(lambda q, k, v: dot_attention(None, q, v, k, **options), "fwd_bwd"), (q, k, v)
 
 

@@ -13,6 +13,7 @@ import jax
 from flax_dotattn.bench import report
 from flax_dotattn.bench.entries import (
     DECODE_LENGTHS,
+    MEMORY_ENTRIES,
     SCENARIO_ENTRIES,
     SCENARIO_LENGTH,
     SCENARIO_LENGTHS,
@@ -99,11 +100,10 @@ def scenario_rows(names: Sequence[str], repeats: int, memory: bool) -> list[dict
         rows += _scenario_timings(scenario, repeats)
         if scenario == "window" and memory:
             rows += _window_memory()
-        if scenario == "gqa" and memory:
+        if scenario in MEMORY_ENTRIES and memory:
             rows += _entry_memory(scenario)
         if scenario == "flax":
             rows += _compiled_temp_memory(scenario)
-            rows += _entry_memory(scenario) if memory else []
     return rows
 
 
@@ -125,7 +125,7 @@ def _entry_memory(scenario: str) -> list[dict[str, Any]]:
     """Each entry's peak memory at the scenario's length (a fresh process each)."""
     rows = []
     length = SCENARIO_LENGTHS.get(scenario, SCENARIO_LENGTH)
-    for e in SCENARIO_ENTRIES[scenario]:
+    for e in MEMORY_ENTRIES[scenario]:
         peak = measure_memory({"scenario": e, "t": length}, PROBE_TIMEOUT)
         rows.append(dict(scenario=scenario, entry=e, length=length, peak_mib=peak))
         print(f"{scenario:8} {e:22} T={length:<6} peak {peak} MiB", flush=True)

@@ -55,6 +55,11 @@ class DotAttentionConfig(DotAttentionFields):
       logits_soft_cap: None or a float ``cap > 0``: the logits (bias included) become
         ``cap * tanh(logits / cap)`` before the masks (see :func:`dot_attention`).
         ``to_keras`` refuses it: Keras has no soft-cap.
+      score_mod: None, a score function (see :func:`dot_attention`), or the name of one
+        registered with :func:`flax_dotattn.mods.register`. A config writes a registered
+        function by its name and refuses an unregistered one (a function cannot be
+        serialised); ``to_keras`` refuses it.
+      mask_mod: None, a mask function or a registered name, as ``score_mod``.
       implementation: None (automatic), ``"xla"``, ``"chunked"``, ``"cudnn"``,
         ``"pallas_tpu"`` or ``"pallas_gpu"``; see :func:`dot_attention`.
       block_size: blocks of the chunked path: None (the measured default per score
@@ -162,9 +167,9 @@ class MultiHeadDotAttentionConfig(MultiHeadDotAttentionFields):
 
     The other fields (``score_mode``, ``dropout_rate``, ``causal``, ``deterministic``,
     ``dtype``, ``param_dtype``, ``precision``, ``window``, ``logits_soft_cap``,
-    ``implementation``, ``block_size``) are :class:`DotAttentionConfig`'s; ``dtype`` and
-    ``precision`` also apply to the projections, and ``param_dtype`` is the kernels' and
-    biases' dtype too.
+    ``score_mod``, ``mask_mod``, ``implementation``, ``block_size``) are
+    :class:`DotAttentionConfig`'s; ``dtype`` and ``precision`` also apply to the
+    projections, and ``param_dtype`` is the kernels' and biases' dtype too.
 
     Examples:
       >>> from flax_dotattn import MultiHeadDotAttentionConfig

@@ -55,6 +55,9 @@ class DotAttention(nn.Module):
       window: the default of the call's ``window``, a sliding window ``(left, right)``.
       logits_soft_cap: None or a float ``cap > 0``: the logits become
         ``cap * tanh(logits / cap)`` before the masks (see :func:`dot_attention`).
+      score_mod: a score function (see :func:`dot_attention`); the module's
+        :attr:`config` records it by its registered name.
+      mask_mod: a mask function (see :func:`dot_attention`), recorded likewise.
       implementation: None (automatic), ``"xla"``, ``"chunked"``, ``"cudnn"``,
         ``"pallas_tpu"`` or ``"pallas_gpu"``; see :func:`dot_attention`.
       block_size: blocks of the chunked path (see :class:`BlockSizes`).

@@ -40,8 +40,9 @@ class DotAttention(nnx.Module):
 
     The keyword arguments ``use_scale``, ``scale_init``, ``score_mode``, ``dropout_rate``,
     ``causal``, ``deterministic``, ``dtype``, ``param_dtype``, ``precision``, ``window``,
-    ``logits_soft_cap``, ``implementation`` and ``block_size`` are the fields of the Linen
-    :class:`flax_dotattn.DotAttention`: the options of
+    ``logits_soft_cap``, ``score_mod``, ``mask_mod``, ``implementation`` and
+    ``block_size`` are the fields of the Linen :class:`flax_dotattn.DotAttention`: the
+    options of
     :class:`flax_dotattn.DotAttentionConfig`, with the same names, defaults, checks and
     meaning. They are checked on construction and kept as attributes by their canonical
     values (dtypes and precision by name, ``block_size`` as a

@@ -94,10 +94,11 @@ def sequence_parallel_attention(
       key: ``[..., Tv, D]`` or None.
       masks: None or ``(query_mask [..., Tq], value_mask [..., Tv])``.
       causal: Python bool; the mask compares global positions.
-      attention_mask, bias, segment_ids, query_offset, kv_length, window,
-        logits_soft_cap, score_mod, mask_mod: see
+      attention_mask, bias, segment_ids, query_offset, kv_length, window: see
         :func:`dot_attention` (global positions; a full mask or bias is split along ``Tv``
         unless broadcast there).
+      logits_soft_cap, score_mod, mask_mod: see :func:`dot_attention` (each shard's
+        functions see global positions).
       mesh: the device mesh.
       axis_name: the mesh axis to shard ``Tv`` over.
       score_mode, dropout_rate, dropout_rng, deterministic, precision, block_size: see

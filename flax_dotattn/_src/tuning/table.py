@@ -319,13 +319,13 @@ def for_call(inputs: AttentionInputs, options: AttentionOptions) -> Tuned | None
 
 def default_blocks(inputs: AttentionInputs, options: AttentionOptions) -> BlockSizes:
     """The chunked kernel's blocks when ``block_size`` is None: the tuned ones (narrowed
-    for a sliding window as :meth:`BlockSizes.default` narrows its own), else the default."""
+    for a sliding window as :meth:`BlockSizes.default` narrows its own), else the default.
+    A mask function takes the causal blocks, which compute less of what it hides."""
     tuned = for_call(inputs, options)
     base = None if tuned is None else tuned.blocks
     length = inputs.query.shape[-2]
-    return BlockSizes.default(
-        options.score_mode, options.window, options.causal, base=base, length=length
-    )
+    sparse = options.causal or options.mask_mod is not None
+    return BlockSizes.default(options.score_mode, options.window, sparse, base=base, length=length)
 
 
 def _read(path: pathlib.Path, key: Mapping[str, str]) -> dict[str, Any] | None:

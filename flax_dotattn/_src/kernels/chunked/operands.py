@@ -102,7 +102,7 @@ class Tangents(NamedTuple):
     bias: Array | None = None  # the bias's shape
     scale: Array | None = None  # []
     concat_weight: Array | None = None  # []
-    mod_consts: tuple[Array, ...] | None = None  # the score_mod's floating arrays
+    mod_consts: Any = None  # tuple of the score_mod's floating arrays (a pytree)
 
     @property
     def moves_logits(self) -> bool:
@@ -337,7 +337,7 @@ def _prepare_mods(
 
     score, score_consts, score_other = None, (), ()
     if options.score_mod is not None:
-        examples = [
+        examples: list[tuple[Any, ...]] = [
             (sds(batch + (bq, bk), cdt), q_pos(bq), sds((1, bk), jnp.int32)) for bq, bk in positions
         ]
         score, consts = mods.convert(options.score_mod, examples, mods.call_score_mod)

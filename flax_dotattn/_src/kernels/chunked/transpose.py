@@ -102,7 +102,7 @@ def _accumulate(acc: Tangents, blocks, i: Any, j: Any, new: Tangents) -> Tangent
     """Adds block (i, j)'s cotangents: the query's to the block's own accumulator, the
     keys', values' and bias's in place at their block, the scalars'."""
 
-    def at(a: Array | None, b: Array | None, add: Callable) -> Array | None:
+    def at(a: Any, b: Any, add: Callable) -> Any:
         return None if a is None or b is None else add(a, b)
 
     def plus(a: Array, b: Array) -> Array:
