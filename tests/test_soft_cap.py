@@ -20,7 +20,7 @@ from flax_dotattn import (
     which_implementation,
 )
 from flax_dotattn import nnx as fdnnx
-from flax_dotattn._src.kernels import cudnn, pallas_gpu, pallas_tpu
+from flax_dotattn._src import dispatch
 from flax_dotattn._src.validation import check_call
 
 
@@ -148,9 +148,9 @@ def test_splash_takes_the_cap_natively_in_interpret_mode(rng):
 def test_the_gpu_kernels_refuse_it_and_the_plan_says_why():
     q = jnp.ones((2, 256, 64), jnp.bfloat16)
     call = check_call({"params": None, "query": q, "value": q, "logits_soft_cap": 30.0})
-    assert "logits_soft_cap" in cudnn.ineligibility(call.inputs, call.options)
-    assert "logits_soft_cap" in pallas_gpu.ineligibility(call.inputs, call.options)
-    assert pallas_tpu.ineligibility(call.inputs, call.options) is None
+    assert "logits_soft_cap" in dispatch.ineligibility("cudnn", call.inputs, call.options)
+    assert "logits_soft_cap" in dispatch.ineligibility("pallas_gpu", call.inputs, call.options)
+    assert dispatch.ineligibility("pallas_tpu", call.inputs, call.options) is None
     plan = which_implementation(None, q, q, logits_soft_cap=30.0, platform="cuda")
     assert plan.implementation in ("xla", "chunked")
     assert "pallas_gpu: logits_soft_cap given" in plan.reason
