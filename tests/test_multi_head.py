@@ -790,6 +790,70 @@ def test_a_rolling_cache_of_the_window_equals_the_linear_cache_linen(rng):
         plain.apply({"params": params, "cache": cache}, x[:, :1], x[:, :1], mutable=["cache"])
 
 
+def _dense_multi_head(params, x, *, window, score_mod=None, mask_mod=None):
+    """Causal windowed multi-head attention written from the definition (projections,
+    ``q / sqrt(Dk)``, then the score function at absolute positions, the masks and the
+    softmax), for one batch of full sequences."""
+    p = params
+    q, k, v = (
+        jnp.einsum("btf,fhd->bhtd", x, p[n]["kernel"]) + p[n]["bias"][None, :, None, :]
+        for n in ("query", "key", "value")
+    )
+    q = q * q.shape[-1] ** -0.5
+    k, v = (jnp.repeat(a, q.shape[1] // a.shape[1], axis=1) for a in (k, v))  # GQA
+    scores = jnp.einsum("bhqd,bhkd->bhqk", q, k)
+    pos = jnp.arange(x.shape[1])
+    q_pos, kv_pos = pos[:, None], pos[None, :]
+    if score_mod is not None:
+        scores = score_mod(scores, q_pos, kv_pos)
+    seen = (kv_pos <= q_pos) & (kv_pos >= q_pos - window)
+    if mask_mod is not None:
+        seen = seen & mask_mod(q_pos, kv_pos)
+    weights = jax.nn.softmax(jnp.where(seen, scores, scores - 1e9), axis=-1)
+    heads = weights @ v
+    return jnp.einsum("bhtv,hvo->bto", heads, p["out"]["kernel"]) + p["out"]["bias"][None, None]
+
+
+@pytest.mark.parametrize(("mod", "per_sequence"), [("score_mod", False), ("mask_mod", True)])
+def test_a_rolling_cache_gives_score_and_mask_functions_absolute_positions(rng, mod, per_sequence):
+    """The rolling cache's slots are not positions: once it wraps around, slot ``s``
+    holds position ``s + S * k``. A score function (ALiBi-like) or a mask function still
+    sees each key's absolute position (with one cache_index, or one per sequence with
+    grouped heads), so every decoded row equals the dense definition."""
+    w, t = 3, 9
+    x = _normal(rng, 2, t, 8)
+    slopes = jnp.asarray([0.5, 0.25])[:, None, None]  # per head [H, 1, 1]
+
+    def alibi(s, q_pos, kv_pos):  # explicit ranks (the suite raises on rank promotion)
+        distance = (q_pos - kv_pos).astype(s.dtype)
+        lift = lambda a: a.reshape((1,) * (s.ndim - a.ndim) + a.shape)  # noqa: E731
+        return s - lift(slopes) * lift(distance)
+
+    functions = {
+        "score_mod": alibi,
+        "mask_mod": lambda q_pos, kv_pos: q_pos - kv_pos != 1,  # hides the previous key
+    }
+    layer = MultiHeadDotAttention(
+        num_heads=2, key_dim=4, num_kv_heads=1 if per_sequence else 2, causal=True,
+        window=(w, 0), **{mod: functions[mod]},
+    )  # fmt: skip
+    params = layer.init(jax.random.key(0), x, x)["params"]
+    want = _dense_multi_head(params, x, window=w, **{mod: functions[mod]})
+    decoder = layer.clone(decode=True, rolling_cache=True, per_sequence_cache=per_sequence)
+    cache = decoder.init(jax.random.key(0), x[:, : w + 1], x[:, : w + 1])["cache"]
+    step = jax.jit(
+        lambda cache, x_t: decoder.apply(
+            {"params": params, "cache": cache}, x_t, x_t, mutable=["cache"]
+        )
+    )
+    outs = []
+    for i in range(t):
+        out, variables = step(cache, x[:, i : i + 1])
+        cache = variables["cache"]
+        outs.append(out)
+    assert_close(jnp.concatenate(outs, axis=1), want)
+
+
 def test_a_rolling_cache_decodes_a_ragged_batch_in_chunks_nnx(rng):
     w, t = 2, 9
     lengths = np.array([3, 1])
