@@ -513,7 +513,9 @@ def test_rows_that_see_no_key_keep_every_step():
     assert_close(out, dot_attention(None, q, v, k, implementation="xla", **kwargs), factor=2)
 
 
-@pytest.mark.parametrize("name", ["return_attention_scores", "implementation", "logits_soft_cap"])
+@pytest.mark.parametrize(
+    "name", ["return_attention_scores", "implementation", "score_mod", "mask_mod"]
+)
 def test_arguments_it_does_not_take_raise(name):
     mesh = Mesh(np.array(CPUS[:2]), ("seq",))
     q = jnp.ones((1, 4, 2))
