@@ -81,6 +81,30 @@ def test_keras_parity_with_masks_and_scores(rng):
     )
 
 
+def test_a_mask_function_that_hides_every_key_of_a_row_gives_kerass_zero_row(rng):
+    """Keras MultiHeadAttention gives a query row that sees no key zero weights (its
+    masked softmax): a ``mask_mod`` that hides every key of some rows equals Keras called
+    with the same mask as a dense ``attention_mask``."""
+    q, v = _normal(rng, 2, 5, 6), _normal(rng, 2, 7, 4)
+
+    def mask_mod(q_pos, kv_pos):  # rows 3 and 4 see no key
+        return (q_pos < 3) & (kv_pos != q_pos)
+
+    dense = np.asarray(mask_mod(np.arange(5)[:, None], np.arange(7)[None, :]))
+    layer = _keras_layer(q, v, num_heads=2, key_dim=4)
+    layer.set_weights([w + 0.1 * _normal(rng, *w.shape) for w in layer.get_weights()])
+    mask = np.broadcast_to(dense, (2, 5, 7))
+    expected, expected_w = _keras_call(layer, q, v, attention_mask=mask)
+    cfg = MultiHeadDotAttentionConfig.from_keras(layer.get_config())
+    params = multi_head_params_from_keras(layer.get_weights(), cfg)
+    module = MultiHeadDotAttention.from_config(dataclasses.replace(cfg, mask_mod=mask_mod))
+    for implementation in ("xla", "chunked"):
+        out = module.clone(implementation=implementation).apply({"params": params}, q, v)
+        assert_close(out, expected)
+    _, w = module.apply({"params": params}, q, v, return_attention_scores=True)
+    assert_close(w, expected_w)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "keras_kwargs, call_kwargs, keras_call_kwargs, use_scale",
