@@ -567,8 +567,8 @@ def multi_head_attention(
                 seen = seen & given.reshape((1,) * (seen.ndim - given.ndim) + given.shape)
             call["attention_mask"], call["masks"] = seen, (query_mask, None)
             call["causal"], call["window"] = False, (None, None)
-            heads = 1 if config.groups == 1 else 2
-            call.update(_at_cache_positions(config, index, index + count, tmax, heads))
+            head_axes = 1 if config.groups == 1 else 2
+            call.update(_at_cache_positions(config, index, index + count, tmax, head_axes))
         else:
             call["masks"] = (query_mask, mask)  # the cached keys' value mask [..., Tmax]
             # A sequence with nothing cached yet and no valid new position (an idle row
