@@ -81,6 +81,30 @@ def test_keras_parity_with_masks_and_scores(rng):
     )
 
 
+def test_a_mask_function_that_hides_every_key_of_a_row_gives_kerass_zero_row(rng):
+    """Keras MultiHeadAttention gives a query row that sees no key zero weights (its
+    masked softmax): a ``mask_mod`` that hides every key of some rows equals Keras called
+    with the same mask as a dense ``attention_mask``."""
+    q, v = _normal(rng, 2, 5, 6), _normal(rng, 2, 7, 4)
+
+    def mask_mod(q_pos, kv_pos):  # rows 3 and 4 see no key
+        return (q_pos < 3) & (kv_pos != q_pos)
+
+    dense = np.asarray(mask_mod(np.arange(5)[:, None], np.arange(7)[None, :]))
+    layer = _keras_layer(q, v, num_heads=2, key_dim=4)
+    layer.set_weights([w + 0.1 * _normal(rng, *w.shape) for w in layer.get_weights()])
+    mask = np.broadcast_to(dense, (2, 5, 7))
+    expected, expected_w = _keras_call(layer, q, v, attention_mask=mask)
+    cfg = MultiHeadDotAttentionConfig.from_keras(layer.get_config())
+    params = multi_head_params_from_keras(layer.get_weights(), cfg)
+    module = MultiHeadDotAttention.from_config(dataclasses.replace(cfg, mask_mod=mask_mod))
+    for implementation in ("xla", "chunked"):
+        out = module.clone(implementation=implementation).apply({"params": params}, q, v)
+        assert_close(out, expected)
+    _, w = module.apply({"params": params}, q, v, return_attention_scores=True)
+    assert_close(w, expected_w)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "keras_kwargs, call_kwargs, keras_call_kwargs, use_scale",
@@ -788,6 +812,70 @@ def test_a_rolling_cache_of_the_window_equals_the_linear_cache_linen(rng):
     plain = layer.clone(decode=True, rolling_cache=True, window=None)
     with pytest.raises(ValueError, match=r"rolling cache .* needs causal=True and a bounded"):
         plain.apply({"params": params, "cache": cache}, x[:, :1], x[:, :1], mutable=["cache"])
+
+
+def _dense_multi_head(params, x, *, window, score_mod=None, mask_mod=None):
+    """Causal windowed multi-head attention written from the definition (projections,
+    ``q / sqrt(Dk)``, then the score function at absolute positions, the masks and the
+    softmax), for one batch of full sequences."""
+    p = params
+    q, k, v = (
+        jnp.einsum("btf,fhd->bhtd", x, p[n]["kernel"]) + p[n]["bias"][None, :, None, :]
+        for n in ("query", "key", "value")
+    )
+    q = q * q.shape[-1] ** -0.5
+    k, v = (jnp.repeat(a, q.shape[1] // a.shape[1], axis=1) for a in (k, v))  # GQA
+    scores = jnp.einsum("bhqd,bhkd->bhqk", q, k)
+    pos = jnp.arange(x.shape[1])
+    q_pos, kv_pos = pos[:, None], pos[None, :]
+    if score_mod is not None:
+        scores = score_mod(scores, q_pos, kv_pos)
+    seen = (kv_pos <= q_pos) & (kv_pos >= q_pos - window)
+    if mask_mod is not None:
+        seen = seen & mask_mod(q_pos, kv_pos)
+    weights = jax.nn.softmax(jnp.where(seen, scores, scores - 1e9), axis=-1)
+    heads = weights @ v
+    return jnp.einsum("bhtv,hvo->bto", heads, p["out"]["kernel"]) + p["out"]["bias"][None, None]
+
+
+@pytest.mark.parametrize(("mod", "per_sequence"), [("score_mod", False), ("mask_mod", True)])
+def test_a_rolling_cache_gives_score_and_mask_functions_absolute_positions(rng, mod, per_sequence):
+    """The rolling cache's slots are not positions: once it wraps around, slot ``s``
+    holds position ``s + S * k``. A score function (ALiBi-like) or a mask function still
+    sees each key's absolute position (with one cache_index, or one per sequence with
+    grouped heads), so every decoded row equals the dense definition."""
+    w, t = 3, 9
+    x = _normal(rng, 2, t, 8)
+    slopes = jnp.asarray([0.5, 0.25])[:, None, None]  # per head [H, 1, 1]
+
+    def alibi(s, q_pos, kv_pos):  # explicit ranks (the suite raises on rank promotion)
+        distance = (q_pos - kv_pos).astype(s.dtype)
+        lift = lambda a: a.reshape((1,) * (s.ndim - a.ndim) + a.shape)  # noqa: E731
+        return s - lift(slopes) * lift(distance)
+
+    functions = {
+        "score_mod": alibi,
+        "mask_mod": lambda q_pos, kv_pos: q_pos - kv_pos != 1,  # hides the previous key
+    }
+    layer = MultiHeadDotAttention(
+        num_heads=2, key_dim=4, num_kv_heads=1 if per_sequence else 2, causal=True,
+        window=(w, 0), **{mod: functions[mod]},
+    )  # fmt: skip
+    params = layer.init(jax.random.key(0), x, x)["params"]
+    want = _dense_multi_head(params, x, window=w, **{mod: functions[mod]})
+    decoder = layer.clone(decode=True, rolling_cache=True, per_sequence_cache=per_sequence)
+    cache = decoder.init(jax.random.key(0), x[:, : w + 1], x[:, : w + 1])["cache"]
+    step = jax.jit(
+        lambda cache, x_t: decoder.apply(
+            {"params": params, "cache": cache}, x_t, x_t, mutable=["cache"]
+        )
+    )
+    outs = []
+    for i in range(t):
+        out, variables = step(cache, x[:, i : i + 1])
+        cache = variables["cache"]
+        outs.append(out)
+    assert_close(jnp.concatenate(outs, axis=1), want)
 
 
 def test_a_rolling_cache_decodes_a_ragged_batch_in_chunks_nnx(rng):

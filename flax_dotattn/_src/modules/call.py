@@ -13,6 +13,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from flax_dotattn._src import masks as masks_lib
+from flax_dotattn._src import mods
 from flax_dotattn._src.attention import attend
 from flax_dotattn._src.config.schema import DotAttentionFields, field_values
 from flax_dotattn._src.options import OPTIONS
@@ -96,8 +97,8 @@ def rows_with_keys(call: CheckedCall) -> Array | None:
 
     Causal, window, ``query_offset``, ``kv_length``, value masks and key-padding masks
     ``[..., 1, Tv]`` give each row a band of keys and a count of kept keys in it (a prefix
-    sum over the keys): ``O(Tq + Tv)`` memory. A full ``attention_mask`` or segment ids
-    need the pairs: they are reduced :data:`ROWS_BLOCK` query rows at a time.
+    sum over the keys): ``O(Tq + Tv)`` memory. A full ``attention_mask``, segment ids or a
+    ``mask_mod`` need the pairs: they are reduced :data:`ROWS_BLOCK` query rows at a time.
     """
     inputs, options = call.inputs, call.options
     tq, tv = inputs.query.shape[-2], inputs.key.shape[-2]
@@ -106,6 +107,7 @@ def rows_with_keys(call: CheckedCall) -> Array | None:
     if inputs.query_offset is not None:
         offset = jnp.asarray(inputs.query_offset, jnp.int32)
         positions = offset[..., None] + positions.reshape((1,) * offset.ndim + (tq,))
+    q_pos = positions[..., :, None]  # [(...,) Tq, 1], as the kernels pass a mask_mod
     positions = positions.reshape((1,) * (rank - positions.ndim) + positions.shape)
     masking = inputs.masking
     value_mask, full = masking.value_mask, masking.attention_mask
@@ -114,9 +116,9 @@ def rows_with_keys(call: CheckedCall) -> Array | None:
         value_mask = keys if value_mask is None else value_mask & keys
         full = None
     seen: Array | None
-    if full is not None or masking.query_segment_ids is not None:
+    if full is not None or masking.query_segment_ids is not None or options.mask_mod is not None:
         seen = _rows_by_blocks(
-            positions, masking._replace(value_mask=value_mask, attention_mask=full), call
+            positions, q_pos, masking._replace(value_mask=value_mask, attention_mask=full), call
         )
     elif not options.causal and options.window is None and value_mask is None:
         seen = None if tv else jnp.zeros((1,) * (rank - 1) + (tq,), bool)
@@ -159,10 +161,17 @@ def _rows_by_bands(
     return nonempty & (kept > 0)
 
 
-def _rows_by_blocks(positions: Array, masking: masks_lib.Masking, call: CheckedCall) -> Array:
-    """Rows with a kept key, from the pairs' mask, :data:`ROWS_BLOCK` rows at a time."""
+def _rows_by_blocks(
+    positions: Array, q_pos: Array, masking: masks_lib.Masking, call: CheckedCall
+) -> Array:
+    """Rows with a kept key, from the pairs' mask (the ``mask_mod`` ANDed in, at the
+    rows' absolute positions ``q_pos [(...,) Tq, 1]``), :data:`ROWS_BLOCK` rows at a
+    time."""
     inputs, options = call.inputs, call.options
     tq, tv = inputs.query.shape[-2], inputs.key.shape[-2]
+    rank = inputs.query.ndim  # of the scores
+    batch = jnp.broadcast_shapes(inputs.query.shape[:-2], inputs.key.shape[:-2])
+    kv_pos = jnp.arange(tv, dtype=jnp.int32)[None, :]
     blocks = []
     for start in range(0, tq, ROWS_BLOCK):
         rows = slice(start, min(start + ROWS_BLOCK, tq))
@@ -180,6 +189,10 @@ def _rows_by_blocks(positions: Array, masking: masks_lib.Masking, call: CheckedC
             window=options.window,
             batch_ndim=inputs.query.ndim - 2,
         )
+        if options.mask_mod is not None:
+            visible = mods.call_mask_mod(options.mask_mod, q_pos[..., rows, :], kv_pos, batch)
+            visible = visible.reshape((1,) * (rank - visible.ndim) + visible.shape)
+            keep = visible if keep is None else keep & visible
         assert keep is not None
         blocks.append(jnp.any(keep, axis=-1))  # [..., rows]
     if len(blocks) == 1:

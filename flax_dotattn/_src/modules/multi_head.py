@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
 
-from flax_dotattn._src import validation
+from flax_dotattn._src import mods, validation
 from flax_dotattn._src.config.classes import MultiHeadDotAttentionConfig
 from flax_dotattn._src.modules import call as module_call
 from flax_dotattn._src.options import fail, to_lax_precision
@@ -317,14 +317,56 @@ def _rolling_mask(
     seen when ``q - left <= p <= q``, ``p >= 0`` and ``mask`` (the value mask) keeps it."""
     size = mask.shape[-1]
     lead = (1,) * len(batch)
-    slots = jnp.arange(size, dtype=jnp.int32).reshape(lead + (size,))  # [(1...) S]
-    end = jnp.broadcast_to(end, batch)[..., None]  # [..., 1]
-    held = slots + size * jnp.floor_divide(end - 1 - slots, size)  # [..., S] positions
+    held = _held_positions(end, size, batch)  # [..., S] positions
     queries = jnp.broadcast_to(index, batch)[..., None] + jnp.arange(tn, dtype=jnp.int32).reshape(
         lead + (tn,)
     )  # [..., Tn]
     p, q = held[..., None, :], queries[..., :, None]  # [..., 1, S], [..., Tn, 1]
     return (p <= q) & (p >= q - left) & (p >= 0) & mask[..., None, :]  # [..., Tn, S]
+
+
+def _held_positions(end: Array, size: int, batch: tuple[int, ...]) -> Array:
+    """``int32 [..., S]``: the position each slot of a rolling cache of ``S`` slots holds
+    once the positions below ``end`` are written (negative: none yet)."""
+    slots = jnp.arange(size, dtype=jnp.int32).reshape((1,) * len(batch) + (size,))
+    end = jnp.broadcast_to(end, batch)[..., None]  # [..., 1]
+    return slots + size * jnp.floor_divide(end - 1 - slots, size)
+
+
+def _at_cache_positions(
+    config: MultiHeadDotAttentionConfig, index: Array, end: Array, size: int, heads: int
+) -> dict[str, Any]:
+    """The layer's ``score_mod`` and ``mask_mod`` for a call over a rolling cache of
+    ``size`` slots: the kernel passes them row and slot numbers (the chunk's rows are its
+    queries, the cache's slots its keys), and they take the absolute positions: query row
+    ``i`` is at ``index + i`` and a slot holds the latest position below ``end`` that it
+    is written at. One ``index`` for the batch keeps the positions ``[Bq, 1]`` and
+    ``[1, Bk]``; one per sequence gives both the batch dims and the head axes."""
+    if index.ndim == 0:
+        held = _held_positions(end, size, ())  # [S]
+
+        def positions(q_pos: Array, kv_pos: Array) -> tuple[Array, Array]:
+            return index + q_pos, jnp.take(held, kv_pos, axis=-1)  # [Bq, 1], [1, Bk]
+
+    else:
+        batch = tuple(index.shape)
+        lead = (1,) * heads + (1, 1)  # the head axes, then [Bq, Bk]
+        base = index.reshape(batch + lead)  # [..., (1,) 1, 1]
+        slots = _held_positions(end, size, batch)  # [..., S]
+        slots = slots.reshape(batch + (1,) * heads + (size,))  # [..., (1,) S]
+
+        def positions(q_pos: Array, kv_pos: Array) -> tuple[Array, Array]:
+            q_pos = q_pos.reshape((1,) * (base.ndim - q_pos.ndim) + q_pos.shape)
+            return base + q_pos, jnp.take(slots, kv_pos, axis=-1)  # [..., (1,) Bq|1, 1|Bk]
+
+    score_mod = mods.check_function("score_mod", config.score_mod)
+    mask_mod = mods.check_function("mask_mod", config.mask_mod)
+    wrapped: dict[str, Any] = {}
+    if score_mod is not None:
+        wrapped["score_mod"] = lambda s, q_pos, kv_pos: score_mod(s, *positions(q_pos, kv_pos))
+    if mask_mod is not None:
+        wrapped["mask_mod"] = lambda q_pos, kv_pos: mask_mod(*positions(q_pos, kv_pos))
+    return wrapped
 
 
 def _check_room(index: Array, count: Array, tmax: int) -> None:
@@ -525,6 +567,8 @@ def multi_head_attention(
                 seen = seen & given.reshape((1,) * (seen.ndim - given.ndim) + given.shape)
             call["attention_mask"], call["masks"] = seen, (query_mask, None)
             call["causal"], call["window"] = False, (None, None)
+            head_axes = 1 if config.groups == 1 else 2
+            call.update(_at_cache_positions(config, index, index + count, tmax, head_axes))
         else:
             call["masks"] = (query_mask, mask)  # the cached keys' value mask [..., Tmax]
             # A sequence with nothing cached yet and no valid new position (an idle row

@@ -134,7 +134,9 @@ class MultiHeadDotAttention(nn.Module):
         position ``p`` at slot ``p % S``, so it takes O(window) memory instead of O(T);
         a call takes at most ``S - w`` new positions, and the numbers equal the linear
         cache's. The attention reads the slots through a ``[..., Tn, S]`` mask built from
-        their positions (the slots hold only the window: there are no blocks to skip).
+        their positions (the slots hold only the window: there are no blocks to skip);
+        ``score_mod`` and ``mask_mod`` still take absolute positions (a slot's is the
+        position it holds), with the batch dims when the cache is per sequence.
 
     Examples:
       >>> import jax, jax.numpy as jnp
