@@ -1,10 +1,12 @@
-"""``MultiHeadDotAttentionConfig``: the multi-head modules' hyper-parameters.
+"""``MultiHeadDotAttentionFields``: the schema of ``MultiHeadDotAttentionConfig`` (the
+multi-head modules' hyper-parameters).
 
 The schema only: the head options (``num_heads``, ``key_dim``, ``value_dim``,
 ``output_shape``, ``use_bias``, ``num_kv_heads``), the attention options of
 :class:`DotAttentionConfig` (checked by the same spec, :data:`OPTIONS`), and the ``dict``
 round trip. Keras's ``MultiHeadAttention`` configs are translated by
-:mod:`flax_dotattn._src.config.multi_head_keras`; files are read and written by
+:mod:`flax_dotattn._src.config.multi_head_keras` (the public class joining both is in
+:mod:`flax_dotattn._src.config.classes`); files are read and written by
 :mod:`flax_dotattn._src.config.files`. It knows nothing of the rest of the library.
 """
 

@@ -1,9 +1,11 @@
-"""``DotAttentionConfig``: the modules' hyper-parameters, frozen, validated and hashable.
+"""``DotAttentionFields``: the schema of ``DotAttentionConfig`` (the modules'
+hyper-parameters, frozen, validated and hashable).
 
 The schema only: the fields, their checks (from :data:`flax_dotattn._src.options.OPTIONS`)
-and the ``dict`` round trip. Files are read and written by
-:mod:`flax_dotattn._src.config.files`, Keras configs translated by
-:mod:`flax_dotattn._src.config.keras`. It knows nothing of the rest of the library.
+and the ``dict`` round trip. Keras configs are translated by
+:mod:`flax_dotattn._src.config.keras`, which builds on this module; the public class joining
+both is :mod:`flax_dotattn._src.config.classes`; files are read and written by
+:mod:`flax_dotattn._src.config.files`. It knows nothing of the rest of the library.
 """
 
 from __future__ import annotations
