@@ -324,7 +324,6 @@ EVERYTHING = {
     "2dev-zigzag-causal": (2, "zigzag", True, 32, 32),
     "4dev-contiguous-causal-Tq<Tv": (4, "contiguous", True, 16, 32),
     "8dev-zigzag-full": (8, "zigzag", False, 32, 32),
-    "8dev-contiguous-causal": (8, "contiguous", True, 32, 32),
 }
 
 
